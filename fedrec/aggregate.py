@@ -1,0 +1,109 @@
+"""Summing clipped user updates and applying them with a server optimizer.
+
+The sum is the unit that moves: a cohort worker adds up its users' clipped, weighted
+updates and replies with the sum and the counts, which is exactly what a secure sum
+over users would reveal. Adding worker sums gives the cohort sum, in any placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fedrec.model.lora import AdapterState
+
+
+@dataclass
+class UpdateSum:
+    """Σ_u w_u·clip(Δ_u) over some users, with the counts needed to normalize it."""
+
+    delta: AdapterState = field(default_factory=dict)
+    num_users: int = 0
+    weight: float = 0.0
+    loss_sum: float = 0.0
+    num_clipped: int = 0
+    norm_sum: float = 0.0
+
+    def add_user(self, delta: AdapterState, weight: float, loss: float, norm: float, clipped: bool) -> None:
+        if not self.delta:
+            self.delta = {k: v.detach().to(torch.float32).clone() * weight for k, v in delta.items()}
+        else:
+            for k, v in delta.items():
+                self.delta[k].add_(v.detach().to(torch.float32), alpha=weight)
+        self.num_users += 1
+        self.weight += weight
+        self.loss_sum += loss
+        self.norm_sum += norm
+        self.num_clipped += int(clipped)
+
+    def merge(self, other: UpdateSum) -> None:
+        if other.num_users == 0:
+            return
+        if not self.delta:
+            self.delta = {k: v.clone() for k, v in other.delta.items()}
+        else:
+            if self.delta.keys() != other.delta.keys():
+                raise ValueError("update sums hold different adapter tensors")
+            for k, v in other.delta.items():
+                self.delta[k].add_(v)
+        self.num_users += other.num_users
+        self.weight += other.weight
+        self.loss_sum += other.loss_sum
+        self.norm_sum += other.norm_sum
+        self.num_clipped += other.num_clipped
+
+    def counts(self) -> dict[str, float]:
+        return {
+            "num-users": float(self.num_users),
+            "weight": self.weight,
+            "loss-sum": self.loss_sum,
+            "norm-sum": self.norm_sum,
+            "num-clipped": float(self.num_clipped),
+        }
+
+    @classmethod
+    def from_parts(cls, delta: AdapterState, counts: dict[str, float]) -> UpdateSum:
+        return cls(
+            delta=delta,
+            num_users=int(counts["num-users"]),
+            weight=float(counts["weight"]),
+            loss_sum=float(counts["loss-sum"]),
+            norm_sum=float(counts.get("norm-sum", 0.0)),
+            num_clipped=int(counts.get("num-clipped", 0)),
+        )
+
+
+class ServerOptimizer:
+    """Applies the normalized cohort update as a pseudo-gradient (FedOpt, Reddi et al. 2021).
+
+    torch.optim does the arithmetic: the negated mean update is the gradient, so `sgd`
+    with server-learning-rate 1 is plain FedAvg and `adam` is FedAdam.
+    """
+
+    def __init__(self, initial: AdapterState, kind: str, lr: float) -> None:
+        self.params = {k: torch.nn.Parameter(v.detach().to(torch.float32).clone()) for k, v in initial.items()}
+        plist = list(self.params.values())
+        if kind == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(plist, lr=lr)
+        elif kind == "adam":
+            self.opt = torch.optim.Adam(plist, lr=lr, betas=(0.9, 0.99), eps=1e-6)
+        else:
+            raise ValueError(f"unknown server optimizer {kind!r}")
+
+    def step(self, mean_update: AdapterState) -> AdapterState:
+        for k, p in self.params.items():
+            p.grad = -mean_update[k].to(p.dtype)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return self.state()
+
+    def state(self) -> AdapterState:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+
+def mean_update(total: UpdateSum) -> AdapterState:
+    """Σ w·Δ / Σ w; the privacy issue swaps in a data-independent denominator."""
+    if total.weight <= 0:
+        raise ValueError("cannot normalize an empty update sum")
+    return {k: v / total.weight for k, v in total.delta.items()}

@@ -1,0 +1,24 @@
+"""The server's cohort draw and the routing of cohort users to worker nodes.
+
+The server draws users itself from a seeded RNG (DESIGN.md fact 3): Flower's node
+sampling is not reproducible and knows nothing of privacy amplification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def sample_cohort(population: Sequence[int] | np.ndarray, size: int, seed: int, round_: int) -> np.ndarray:
+    """Uniform draw without replacement of min(size, N) users for one round, sorted."""
+    pop = np.asarray(population, dtype=np.int64)
+    rng = np.random.default_rng([seed, round_, 0xC0407])
+    k = min(size, len(pop))
+    return np.sort(rng.choice(pop, size=k, replace=False))
+
+
+def split_among(users: Sequence[int] | np.ndarray, num_workers: int) -> list[np.ndarray]:
+    """Contiguous, near-equal shares; empty shares are dropped."""
+    return [s for s in np.array_split(np.asarray(users, dtype=np.int64), num_workers) if len(s)]

@@ -1,0 +1,238 @@
+"""The one typed configuration of a fedrec run.
+
+Every knob lives in `FedRecConfig`. Keys are kebab-case and identical in TOML files,
+`flwr run --run-config`, `[tool.flwr.app.config]` and `python -m fedrec.simulate
+--run-config`. Values are checked here, before any work starts, so that a typo costs a
+one-line error instead of a failed round ten minutes in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("synthetic", "movielens", "seq-txt", "csv")
+MODES = ("federated", "centralized")
+PLACEMENTS = ("cohort", "device")
+SAMPLINGS = ("fixed",)
+SERVER_OPTIMIZERS = ("sgd", "adam")
+USER_WEIGHTINGS = ("uniform", "examples")
+DEVICES = ("auto", "cpu", "cuda")
+LORA_TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line that names the key."""
+
+
+def _choice(*options: str) -> dict[str, Any]:
+    return {"choices": options}
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open}
+
+
+@dataclass(frozen=True)
+class FedRecConfig:
+    """All knobs of a run. Field names are the snake_case twins of the kebab-case keys."""
+
+    # what to run
+    mode: str = field(default="federated", metadata=_choice(*MODES))
+    seed: int = field(default=0, metadata=_range(0))
+    output_dir: str = ""
+    cache_dir: str = ""
+    device: str = field(default="cpu", metadata=_choice(*DEVICES))
+
+    # data
+    dataset: str = field(default="synthetic", metadata=_choice(*DATASETS))
+    data_path: str = ""
+    min_user_interactions: int = field(default=3, metadata=_range(3))
+    public_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0, lo_open=True))
+    synthetic_users: int = field(default=1200, metadata=_range(10))
+    synthetic_items: int = field(default=400, metadata=_range(10))
+    synthetic_clusters: int = field(default=8, metadata=_range(1))
+    synthetic_mean_length: int = field(default=20, metadata=_range(3))
+
+    # model and its centralized pretraining on public users
+    max_seq_len: int = field(default=50, metadata=_range(2))
+    hidden_size: int = field(default=64, metadata=_range(2))
+    num_blocks: int = field(default=2, metadata=_range(1))
+    num_heads: int = field(default=2, metadata=_range(1))
+    dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
+    pretrain_epochs: int = field(default=30, metadata=_range(0))
+    pretrain_learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    batch_size: int = field(default=128, metadata=_range(1))
+
+    # LoRA adapter
+    lora_rank: int = field(default=8, metadata=_range(1))
+    lora_alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
+    lora_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
+
+    # federation
+    num_rounds: int = field(default=30, metadata=_range(1))
+    cohort_size: int = field(default=64, metadata=_range(1))
+    sampling: str = field(default="fixed", metadata=_choice(*SAMPLINGS))
+    local_epochs: int = field(default=2, metadata=_range(1))
+    learning_rate: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
+    server_optimizer: str = field(default="adam", metadata=_choice(*SERVER_OPTIMIZERS))
+    server_learning_rate: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
+    user_weighting: str = field(default="uniform", metadata=_choice(*USER_WEIGHTINGS))
+    clipping_norm: float = field(default=0.0, metadata=_range(0.0))
+    placement: str = field(default="cohort", metadata=_choice(*PLACEMENTS))
+    num_workers: int = field(default=2, metadata=_range(1))
+    client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    client_num_gpus: float = field(default=0.0, metadata=_range(0.0))
+    eval_every: int = field(default=5, metadata=_range(0))
+    eval_users: int = field(default=0, metadata=_range(0))
+
+    # centralized baseline (mode=centralized)
+    centralized_epochs: int = field(default=10, metadata=_range(1))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_value(f, getattr(self, f.name))
+        targets = self.lora_target_list()
+        bad = [t for t in targets if t not in LORA_TARGET_CHOICES]
+        if not targets or bad:
+            raise ConfigError(
+                f"lora-targets: unknown module(s) {bad or '(none given)'}; "
+                f"choose from {','.join(LORA_TARGET_CHOICES)}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"hidden-size: {self.hidden_size} is not divisible by num-heads={self.num_heads}"
+            )
+        if self.dataset != "synthetic" and not self.data_path:
+            raise ConfigError(f"data-path: dataset={self.dataset} needs data-path=<file or folder>")
+        if self.data_path and self.dataset != "synthetic" and not Path(self.data_path).exists():
+            raise ConfigError(f"data-path: '{self.data_path}' does not exist")
+
+    # ------------------------------------------------------------------ views
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping: the form of TOML, run-config and ConfigRecord."""
+        return {_kebab(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def to_toml(self) -> str:
+        lines = []
+        for key, value in self.to_dict().items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **changes: Any) -> FedRecConfig:
+        return dataclasses.replace(self, **changes)
+
+    def fingerprint(self, *keys: str) -> str:
+        """Short stable hash of the named keys (e.g. what determines the base model)."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in sorted(keys)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- parsing
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], base: FedRecConfig | None = None) -> FedRecConfig:
+        """Build from kebab-case keys, on top of `base` (defaults if None)."""
+        known = {_kebab(f.name): f for f in fields(cls)}
+        values = base.to_dict() if base is not None else {}
+        for key, raw in mapping.items():
+            if key not in known:
+                hint = _closest(key, known)
+                raise ConfigError(f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+            values[key] = _coerce(key, known[key], raw)
+        return cls(**{known[k].name: v for k, v in values.items()})
+
+    @classmethod
+    def from_toml(cls, path: str | Path, base: FedRecConfig | None = None) -> FedRecConfig:
+        """Read a TOML file; keys at top level or under [tool.flwr.app.config]."""
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"--config: file '{path}' not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: '{path}' is not valid TOML ({e})") from None
+        data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+        return cls.from_mapping(data, base)
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """Parse `key=value key2=value2` as `flwr run --run-config` does (TOML values).
+
+    Bare words that are not TOML are taken as strings, so `dataset=movielens` works
+    without shell-quoting gymnastics.
+    """
+    out: dict[str, Any] = {}
+    for item in text.split():
+        if "=" not in item:
+            raise ConfigError(f"{item}: expected key=value in --run-config")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _closest(key: str, known: Mapping[str, Any]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(known), n=1)
+    return match[0] if match else None
+
+
+def _coerce(key: str, f: dataclasses.Field, raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("true", "false"):
+            return str(raw).lower() == "true"
+    elif kind is int:
+        if isinstance(raw, bool):
+            pass
+        elif isinstance(raw, int):
+            return raw
+        elif isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        elif isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(raw, str):
+            return raw
+    raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}")
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    key = _kebab(f.name)
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(meta['choices'])}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{key}: must be {op} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: must be <= {hi}, got {value}")

@@ -1,0 +1,69 @@
+"""Leave-one-out split and the public/private user split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedrec.data.interactions import Interactions
+
+
+@dataclass
+class SplitData:
+    """Leave-one-out views of every user, and which users are public or private.
+
+    `train[u]` is all but the last two items, `valid[u]` the second-last, `test[u]` the
+    last. Private users are the federated clients; a private user's index in `private`
+    is the user id the server samples and the clients train.
+    """
+
+    num_items: int
+    train: list[np.ndarray]
+    valid: np.ndarray
+    test: np.ndarray
+    public: np.ndarray
+    private: np.ndarray
+    user_ids: list[str]
+
+    def history(self, user: int, split: str) -> np.ndarray:
+        """What the model sees when predicting `split`'s target for this user."""
+        if split == "valid":
+            return self.train[user]
+        if split == "test":
+            return np.append(self.train[user], self.valid[user])
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+
+    def target(self, user: int, split: str) -> int:
+        return int(self.valid[user] if split == "valid" else self.test[user])
+
+    def full_sequence(self, user: int) -> np.ndarray:
+        return np.append(self.train[user], [self.valid[user], self.test[user]])
+
+
+def leave_one_out(sequences: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    if any(len(s) < 3 for s in sequences):
+        raise ValueError("leave-one-out needs at least 3 interactions per user")
+    train = [np.asarray(s[:-2]) for s in sequences]
+    valid = np.array([s[-2] for s in sequences], dtype=np.int64)
+    test = np.array([s[-1] for s in sequences], dtype=np.int64)
+    return train, valid, test
+
+
+def split_users(data: Interactions, public_fraction: float, seed: int) -> SplitData:
+    """Seeded public/private split; at least one user ends up on each side."""
+    n = data.num_users
+    if n < 2:
+        raise ValueError(f"need at least 2 users for a public/private split, got {n}")
+    order = np.random.default_rng([seed, 0xB1C]).permutation(n)
+    n_public = min(max(1, int(round(public_fraction * n))), n - 1)
+    train, valid, test = leave_one_out(data.sequences)
+    return SplitData(
+        num_items=data.num_items,
+        train=train,
+        valid=valid,
+        test=test,
+        public=np.sort(order[:n_public]),
+        private=np.sort(order[n_public:]),
+        user_ids=data.user_ids,
+    )

@@ -1,0 +1,162 @@
+"""Local training of users, centralized training loops, and full-ranking evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedrec.aggregate import UpdateSum
+from fedrec.data.split import SplitData
+from fedrec.metrics import KS, metric_sums, target_ranks
+from fedrec.model.lora import AdapterState, adapter_parameters
+from fedrec.privacy.clipping import clip_update
+
+
+def pad_left(seqs: Sequence[np.ndarray], length: int) -> torch.Tensor:
+    """Left-pad (or left-truncate) each sequence to `length` with 0."""
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-length:]
+        if len(s):
+            out[i, length - len(s) :] = s
+    return torch.from_numpy(out)
+
+
+def next_item_batch(seqs: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs s[:-1] and targets s[1:], padded only to the longest sequence in the batch."""
+    n = max(1, min(max_len, max(len(s) - 1 for s in seqs)))
+    return pad_left([s[:-1] for s in seqs], n), pad_left([s[1:] for s in seqs], n)
+
+
+def user_seed(seed: int, round_: int, user: int) -> int:
+    """Per-(run, round, user) seed: the same user trains identically on any worker."""
+    return int(np.random.SeedSequence([seed, round_, user]).generate_state(1)[0])
+
+
+def train_users(
+    model: nn.Module,
+    global_state: AdapterState,
+    data: SplitData,
+    users: Sequence[int],
+    *,
+    local_epochs: int,
+    learning_rate: float,
+    clipping_norm: float,
+    user_weighting: str,
+    max_seq_len: int,
+    seed: int,
+    round_: int,
+    device: torch.device,
+) -> UpdateSum:
+    """Train each user from the global adapter on their own sequence; sum clipped updates.
+
+    One user's local training is `local_epochs` full-batch SGD steps on their training
+    sequence (all positions). The update is clipped per user before it joins the sum.
+    """
+    params = adapter_parameters(model)
+    names = list(params)
+    plist = [params[k] for k in names]
+    model.train()
+    total = UpdateSum()
+    for user in users:
+        seq = data.train[user]
+        inputs, targets = next_item_batch([seq], max_seq_len)
+        inputs, targets = inputs.to(device), targets.to(device)
+        n_targets = int((targets > 0).sum())
+        with torch.no_grad():
+            for k in names:
+                params[k].copy_(global_state[k])
+        torch.manual_seed(user_seed(seed, round_, user))
+        loss_value = 0.0
+        if n_targets:
+            for _ in range(local_epochs):
+                loss = model.loss(inputs, targets)
+                grads = torch.autograd.grad(loss, plist)
+                with torch.no_grad():
+                    for p, g in zip(plist, grads):
+                        p.sub_(g, alpha=learning_rate)
+                loss_value = float(loss.detach())
+        with torch.no_grad():
+            delta = {k: (params[k] - global_state[k]).cpu() for k in names}
+        delta, norm = clip_update(delta, clipping_norm)
+        weight = 1.0 if user_weighting == "uniform" else float(n_targets)
+        total.add_user(delta, weight, loss_value, norm, clipped=clipping_norm > 0 and norm > clipping_norm)
+    return total
+
+
+@torch.no_grad()
+def evaluate_users(
+    model: nn.Module,
+    data: SplitData,
+    users: Sequence[int],
+    split: str,
+    *,
+    max_seq_len: int,
+    device: torch.device,
+    batch_size: int = 256,
+    ks: tuple[int, ...] = KS,
+) -> dict[str, float]:
+    """Sums of HR@K / NDCG@K over `users`, ranking the target against all items.
+
+    Items already in the user's history are excluded from the ranking (RecBole's
+    full-sort protocol); the target itself always stays in.
+    """
+    model.eval()
+    ranks = []
+    users = list(users)
+    for start in range(0, len(users), batch_size):
+        chunk = users[start : start + batch_size]
+        hists = [data.history(u, split) for u in chunk]
+        inputs = pad_left(hists, max_seq_len).to(device)
+        hidden = model(inputs)[:, -1, :]
+        scores = model.item_scores(hidden).float()
+        exclude = torch.zeros_like(scores, dtype=torch.bool)
+        for row, h in enumerate(hists):
+            exclude[row, torch.as_tensor(h - 1, device=device)] = True
+        targets = torch.as_tensor([data.target(u, split) for u in chunk], device=device)
+        exclude[torch.arange(len(chunk), device=device), targets - 1] = False
+        ranks.append(target_ranks(scores, targets, exclude).cpu())
+    if not ranks:
+        return {"count": 0.0}
+    return metric_sums(torch.cat(ranks).numpy(), ks)
+
+
+def fit_sequences(
+    model: nn.Module,
+    seqs: list[np.ndarray],
+    params: list[nn.Parameter],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_seq_len: int,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> None:
+    """Centralized next-item training with Adam over minibatches of whole sequences."""
+    usable = [s for s in seqs if len(s) >= 2]
+    if not usable or epochs == 0:
+        return
+    rng = np.random.default_rng([seed, 0xF17])
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    # Sort-by-length buckets cut padding; batches are shuffled each epoch.
+    order = np.argsort([len(s) for s in usable], kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for epoch in range(epochs):
+        model.train()
+        total, n = 0.0, 0
+        for b in rng.permutation(len(batches)):
+            inputs, targets = next_item_batch([usable[i] for i in batches[b]], max_seq_len)
+            loss = model.loss(inputs.to(device), targets.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            n += 1
+        if on_epoch:
+            on_epoch(epoch + 1, total / max(n, 1))

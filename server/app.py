@@ -1,0 +1,124 @@
+"""The Flower ServerApp: resolve the config, run the rounds, write the results directory.
+
+The round loop is our own rather than `Strategy.start` because a run also needs the
+base model's federated evaluation before round 1, evaluation only every `eval-every`
+rounds, a test evaluation at the end, and a results directory; the per-round work is
+the strategy's configure/aggregate methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from fedrec.aggregate import ServerOptimizer
+from fedrec.config import FedRecConfig
+from fedrec.model.lora import adapter_bytes, adapter_state
+from fedrec.report import print_comparison
+from fedrec.results import ResultsDir
+from fedrec.workload import load_workload
+from server.strategy import FedRecStrategy
+
+ENV_OVERRIDES = "FEDREC_RUN_CONFIG"
+
+app = ServerApp()
+
+
+def server_config(run_config: dict) -> FedRecConfig:
+    """Run-config from Flower (pyproject defaults + --run-config), then the simulate overrides.
+
+    `run_simulation` hands the ServerApp an empty run-config, so `fedrec.simulate` passes
+    the resolved config through the environment instead.
+    """
+    cfg = FedRecConfig.from_mapping(dict(run_config))
+    if os.environ.get(ENV_OVERRIDES):
+        cfg = FedRecConfig.from_mapping(json.loads(os.environ[ENV_OVERRIDES]), cfg)
+    return cfg
+
+
+def default_output_dir(mode: str) -> str:
+    return str(Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federated(grid, server_config(context.run_config))
+
+
+def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None) -> dict:
+    console = console or Console()
+    t0 = time.time()
+    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode))
+    cfg = cfg.replace(output_dir=str(out.path))
+    out.write_config(cfg)
+    work = load_workload(cfg, log=console.print)
+    model = work.model()
+    initial = adapter_state(model)
+    n_params = sum(t.numel() for t in initial.values())
+    console.print(
+        f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {n_params:,} parameters, "
+        f"{adapter_bytes(initial):,} bytes"
+    )
+    strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate))
+    strategy.connect(grid)
+    nodes = len(strategy.workers) or len(strategy.user_node)
+    console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {len(work.data.private):,} users")
+
+    arrays = ArrayRecord(initial)
+    base_valid = strategy.evaluate_round(grid, 0, arrays, "valid")
+    base_test = strategy.evaluate_round(grid, 0, arrays, "test")
+    rows = [{"round": 0, "valid": base_valid, "seconds": round(time.time() - t0, 3)}]
+    out.append_metrics(rows[0])
+    console.print(f"round   0/{cfg.num_rounds} | base model            | val NDCG@10 {base_valid['ndcg@10']:.4f}")
+    users_trained = 0
+    t_rounds = time.time()
+    for rnd in range(1, cfg.num_rounds + 1):
+        t_round = time.time()
+        arrays, train_metrics = strategy.train_round(grid, rnd, arrays)
+        users_trained += int(train_metrics["users"])
+        row: dict = {"round": rnd, "train": {k: float(v) for k, v in train_metrics.items()}}
+        if (cfg.eval_every and rnd % cfg.eval_every == 0) or rnd == cfg.num_rounds:
+            row["valid"] = strategy.evaluate_round(grid, rnd, arrays, "valid")
+        row["seconds"] = round(time.time() - t_round, 3)
+        out.append_metrics(row)
+        rows.append(row)
+        val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
+        console.print(
+            f"round {rnd:3d}/{cfg.num_rounds} | users {int(train_metrics['users']):4d} "
+            f"| loss {float(train_metrics['loss']):.4f} | {val:<19} | {row['seconds']:.2f} s"
+        )
+    train_seconds = time.time() - t_rounds
+    test = strategy.evaluate_round(grid, cfg.num_rounds, arrays, "test")
+    final = arrays.to_torch_state_dict()
+    out.save_adapter(final)
+    out.plot_validation(rows)
+    summary = {
+        "mode": "federated",
+        "dataset": work.interactions.describe(),
+        "placement": cfg.placement,
+        "base_test": base_test,
+        "test": test,
+        "base_valid": base_valid,
+        "valid": rows[-1].get("valid"),
+        "rounds": cfg.num_rounds,
+        "users_trained": users_trained,
+        "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
+        "wall_seconds": round(time.time() - t0, 2),
+        "adapter_bytes": adapter_bytes(final),
+        "adapter_parameters": n_params,
+        "private_users": len(work.data.private),
+        "public_users": len(work.data.public),
+        "num_items": work.data.num_items,
+        "results_dir": str(out.path),
+    }
+    out.write_summary(summary)
+    print_comparison(summary, console)
+    console.print(f"results: {out.path}")
+    return summary

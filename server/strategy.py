@@ -1,0 +1,151 @@
+"""The fedrec Strategy: server-drawn cohorts, sums of clipped updates, FedOpt step.
+
+A `flwr.serverapp.strategy.Strategy` subclass because the built-in strategies need one
+ArrayRecord plus `num-examples` per reply and sample nodes themselves; here the server
+samples users (seeded), routes them to nodes, and each reply is already a sum.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedrec.aggregate import ServerOptimizer, UpdateSum, mean_update
+from fedrec.cohort import sample_cohort, split_among
+from fedrec.config import FedRecConfig
+from fedrec.metrics import add_sums, metric_means
+
+NODE_WAIT_S = 120.0
+
+
+class FedRecStrategy(Strategy):
+    def __init__(self, cfg: FedRecConfig, population: np.ndarray, optimizer: ServerOptimizer) -> None:
+        self.cfg = cfg
+        self.population = np.asarray(population, dtype=np.int64)
+        self.optimizer = optimizer
+        self.workers: list[int] = []
+        self.user_node: dict[int, int] = {}
+        self._run_config = ConfigRecord(cfg.to_dict())
+        valid_rng = np.random.default_rng([cfg.seed, 0xE7A1])
+        self.valid_users = (
+            np.sort(valid_rng.choice(self.population, cfg.eval_users, replace=False))
+            if 0 < cfg.eval_users < len(self.population)
+            else self.population
+        )
+
+    # ------------------------------------------------------------ node routing
+    def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
+        """Wait for the nodes this placement needs; in device placement, learn who holds whom."""
+        need = self.cfg.num_workers if self.cfg.placement == "cohort" else len(self.population)
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= need:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(nodes)} of {need} SuperNodes connected after {timeout:.0f} s")
+            time.sleep(0.2)
+        if self.cfg.placement == "cohort":
+            self.workers = nodes[:need]
+            return
+        content = RecordDict({"run-config": self._run_config})
+        queries = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        for reply in self._receive(grid, queries, "identify"):
+            user = int(reply.content["identity"]["user-id"])
+            if user >= 0:
+                self.user_node[user] = reply.metadata.src_node_id
+        missing = [int(u) for u in self.population if int(u) not in self.user_node]
+        if missing:
+            raise RuntimeError(f"{len(missing)} private users have no device node (e.g. user {missing[0]})")
+
+    def _messages(self, arrays: ArrayRecord, users: np.ndarray, task: dict, message_type: str) -> list[Message]:
+        if self.cfg.placement == "device":
+            shares = [(self.user_node[int(u)], np.array([u])) for u in users]
+        else:
+            shares = list(zip(self.workers, split_among(users, len(self.workers))))
+        msgs = []
+        for node, share in shares:
+            content = RecordDict(
+                {
+                    "adapter": arrays,
+                    "task": ConfigRecord({**task, "user-ids": [int(u) for u in share]}),
+                    "run-config": self._run_config,
+                }
+            )
+            msgs.append(Message(content, dst_node_id=node, message_type=message_type))
+        return msgs
+
+    def _receive(self, grid: Grid, msgs: list[Message], what: str) -> list[Message]:
+        replies = list(grid.send_and_receive(msgs, timeout=3600))
+        failed = [r for r in replies if r.has_error()]
+        if failed:
+            err = failed[0]
+            raise RuntimeError(
+                f"{what}: {len(failed)} of {len(msgs)} nodes failed; node {err.metadata.src_node_id}: {err.error.reason}"
+            )
+        if len(replies) != len(msgs):
+            raise RuntimeError(f"{what}: {len(msgs) - len(replies)} of {len(msgs)} nodes did not reply")
+        return replies
+
+    # ------------------------------------------------------------ Strategy API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.cohort = sample_cohort(self.population, self.cfg.cohort_size, self.cfg.seed, server_round)
+        return self._messages(arrays, self.cohort, {"round": server_round}, MessageType.TRAIN)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        total = UpdateSum()
+        for reply in replies:
+            counts = {k: float(v) for k, v in reply.content["counts"].items()}
+            if counts["num-users"] > 0:
+                total.merge(UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts))
+        if total.num_users != len(self.cohort):
+            raise RuntimeError(f"round {server_round}: {total.num_users} of {len(self.cohort)} cohort users reported")
+        new_state = self.optimizer.step(mean_update(total))
+        metrics = MetricRecord(
+            {
+                "users": total.num_users,
+                "loss": total.loss_sum / total.num_users,
+                "update-norm": total.norm_sum / total.num_users,
+                "clipped-fraction": total.num_clipped / total.num_users,
+            }
+        )
+        return ArrayRecord(new_state), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        split = str(config["split"])
+        self.eval_target = self.valid_users if split == "valid" else self.population
+        return self._messages(arrays, self.eval_target, {"round": server_round, "split": split}, MessageType.EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        sums: dict[str, float] = {}
+        for reply in replies:
+            sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
+        if int(sums.get("count", 0)) != len(self.eval_target):
+            raise RuntimeError(f"evaluation: {sums.get('count', 0):.0f} of {len(self.eval_target)} users reported")
+        return MetricRecord(metric_means(sums))
+
+    def summary(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ round helpers
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
+        msgs = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
+        new_arrays, metrics = self.aggregate_train(server_round, self._receive(grid, msgs, "train"))
+        assert new_arrays is not None and metrics is not None
+        return new_arrays, metrics
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, split: str) -> dict[str, float]:
+        msgs = list(self.configure_evaluate(server_round, arrays, ConfigRecord({"split": split}), grid))
+        result = self.aggregate_evaluate(server_round, self._receive(grid, msgs, f"evaluate {split}"))
+        return {k: float(v) for k, v in (result or {}).items()}

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny configs, and the real datasets in ../shared/data when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedrec.config import FedRecConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEDREC_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(1)
+
+
+def shared_file(*parts: str) -> Path:
+    """A file under ../shared/data, or skip the test with a message saying where it looked."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real dataset not available: {path} is absent (set FEDREC_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> FedRecConfig:
+    """A small synthetic workload that pretrains in about a second."""
+    return FedRecConfig(
+        synthetic_users=120,
+        synthetic_items=60,
+        synthetic_clusters=4,
+        synthetic_mean_length=12,
+        public_fraction=0.25,
+        hidden_size=16,
+        num_heads=2,
+        num_blocks=1,
+        max_seq_len=20,
+        pretrain_epochs=5,
+        cache_dir=str(tmp_path / "cache"),
+        output_dir=str(tmp_path / "out"),
+    )

@@ -1,0 +1,62 @@
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from fedrec.config import ConfigError, FedRecConfig, parse_run_config
+from tests.conftest import REPO
+
+
+def test_pyproject_run_config_equals_defaults():
+    app_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_cfg == FedRecConfig().to_dict()
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = FedRecConfig(num_rounds=7, lora_targets="q_proj,fc2", learning_rate=0.25)
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    assert FedRecConfig.from_toml(path) == cfg
+
+
+def test_run_config_parsing_takes_toml_and_bare_words():
+    parsed = parse_run_config('num-rounds=3 dataset=movielens learning-rate=0.1 data-path="/x y"'.replace(" y", "y"))
+    assert parsed == {"num-rounds": 3, "dataset": "movielens", "learning-rate": 0.1, "data-path": "/xy"}
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"num-round": 3}, "num-round"),
+        ({"placement": "edge"}, "placement"),
+        ({"num-rounds": 0}, "num-rounds"),
+        ({"num-rounds": "many"}, "num-rounds"),
+        ({"public-fraction": 1.5}, "public-fraction"),
+        ({"lora-targets": "q_proj,item_emb"}, "lora-targets"),
+        ({"dataset": "movielens"}, "data-path"),
+        ({"dataset": "csv", "data-path": "/does/not/exist"}, "data-path"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        FedRecConfig.from_mapping(overrides)
+    assert str(err.value).startswith(key + ":")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean 'num-rounds'"):
+        FedRecConfig.from_mapping({"num-round": 3})
+
+
+def test_cli_rejects_bad_key_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec.simulate", "--run-config", "cohort-size=-4", "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["fedrec: config error: cohort-size: must be >= 1, got -4"]
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedrec.config import FedRecConfig
+from fedrec.data import DataError, load_interactions, split_users
+from fedrec.data.interactions import Interactions
+from fedrec.data.load import load_csv, load_movielens, load_seq_txt
+from fedrec.data.split import leave_one_out
+from fedrec.data.synthetic import generate_synthetic
+from tests.conftest import shared_file
+
+
+def test_synthetic_is_deterministic_and_seeded():
+    a = generate_synthetic(50, 40, 4, 10, seed=1)
+    b = generate_synthetic(50, 40, 4, 10, seed=1)
+    c = generate_synthetic(50, 40, 4, 10, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(a.sequences, b.sequences))
+    assert not all(np.array_equal(x, y) for x, y in zip(a.sequences, c.sequences))
+
+
+def test_synthetic_has_long_tail_and_sequential_signal():
+    d = generate_synthetic(800, 300, 6, 20, seed=0)
+    counts = np.sort(np.bincount(np.concatenate(d.sequences), minlength=301)[1:])[::-1]
+    assert counts[:30].sum() > 0.3 * counts.sum()  # top 10% of items hold > 30% of interactions
+    assert all(len(set(s.tolist())) == len(s) for s in d.sequences)  # no repeats within a user
+    # The previous item predicts the next: the most frequent successor of an item is far
+    # likelier than that item's base popularity would give.
+    pairs = np.concatenate([np.stack([s[:-1], s[1:]], 1) for s in d.sequences])
+    top_follow = []
+    for item in np.unique(pairs[:, 0]):
+        nxt = pairs[pairs[:, 0] == item, 1]
+        if len(nxt) >= 20:
+            top_follow.append(np.bincount(nxt).max() / len(nxt))
+    assert np.mean(top_follow) > 5 * counts[0] / counts.sum()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 50), min_size=3, max_size=30), min_size=1, max_size=20))
+def test_leave_one_out_partitions_every_sequence(seqs):
+    arrays = [np.array(s) for s in seqs]
+    train, valid, test = leave_one_out(arrays)
+    for s, tr, v, te in zip(arrays, train, valid, test):
+        assert np.array_equal(np.append(tr, [v, te]), s)
+        assert te == s[-1] and v == s[-2]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 200), st.floats(0.01, 0.99), st.integers(0, 10))
+def test_public_private_split_is_a_seeded_partition(n, frac, seed):
+    data = Interactions([np.array([1, 2, 3])] * n, [str(i) for i in range(n)], 3, "t")
+    s1, s2 = split_users(data, frac, seed), split_users(data, frac, seed)
+    assert np.array_equal(s1.public, s2.public)
+    assert len(s1.public) >= 1 and len(s1.private) >= 1
+    assert sorted(np.concatenate([s1.public, s1.private]).tolist()) == list(range(n))
+
+
+def test_movielens_100k_and_1m_formats(tmp_path):
+    (tmp_path / "u.data").write_text("1\t10\t5\t300\n1\t11\t3\t100\n1\t12\t4\t200\n2\t10\t1\t5\n")
+    d = load_movielens(tmp_path, min_user_interactions=3)
+    assert d.user_ids == ["1"] and d.dropped_users == 1
+    assert d.sequences[0].tolist() == [2, 3, 1]  # chronological: items 11, 12, 10
+    ml1m = tmp_path / "ml1m"
+    ml1m.mkdir()
+    (ml1m / "ratings.dat").write_text("7::3::5::30\n7::1::5::10\n7::2::5::20\n")
+    assert load_movielens(ml1m).sequences[0].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "name, text, loader, where",
+    [
+        ("u.data", "1\t10\t5\t300\n1\t11\t3\n", load_movielens, ":2:"),
+        ("u.data", "1\t10\t5\tnoon\n", load_movielens, ":1:"),
+        ("x.txt", "u1 1 2 3\nu2\n", load_seq_txt, ":2:"),
+        ("x.txt", "u1 1 2 3\nu1 4 5 6\n", load_seq_txt, ":2:"),
+        ("x.csv", "user,item\n1,2\n", load_csv, ":1:"),
+        ("x.csv", "user,item,timestamp\n1,2,3\n1,2\n", load_csv, ":3:"),
+    ],
+)
+def test_malformed_input_names_file_and_line(tmp_path, name, text, loader, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        loader(path)
+    assert f"{path}{where}" in str(err.value)
+
+
+def test_csv_sorts_by_time_and_remaps_items(tmp_path):
+    path = tmp_path / "i.csv"
+    path.write_text("timestamp,user,item\n2024-01-03,a,z\n2024-01-01,a,x\n2024-01-02,a,y\n")
+    d = load_csv(path)
+    assert d.num_items == 3 and d.sequences[0].tolist() == [1, 2, 3]
+
+
+def test_missing_file_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_seq_txt(tmp_path / "nope.txt")
+
+
+def test_real_movielens_100k():
+    path = shared_file("ml-100k", "u.data")
+    cfg = FedRecConfig(dataset="movielens", data_path=str(path.parent))
+    d = load_interactions(cfg)
+    assert (d.num_users, d.num_items, d.num_interactions) == (943, 1682, 100_000)
+
+
+def test_real_beauty_seq_txt():
+    path = shared_file("amazon-s3rec", "Beauty.txt")
+    d = load_interactions(FedRecConfig(dataset="seq-txt", data_path=str(path)))
+    assert (d.num_users, d.num_items, d.num_interactions) == (22_363, 12_101, 198_502)
+    split = split_users(d, 0.2, 0)
+    assert len(split.private) == 22_363 - round(0.2 * 22_363)

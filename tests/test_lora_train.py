@@ -1,0 +1,69 @@
+import torch
+from flwr.app import ArrayRecord
+
+from fedrec.aggregate import UpdateSum
+from fedrec.model.base import load_base
+from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state, load_adapter_state
+from fedrec.train import evaluate_users, pad_left, train_users
+from fedrec.workload import load_workload
+
+CPU = torch.device("cpu")
+
+
+def _train(model, state, data, users, cfg, clip=0.0):
+    return train_users(
+        model, state, data, users, local_epochs=2, learning_rate=0.5, clipping_norm=clip,
+        user_weighting="uniform", max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1, device=CPU,
+    )  # fmt: skip
+
+
+def test_untrained_adapter_is_the_base_model(tiny_cfg):
+    work = load_workload(tiny_cfg)
+    base = load_base(tiny_cfg, work.data.num_items, work.base_path).eval()
+    model = work.model().eval()
+    x = pad_left([work.data.train[int(u)] for u in work.data.private[:8]], tiny_cfg.max_seq_len)
+    torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_adapter_round_trips_through_a_flower_arrayrecord(tiny_cfg):
+    work = load_workload(tiny_cfg)
+    model = work.model()
+    users = [int(u) for u in work.data.private[:5]]
+    total = _train(model, adapter_state(model), work.data, users, tiny_cfg)
+    trained = {k: v + total.delta[k] / total.weight for k, v in adapter_state(model).items()}
+    received = ArrayRecord(trained).to_torch_state_dict()
+    other = work.model()
+    load_adapter_state(other, received)
+    for k, v in adapter_state(other).items():
+        assert torch.equal(v, trained[k]), k
+    assert adapter_bytes(received) == 4 * sum(t.numel() for t in trained.values())
+
+
+def test_training_moves_only_the_adapter_and_is_placement_independent(tiny_cfg):
+    work = load_workload(tiny_cfg)
+    model = work.model()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    init = adapter_state(model)
+    users = [int(u) for u in work.data.private[:6]]
+    together = _train(model, init, work.data, users, tiny_cfg, clip=0.05)
+    one_by_one = UpdateSum()
+    for u in reversed(users):  # another order, another "node" per user
+        one_by_one.merge(_train(work.model(), init, work.data, [u], tiny_cfg, clip=0.05))
+    for k in together.delta:
+        torch.testing.assert_close(together.delta[k], one_by_one.delta[k], rtol=1e-5, atol=1e-7)
+    assert together.num_clipped == one_by_one.num_clipped > 0
+    assert any(v.abs().sum() > 0 for v in together.delta.values())
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base_before[n]), n
+    assert set(adapter_parameters(model)) == set(init)
+
+
+def test_evaluation_counts_every_user_once(tiny_cfg):
+    work = load_workload(tiny_cfg)
+    users = [int(u) for u in work.data.private]
+    sums = evaluate_users(work.model(), work.data, users, "test", max_seq_len=tiny_cfg.max_seq_len, device=CPU, batch_size=7)
+    assert sums["count"] == len(users)
+    assert 0 <= sums["ndcg@10"] <= sums["hr@10"] <= sums["hr@20"] <= len(users)

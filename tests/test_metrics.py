@@ -1,0 +1,38 @@
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedrec.metrics import add_sums, metric_means, metric_sums, target_ranks
+
+
+def test_ndcg_hand_computed():
+    # ranks 0, 2, 12: NDCG@10 = (1/log2(2) + 1/log2(4) + 0) / 3 = (1 + 0.5) / 3
+    m = metric_means(metric_sums(np.array([0, 2, 12])))
+    assert math.isclose(m["ndcg@10"], 0.5)
+    assert math.isclose(m["hr@10"], 2 / 3)
+    assert math.isclose(m["hr@20"], 1.0)
+    assert math.isclose(m["ndcg@20"], (1 + 0.5 + 1 / math.log2(14)) / 3)
+    assert math.isclose(m["ndcg@5"], 0.5)
+
+
+def test_rank_excludes_history_but_never_the_target():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])  # items 1..4
+    target = torch.tensor([3])
+    assert target_ranks(scores, target).item() == 2
+    exclude = torch.tensor([[True, False, False, False]])  # item 1 is history
+    assert target_ranks(scores, target, exclude).item() == 1
+    exclude[0, 2] = True  # marking the target itself changes nothing
+    assert target_ranks(scores, target, exclude).item() == 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 100), min_size=1, max_size=50), st.lists(st.integers(0, 100), max_size=50))
+def test_sums_add_and_metrics_are_ordered(a, b):
+    m = metric_means(add_sums(metric_sums(np.array(a)), metric_sums(np.array(b))))
+    whole = metric_means(metric_sums(np.array(a + b)))
+    assert all(math.isclose(m[k], whole[k], abs_tol=1e-12) for k in whole)
+    assert m["hr@5"] <= m["hr@10"] <= m["hr@20"]
+    assert m["ndcg@10"] <= m["hr@10"] + 1e-12
