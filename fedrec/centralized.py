@@ -12,6 +12,7 @@ import time
 import torch
 from rich.console import Console
 
+from fedrec.baselines import MostPopular
 from fedrec.config import FedRecConfig
 from fedrec.metrics import metric_means
 from fedrec.model.base import load_base
@@ -48,6 +49,8 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
 
         return log
 
+    popular = MostPopular([data.full_sequence(int(u)) for u in data.public] + seqs, data.num_items).to(device)
+    popular_test = evaluate(popular, "test")
     lora = work.model(device)
     base_test = evaluate(lora, "test")
     base_valid = evaluate(lora, "valid")
@@ -74,6 +77,7 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
     summary = {
         "mode": "centralized",
         "dataset": work.interactions.describe(),
+        "most_popular_test": popular_test,
         "base_test": base_test,
         "base_valid": base_valid,
         "centralized_full_test": full_test,

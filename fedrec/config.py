@@ -54,7 +54,7 @@ class FedRecConfig:
     dataset: str = field(default="synthetic", metadata=_choice(*DATASETS))
     data_path: str = ""
     min_user_interactions: int = field(default=3, metadata=_range(3))
-    public_fraction: float = field(default=0.2, metadata=_range(0.0, 1.0, lo_open=True))
+    public_fraction: float = field(default=0.1, metadata=_range(0.0, 1.0, lo_open=True))
     synthetic_users: int = field(default=1200, metadata=_range(10))
     synthetic_items: int = field(default=400, metadata=_range(10))
     synthetic_clusters: int = field(default=8, metadata=_range(1))
@@ -66,7 +66,8 @@ class FedRecConfig:
     num_blocks: int = field(default=2, metadata=_range(1))
     num_heads: int = field(default=2, metadata=_range(1))
     dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
-    pretrain_epochs: int = field(default=30, metadata=_range(0))
+    pretrain_epochs: int = field(default=150, metadata=_range(0))
+    pretrain_patience: int = field(default=5, metadata=_range(0))
     pretrain_learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     batch_size: int = field(default=128, metadata=_range(1))
 
@@ -74,9 +75,10 @@ class FedRecConfig:
     lora_rank: int = field(default=8, metadata=_range(1))
     lora_alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
     lora_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
+    lora_item_rank: int = field(default=0, metadata=_range(0))
 
     # federation
-    num_rounds: int = field(default=30, metadata=_range(1))
+    num_rounds: int = field(default=50, metadata=_range(1))
     cohort_size: int = field(default=64, metadata=_range(1))
     sampling: str = field(default="fixed", metadata=_choice(*SAMPLINGS))
     local_epochs: int = field(default=2, metadata=_range(1))

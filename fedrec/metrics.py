@@ -22,15 +22,41 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
     return (scores > target_score).sum(dim=1)
 
 
-def metric_sums(ranks: np.ndarray | torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+def metric_sums(ranks: np.ndarray | torch.Tensor, ks: tuple[int, ...] = KS, prefix: str = "") -> dict[str, float]:
     """Sums (not means) of HR@K and NDCG@K, so shards from many clients can be added."""
     r = np.asarray(ranks, dtype=np.float64)
-    out = {"count": float(len(r))}
+    out = {} if prefix else {"count": float(len(r))}
     for k in ks:
         hit = r < k
-        out[f"hr@{k}"] = float(hit.sum())
-        out[f"ndcg@{k}"] = float((hit / np.log2(r + 2.0)).sum())
+        out[f"{prefix}hr@{k}"] = float(hit.sum())
+        out[f"{prefix}ndcg@{k}"] = float((hit / np.log2(r + 2.0)).sum())
     return out
+
+
+SAMPLED_PREFIX = "sampled100-"
+NUM_SAMPLED_NEGATIVES = 100
+
+
+def sample_negatives(user: int, history: np.ndarray, target: int, num_items: int, n: int = NUM_SAMPLED_NEGATIVES) -> np.ndarray:
+    """`n` distinct items the user never interacted with, seeded by user id.
+
+    For the sampled-negatives protocol of older papers (e.g. SASRec's 100 negatives),
+    reported beside full ranking only for comparison: it overstates accuracy and can
+    reorder models (Krichene & Rendle, KDD 2020).
+    """
+    rng = np.random.default_rng([user, 0x100])
+    seen = set(history.tolist()) | {target}
+    n = min(n, num_items - len(seen))
+    out: list[int] = []
+    taken: set[int] = set()
+    while len(out) < n:
+        for item in rng.integers(1, num_items + 1, size=2 * n).tolist():
+            if item not in seen and item not in taken:
+                taken.add(item)
+                out.append(item)
+                if len(out) == n:
+                    break
+    return np.asarray(out, dtype=np.int64)
 
 
 def metric_means(sums: dict[str, float]) -> dict[str, float]:

@@ -60,6 +60,7 @@ class ResultsDir:
 def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
     """(label, test metrics) for every model the summary holds, base first."""
     labels = [
+        ("most_popular_test", "most popular"),
         ("base_test", "base model"),
         ("test", "federated LoRA"),
         ("centralized_full_test", "centralized full fine-tune"),

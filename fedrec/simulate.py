@@ -38,7 +38,13 @@ def build_config(argv: list[str] | None = None) -> FedRecConfig:
         from server.app import default_output_dir
 
         cfg = cfg.replace(output_dir=default_output_dir(cfg.mode))
-    return cfg.replace(output_dir=str(Path(cfg.output_dir).resolve()))
+    # Ray workers may start elsewhere: every path they read must be absolute.
+    absolute = {"output_dir": str(Path(cfg.output_dir).resolve())}
+    if cfg.data_path:
+        absolute["data_path"] = str(Path(cfg.data_path).expanduser().resolve())
+    if cfg.cache_dir:
+        absolute["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
+    return cfg.replace(**absolute)
 
 
 def run(cfg: FedRecConfig) -> dict:

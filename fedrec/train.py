@@ -10,7 +10,7 @@ from torch import nn
 
 from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
-from fedrec.metrics import KS, metric_sums, target_ranks
+from fedrec.metrics import KS, SAMPLED_PREFIX, metric_sums, sample_negatives, target_ranks
 from fedrec.model.lora import AdapterState, adapter_parameters
 from fedrec.privacy.clipping import clip_update
 
@@ -55,6 +55,8 @@ def train_users(
 
     One user's local training is `local_epochs` full-batch SGD steps on their training
     sequence (all positions). The update is clipped per user before it joins the sum.
+    The reported loss is the one before the first local step: after it, the loss mostly
+    measures how well one user's own sequence was memorized.
     """
     params = adapter_parameters(model)
     names = list(params)
@@ -72,13 +74,14 @@ def train_users(
         torch.manual_seed(user_seed(seed, round_, user))
         loss_value = 0.0
         if n_targets:
-            for _ in range(local_epochs):
+            for epoch in range(local_epochs):
                 loss = model.loss(inputs, targets)
                 grads = torch.autograd.grad(loss, plist)
                 with torch.no_grad():
                     for p, g in zip(plist, grads):
                         p.sub_(g, alpha=learning_rate)
-                loss_value = float(loss.detach())
+                if epoch == 0:  # the global adapter's loss on this user, before adapting to it
+                    loss_value = float(loss.detach())
         with torch.no_grad():
             delta = {k: (params[k] - global_state[k]).cpu() for k in names}
         delta, norm = clip_update(delta, clipping_norm)
@@ -102,10 +105,11 @@ def evaluate_users(
     """Sums of HR@K / NDCG@K over `users`, ranking the target against all items.
 
     Items already in the user's history are excluded from the ranking (RecBole's
-    full-sort protocol); the target itself always stays in.
+    full-sort protocol); the target itself always stays in. The `sampled100-` metrics
+    rank the target among 100 sampled unseen items instead, for older papers only.
     """
     model.eval()
-    ranks = []
+    ranks, sampled_ranks = [], []
     users = list(users)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
@@ -119,9 +123,15 @@ def evaluate_users(
         targets = torch.as_tensor([data.target(u, split) for u in chunk], device=device)
         exclude[torch.arange(len(chunk), device=device), targets - 1] = False
         ranks.append(target_ranks(scores, targets, exclude).cpu())
+        target_scores = scores.gather(1, (targets - 1)[:, None])[:, 0].cpu()
+        for row, (u, h) in enumerate(zip(chunk, hists)):
+            negatives = torch.as_tensor(sample_negatives(u, h, data.target(u, split), data.num_items), device=device)
+            sampled_ranks.append(int((scores[row, negatives - 1].cpu() > target_scores[row]).sum()))
     if not ranks:
         return {"count": 0.0}
-    return metric_sums(torch.cat(ranks).numpy(), ks)
+    return metric_sums(torch.cat(ranks).numpy(), ks) | metric_sums(
+        np.asarray(sampled_ranks), ks, prefix=SAMPLED_PREFIX
+    )
 
 
 def fit_sequences(
@@ -136,11 +146,19 @@ def fit_sequences(
     seed: int,
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None = None,
-) -> None:
-    """Centralized next-item training with Adam over minibatches of whole sequences."""
+    validate: Callable[[], float] | None = None,
+    patience: int = 0,
+) -> int:
+    """Centralized next-item training with Adam over minibatches of whole sequences.
+
+    With `validate` (higher is better) and `patience` > 0, stops after `patience`
+    epochs without improvement and restores the best epoch's weights; returns the
+    epoch whose weights the model ends with.
+    """
     usable = [s for s in seqs if len(s) >= 2]
     if not usable or epochs == 0:
-        return
+        return 0
+    best_score, best_epoch, best_state = float("-inf"), 0, None
     rng = np.random.default_rng([seed, 0xF17])
     torch.manual_seed(seed)
     opt = torch.optim.Adam(params, lr=lr)
@@ -158,5 +176,16 @@ def fit_sequences(
             opt.step()
             total += float(loss.detach())
             n += 1
+        score = validate() if validate is not None and patience > 0 else None
         if on_epoch:
             on_epoch(epoch + 1, total / max(n, 1))
+        if score is not None:
+            if score > best_score:
+                best_score, best_epoch = score, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch + 1 - best_epoch >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        return best_epoch
+    return epochs

@@ -19,7 +19,10 @@ from fedrec.data.interactions import Interactions
 from fedrec.model.base import BASE_KEYS, base_path, ensure_base, load_base
 from fedrec.model.lora import attach_lora
 
-_CACHE: dict[str, Workload] = {}
+DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
+    k for k in BASE_KEYS if k.startswith("synthetic-")
+)
+_CACHE: dict[str, tuple[Interactions, SplitData]] = {}
 
 
 @dataclass
@@ -33,8 +36,9 @@ class Workload:
         """A fresh base+LoRA model; the LoRA init is seeded, B = 0."""
         base = load_base(self.cfg, self.data.num_items, self.base_path)
         model = attach_lora(
-            base, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_target_list(), self.cfg.seed
-        )
+            base, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_target_list(), self.cfg.seed,
+            item_rank=self.cfg.lora_item_rank,
+        )  # fmt: skip
         return model.to(device or torch.device("cpu"))
 
 
@@ -47,19 +51,23 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None, pretrain: bool = True) -> Workload:
-    """Data split and base model for `cfg`; pretrains the base if allowed and missing."""
-    key = cfg.fingerprint(*BASE_KEYS)
-    if key in _CACHE:
-        return _CACHE[key]
-    interactions = load_interactions(cfg)
-    log(f"data: {interactions.describe()}")
-    data = split_users(interactions, cfg.public_fraction, cfg.seed)
-    log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)")
+    """Data split and base model for `cfg`; pretrains the base if allowed and missing.
+
+    The data is memoized by what determines it; the returned Workload always carries
+    `cfg` itself, so adapter shape and other federated knobs are never stale.
+    """
+    key = cfg.fingerprint(*DATA_KEYS)
+    if key not in _CACHE:
+        interactions = load_interactions(cfg)
+        log(f"data: {interactions.describe()}")
+        data = split_users(interactions, cfg.public_fraction, cfg.seed)
+        log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)")
+        _CACHE[key] = (interactions, data)
+    interactions, data = _CACHE[key]
     if pretrain:
         path = ensure_base(cfg, data, log)
     else:
         path = base_path(cfg)
         if not path.exists():
             raise FileNotFoundError(f"base model {path} is missing; the server creates it before round 1")
-    _CACHE[key] = Workload(cfg, interactions, data, path)
-    return _CACHE[key]
+    return Workload(cfg, interactions, data, path)

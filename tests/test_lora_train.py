@@ -67,3 +67,26 @@ def test_evaluation_counts_every_user_once(tiny_cfg):
     sums = evaluate_users(work.model(), work.data, users, "test", max_seq_len=tiny_cfg.max_seq_len, device=CPU, batch_size=7)
     assert sums["count"] == len(users)
     assert 0 <= sums["ndcg@10"] <= sums["hr@10"] <= sums["hr@20"] <= len(users)
+
+
+def test_item_table_delta_starts_neutral_reaches_tied_scores_and_round_trips(tiny_cfg):
+    cfg = tiny_cfg.replace(lora_item_rank=4)
+    work = load_workload(cfg)
+    base = load_base(cfg, work.data.num_items, work.base_path).eval()
+    model = work.model().eval()
+    x = pad_left([work.data.train[int(u)] for u in work.data.private[:8]], cfg.max_seq_len)
+    torch.testing.assert_close(model.item_scores(model(x)[:, -1]), base.item_scores(base(x)[:, -1]), rtol=0, atol=0)
+    state = adapter_state(model)
+    item_keys = [k for k in state if "item_delta" in k]
+    assert len(item_keys) == 2 and set(adapter_parameters(model)) == set(state)
+    users = [int(u) for u in work.data.private[:4]]
+    total = _train(model, state, work.data, users, cfg)
+    assert all(total.delta[k].abs().sum() > 0 for k in item_keys)  # the delta is trained
+    moved = {k: v + total.delta[k] for k, v in state.items()}
+    other = work.model().eval()
+    load_adapter_state(other, ArrayRecord(moved).to_torch_state_dict())
+    model.eval()
+    load_adapter_state(model, moved)
+    scores = other.item_scores(other(x)[:, -1])
+    torch.testing.assert_close(scores, model.item_scores(model(x)[:, -1]))
+    assert not torch.allclose(scores, base.item_scores(base(x)[:, -1]))  # the change reaches the scores

@@ -36,3 +36,16 @@ def test_sums_add_and_metrics_are_ordered(a, b):
     assert all(math.isclose(m[k], whole[k], abs_tol=1e-12) for k in whole)
     assert m["hr@5"] <= m["hr@10"] <= m["hr@20"]
     assert m["ndcg@10"] <= m["hr@10"] + 1e-12
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 1000), st.lists(st.integers(1, 150), max_size=40), st.integers(1, 150))
+def test_sampled_negatives_are_unseen_distinct_and_seeded(user, history, target):
+    from fedrec.metrics import sample_negatives
+
+    hist = np.array(history, dtype=np.int64)
+    neg = sample_negatives(user, hist, target, 150)
+    assert np.array_equal(neg, sample_negatives(user, hist, target, 150))
+    assert len(set(neg.tolist())) == len(neg) == min(100, 150 - len(set(history) | {target}))
+    assert not (set(neg.tolist()) & (set(history) | {target}))
+    assert neg.min(initial=1) >= 1 and neg.max(initial=150) <= 150

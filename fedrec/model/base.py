@@ -15,13 +15,14 @@ import torch
 from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
 from fedrec.model.sasrec import SASRec
-from fedrec.train import fit_sequences
+from fedrec.metrics import metric_means
+from fedrec.train import evaluate_users, fit_sequences
 
 BASE_KEYS = (
     "dataset", "data-path", "seed", "min-user-interactions", "public-fraction",
     "synthetic-users", "synthetic-items", "synthetic-clusters", "synthetic-mean-length",
     "max-seq-len", "hidden-size", "num-blocks", "num-heads", "dropout",
-    "pretrain-epochs", "pretrain-learning-rate", "batch-size",
+    "pretrain-epochs", "pretrain-patience", "pretrain-learning-rate", "batch-size",
 )  # fmt: skip
 
 
@@ -46,10 +47,12 @@ def cache_dir(cfg: FedRecConfig) -> Path:
 
 
 def base_path(cfg: FedRecConfig) -> Path:
-    key = cfg.fingerprint(*BASE_KEYS)
-    if cfg.dataset != "synthetic":
-        st = Path(cfg.data_path).stat()
-        key = f"{key}-{int(st.st_mtime)}-{st.st_size}"
+    if cfg.dataset == "synthetic":
+        key = cfg.fingerprint(*BASE_KEYS)
+    else:  # the same file under any spelling of its path, and a changed file gets a new key
+        path = Path(cfg.data_path).expanduser().resolve()
+        st = path.stat()
+        key = f"{cfg.replace(data_path=str(path)).fingerprint(*BASE_KEYS)}-{int(st.st_mtime)}-{st.st_size}"
     return cache_dir(cfg) / f"base-{key}.pt"
 
 
@@ -61,9 +64,20 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         return path
     torch.manual_seed(cfg.seed)
     model = new_model(cfg, data.num_items)
-    seqs = [data.full_sequence(int(u)) for u in data.public]
-    log(f"base model: pretraining on {len(seqs):,} public users for {cfg.pretrain_epochs} epochs")
-    fit_sequences(
+    # Public users train on all but their last item, which picks the stopping epoch:
+    # an over-trained base is over-confident on new users, and LoRA on the projections
+    # cannot undo that (the final LayerNorm fixes the logit scale).
+    public = [int(u) for u in data.public]
+    seqs = [data.history(u, "test") for u in public]
+    log(f"base model: pretraining on {len(seqs):,} public users, up to {cfg.pretrain_epochs} epochs")
+    last = {"ndcg@10": 0.0}
+
+    def validate() -> float:
+        sums = evaluate_users(model, data, public, "test", max_seq_len=cfg.max_seq_len, device=torch.device("cpu"))
+        last.update(metric_means(sums))
+        return last["ndcg@10"]
+
+    best = fit_sequences(
         model,
         seqs,
         list(model.parameters()),
@@ -73,10 +87,13 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         max_seq_len=cfg.max_seq_len,
         seed=cfg.seed,
         device=torch.device("cpu"),
-        on_epoch=lambda e, loss: log(f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f}")
-        if e % max(1, cfg.pretrain_epochs // 5) == 0 or e == cfg.pretrain_epochs
-        else None,
+        validate=validate,
+        patience=cfg.pretrain_patience,
+        on_epoch=lambda e, loss: log(
+            f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {last['ndcg@10']:.4f}"
+        ),
     )
+    log(f"base model: keeping epoch {best}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)

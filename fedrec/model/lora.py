@@ -10,31 +10,52 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from fedrec.model.sasrec import ItemTableDelta, SASRec
+
 AdapterState = dict[str, torch.Tensor]
 
 
-def attach_lora(base: nn.Module, rank: int, alpha: float, targets: list[str], seed: int) -> PeftModel:
+ITEM_DELTA = "item_delta."
+
+
+def attach_lora(
+    base: SASRec, rank: int, alpha: float, targets: list[str], seed: int, item_rank: int = 0
+) -> PeftModel:
     """Wrap `base` with fresh LoRA adapters; base weights are frozen by peft.
 
     A is seeded (kaiming, peft's default) and B is zero, so the untrained adapter leaves
-    the base model's outputs unchanged.
+    the base model's outputs unchanged. `item_rank` > 0 adds our own low-rank delta on
+    the (tied) item-embedding table, which travels with the adapter.
     """
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
+        if item_rank:
+            base.item_delta = ItemTableDelta(base.item_emb.num_embeddings, base.item_emb.embedding_dim, item_rank, alpha)
     return model
 
 
+def _item_delta_params(model: PeftModel) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if ITEM_DELTA in n}
+
+
 def adapter_state(model: PeftModel) -> AdapterState:
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    state = dict(get_peft_model_state_dict(model)) | _item_delta_params(model)
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def load_adapter_state(model: PeftModel, state: AdapterState) -> None:
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, {k: v for k, v in state.items() if ITEM_DELTA not in k})
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    if unexpected:
-        raise ValueError(f"adapter state has keys this model lacks: {unexpected[:3]}")
+    own = _item_delta_params(model)
+    unexpected += [k for k in state if ITEM_DELTA in k and k not in own]
+    missing = [k for k in own if k not in state]
+    if unexpected or missing:
+        raise ValueError(f"adapter state does not fit this model: unexpected {unexpected[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
 
 
 def adapter_parameters(model: PeftModel) -> dict[str, nn.Parameter]:

@@ -57,6 +57,25 @@ class Block(nn.Module):
         return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.ln2(x))))))
 
 
+class ItemTableDelta(nn.Module):
+    """A low-rank additive delta A·B on the item-embedding table, seen by input and output.
+
+    Written here rather than with peft's `lora.Embedding` because that layer only
+    changes lookups: with the table tied to the output scores (SASRec), its delta never
+    reaches the scores (measured; FLOWER-NOTES.md). A starts at zero, so an untrained
+    delta leaves the model unchanged.
+    """
+
+    def __init__(self, num_rows: int, hidden: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(num_rows, rank))
+        self.B = nn.Parameter(torch.randn(rank, hidden) / math.sqrt(hidden))
+        self.scale = alpha / rank
+
+    def forward(self) -> torch.Tensor:
+        return (self.A @ self.B) * self.scale
+
+
 class SASRec(nn.Module):
     """Input: left-padded item ids (0 = padding), shape (B, L). Output: hidden (B, L, d)."""
 
@@ -78,15 +97,20 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, dropout) for _ in range(num_blocks))
         self.ln_out = nn.LayerNorm(hidden_size)
         self.scale = math.sqrt(hidden_size)
+        self.item_delta: ItemTableDelta | None = None
         nn.init.normal_(self.item_emb.weight, std=hidden_size**-0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+
+    def item_table(self) -> torch.Tensor:
+        table = self.item_emb.weight
+        return table if self.item_delta is None else table + self.item_delta()
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         b, n = seqs.shape
         valid = seqs > 0
         pos = torch.arange(n, device=seqs.device) + (self.max_seq_len - n)
-        x = self.item_emb(seqs) * self.scale + self.pos_emb(pos)
+        x = F.embedding(seqs, self.item_table()) * self.scale + self.pos_emb(pos)
         x = self.emb_drop(x) * valid.unsqueeze(-1)
         # A query attends to earlier real items and to itself (so padding rows stay finite).
         causal = torch.ones(n, n, dtype=torch.bool, device=seqs.device).tril()
@@ -99,7 +123,7 @@ class SASRec(nn.Module):
 
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over real items 1..N (column j is item j+1)."""
-        return hidden @ self.item_emb.weight[1:].T
+        return hidden @ self.item_table()[1:].T
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean full-softmax cross-entropy over positions that have a target (>0).
