@@ -63,6 +63,7 @@ def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]
         ("most_popular_test", "most popular"),
         ("base_test", "base model"),
         ("test", "federated LoRA"),
+        ("last_round_test", "federated LoRA, last round"),
         ("centralized_full_test", "centralized full fine-tune"),
         ("centralized_lora_test", "centralized LoRA"),
     ]
@@ -75,7 +76,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     for label, m in comparison_rows(summary):
         lines.append(f"{label:<28} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['hr@20']:8.4f} {m['ndcg@20']:8.4f}")
     lines.append("")
-    for key in ("rounds", "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters"):
+    for key in ("rounds", "best_round", "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters"):
         if key in summary:
             lines.append(f"{key}: {summary[key]}")
     return "\n".join(lines) + "\n"

@@ -78,6 +78,9 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     out.append_metrics(rows[0])
     console.print(f"round   0/{cfg.num_rounds} | base model            | val NDCG@10 {base_valid['ndcg@10']:.4f}")
     users_trained = 0
+    # Model selection on validation, as in centralized training: the adapter that the
+    # run returns is the one of the best validated round (round 0 = the base itself).
+    best_round, best_valid, best_arrays = 0, base_valid, arrays
     t_rounds = time.time()
     for rnd in range(1, cfg.num_rounds + 1):
         t_round = time.time()
@@ -86,6 +89,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         row: dict = {"round": rnd, "train": {k: float(v) for k, v in train_metrics.items()}}
         if (cfg.eval_every and rnd % cfg.eval_every == 0) or rnd == cfg.num_rounds:
             row["valid"] = strategy.evaluate_round(grid, rnd, arrays, "valid")
+            if row["valid"]["ndcg@10"] > best_valid["ndcg@10"]:
+                best_round, best_valid, best_arrays = rnd, row["valid"], arrays
         row["seconds"] = round(time.time() - t_round, 3)
         out.append_metrics(row)
         rows.append(row)
@@ -95,9 +100,12 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
             f"| loss {float(train_metrics['loss']):.4f} | {val:<19} | {row['seconds']:.2f} s"
         )
     train_seconds = time.time() - t_rounds
-    test = strategy.evaluate_round(grid, cfg.num_rounds, arrays, "test")
-    final = arrays.to_torch_state_dict()
+    test = strategy.evaluate_round(grid, best_round, best_arrays, "test")
+    last_test = test if best_round == cfg.num_rounds else strategy.evaluate_round(grid, cfg.num_rounds, arrays, "test")
+    console.print(f"best validation NDCG@10 at round {best_round}; its adapter is the run's result")
+    final = best_arrays.to_torch_state_dict()
     out.save_adapter(final)
+    out.save_adapter(arrays.to_torch_state_dict(), "adapter_last_round.safetensors")
     out.plot_validation(rows)
     summary = {
         "mode": "federated",
@@ -106,7 +114,9 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "base_test": base_test,
         "test": test,
         "base_valid": base_valid,
-        "valid": rows[-1].get("valid"),
+        "valid": best_valid,
+        "best_round": best_round,
+        "last_round_test": last_test,
         "rounds": cfg.num_rounds,
         "users_trained": users_trained,
         "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
