@@ -67,6 +67,8 @@ def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]
         ("centralized_full_test", "centralized full fine-tune"),
         ("centralized_lora_test", "centralized LoRA"),
     ]
+    if summary.get("best_round") == summary.get("rounds"):
+        labels.remove(("last_round_test", "federated LoRA, last round"))  # the same adapter
     return [(label, summary[key]) for key, label in labels if summary.get(key)]
 
 
