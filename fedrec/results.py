@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fedrec.config import FedRecConfig
 from fedrec.model.lora import AdapterState
+
+
+def default_output_dir(mode: str) -> str:
+    return str(Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
 
 
 class ResultsDir:

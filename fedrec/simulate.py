@@ -16,6 +16,7 @@ from pathlib import Path
 
 from fedrec.config import ConfigError, FedRecConfig, parse_run_config
 from fedrec.data.interactions import DataError
+from fedrec.results import default_output_dir
 
 # glibc handing the logits buffer back to the OS every step costs 1.6-1.8x on CPU
 # (FLOWER-NOTES.md); Ray workers inherit these from this process.
@@ -35,8 +36,6 @@ def build_config(argv: list[str] | None = None) -> FedRecConfig:
     if args.output_dir:
         cfg = cfg.replace(output_dir=args.output_dir)
     if not cfg.output_dir:
-        from server.app import default_output_dir
-
         cfg = cfg.replace(output_dir=default_output_dir(cfg.mode))
     # Ray workers may start elsewhere: every path they read must be absolute.
     absolute = {"output_dir": str(Path(cfg.output_dir).resolve())}
@@ -64,11 +63,9 @@ def run(cfg: FedRecConfig) -> dict:
     # The base model is pretrained here, before Ray starts, so that no worker races it.
     from fedrec.workload import load_workload
 
-    load_workload(cfg, log=print)
+    work = load_workload(cfg, log=print)
     os.environ[ENV_OVERRIDES] = json.dumps(cfg.to_dict())
-    num_nodes = cfg.num_workers if cfg.placement == "cohort" else None
-    if num_nodes is None:
-        num_nodes = len(load_workload(cfg).data.private)
+    num_nodes = cfg.num_workers if cfg.placement == "cohort" else len(work.data.private)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     run_simulation(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from datetime import datetime
-from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -22,7 +20,7 @@ from fedrec.aggregate import ServerOptimizer
 from fedrec.config import FedRecConfig
 from fedrec.model.lora import adapter_bytes, adapter_state
 from fedrec.report import print_comparison
-from fedrec.results import ResultsDir
+from fedrec.results import ResultsDir, default_output_dir
 from fedrec.workload import load_workload
 from server.strategy import FedRecStrategy
 
@@ -41,10 +39,6 @@ def server_config(run_config: dict) -> FedRecConfig:
     if os.environ.get(ENV_OVERRIDES):
         cfg = FedRecConfig.from_mapping(json.loads(os.environ[ENV_OVERRIDES]), cfg)
     return cfg
-
-
-def default_output_dir(mode: str) -> str:
-    return str(Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
 
 
 @app.main()

@@ -111,3 +111,18 @@ def test_real_beauty_seq_txt():
     assert (d.num_users, d.num_items, d.num_interactions) == (22_363, 12_101, 198_502)
     split = split_users(d, 0.2, 0)
     assert len(split.private) == 22_363 - round(0.2 * 22_363)
+
+
+def test_cli_reports_malformed_data_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("u1 1 2 3\nu2\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec.simulate", "--run-config", f"dataset=seq-txt data-path={bad}",
+         "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"fedrec: data error: {bad}:2: expected 'user item item ...', got 'u2'"]
