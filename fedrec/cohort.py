@@ -22,3 +22,10 @@ def sample_cohort(population: Sequence[int] | np.ndarray, size: int, seed: int, 
 def split_among(users: Sequence[int] | np.ndarray, num_workers: int) -> list[np.ndarray]:
     """Contiguous, near-equal shares; empty shares are dropped."""
     return [s for s in np.array_split(np.asarray(users, dtype=np.int64), num_workers) if len(s)]
+
+
+def sample_poisson(population: Sequence[int] | np.ndarray, rate: float, seed: int, round_: int) -> np.ndarray:
+    """Each user independently with probability `rate` (the sampling DP amplification assumes)."""
+    pop = np.asarray(population, dtype=np.int64)
+    rng = np.random.default_rng([seed, round_, 0x9015])
+    return np.sort(pop[rng.random(len(pop)) < rate])

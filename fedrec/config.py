@@ -20,7 +20,8 @@ from typing import Any
 DATASETS = ("synthetic", "movielens", "seq-txt", "csv")
 MODES = ("federated", "centralized")
 PLACEMENTS = ("cohort", "device")
-SAMPLINGS = ("fixed",)
+SAMPLINGS = ("fixed", "poisson")
+ACCOUNTANTS = ("auto", "pld", "prv", "rdp")
 SERVER_OPTIMIZERS = ("sgd", "adam")
 USER_WEIGHTINGS = ("uniform", "examples")
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,6 +88,13 @@ class FedRecConfig:
     server_learning_rate: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
     user_weighting: str = field(default="uniform", metadata=_choice(*USER_WEIGHTINGS))
     clipping_norm: float = field(default=0.0, metadata=_range(0.0))
+
+    # user-level differential privacy (central: noise on the server's sum)
+    noise_multiplier: float = field(default=0.0, metadata=_range(0.0))
+    target_epsilon: float = field(default=0.0, metadata=_range(0.0))
+    target_delta: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    max_epsilon: float = field(default=0.0, metadata=_range(0.0))
+    accountant: str = field(default="auto", metadata=_choice(*ACCOUNTANTS))
     placement: str = field(default="cohort", metadata=_choice(*PLACEMENTS))
     num_workers: int = field(default=2, metadata=_range(1))
     client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -107,6 +115,17 @@ class FedRecConfig:
                 f"lora-targets: unknown module(s) {bad or '(none given)'}; "
                 f"choose from {','.join(LORA_TARGET_CHOICES)}"
             )
+        if self.dp_enabled:
+            if self.noise_multiplier > 0 and self.target_epsilon > 0:
+                raise ConfigError("target-epsilon: give noise-multiplier or target-epsilon, not both")
+            if self.clipping_norm <= 0:
+                raise ConfigError("clipping-norm: differential privacy needs a per-user bound > 0")
+            if self.user_weighting != "uniform":
+                raise ConfigError("user-weighting: differential privacy needs uniform user weights")
+            if self.sampling == "fixed" and self.accountant in ("pld", "prv"):
+                raise ConfigError(
+                    f"accountant: {self.accountant} has no bound for sampling=fixed; use sampling=poisson or accountant=rdp"
+                )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden-size: {self.hidden_size} is not divisible by num-heads={self.num_heads}"
@@ -117,6 +136,10 @@ class FedRecConfig:
             raise ConfigError(f"data-path: '{self.data_path}' does not exist")
 
     # ------------------------------------------------------------------ views
+    @property
+    def dp_enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 

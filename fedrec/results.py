@@ -33,6 +33,9 @@ class ResultsDir:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.path / "summary.txt").write_text(summary_text(summary))
 
+    def write_privacy(self, ledger: dict[str, Any]) -> None:
+        (self.path / "privacy.json").write_text(json.dumps(ledger, indent=2) + "\n")
+
     def save_adapter(self, state: AdapterState, name: str = "adapter.safetensors") -> Path:
         from safetensors.torch import save_file
 
@@ -83,7 +86,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     for label, m in comparison_rows(summary):
         lines.append(f"{label:<28} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['hr@20']:8.4f} {m['ndcg@20']:8.4f}")
     lines.append("")
-    for key in ("rounds", "best_round", "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters"):
+    for key in ("rounds", "best_round", "epsilon", "delta", "noise_multiplier", "noise_to_signal", "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters"):
         if key in summary:
             lines.append(f"{key}: {summary[key]}")
     return "\n".join(lines) + "\n"

@@ -19,6 +19,7 @@ from rich.console import Console
 from fedrec.aggregate import ServerOptimizer
 from fedrec.config import FedRecConfig
 from fedrec.model.lora import adapter_bytes, adapter_state
+from fedrec.privacy.mechanism import make_plan
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
 from fedrec.workload import load_workload
@@ -60,7 +61,9 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {n_params:,} parameters, "
         f"{adapter_bytes(initial):,} bytes"
     )
-    strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate))
+    plan = make_plan(cfg, len(work.data.private), log=console.print)
+    optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate)
+    strategy = FedRecStrategy(cfg, work.data.private, optimizer, plan)
     strategy.connect(grid)
     nodes = len(strategy.workers) or len(strategy.user_node)
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {len(work.data.private):,} users")
@@ -76,12 +79,21 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     # run returns is the one of the best validated round (round 0 = the base itself).
     best_round, best_valid, best_arrays = 0, base_valid, arrays
     t_rounds = time.time()
+    rounds_run = 0
     for rnd in range(1, cfg.num_rounds + 1):
+        if plan.enabled and cfg.max_epsilon and plan.epsilon_after_next(rnd) > cfg.max_epsilon:
+            console.print(
+                f"stopping before round {rnd}: it would take ε from {plan.accountant.spent:.3f} "
+                f"past max-epsilon={cfg.max_epsilon}"
+            )
+            break
+        rounds_run = rnd
         t_round = time.time()
         arrays, train_metrics = strategy.train_round(grid, rnd, arrays)
         users_trained += int(train_metrics["users"])
         row: dict = {"round": rnd, "train": {k: float(v) for k, v in train_metrics.items()}}
-        if (cfg.eval_every and rnd % cfg.eval_every == 0) or rnd == cfg.num_rounds:
+        stopping = plan.enabled and cfg.max_epsilon and rnd < cfg.num_rounds and plan.epsilon_after_next(rnd + 1) > cfg.max_epsilon
+        if (cfg.eval_every and rnd % cfg.eval_every == 0) or rnd == cfg.num_rounds or stopping:
             row["valid"] = strategy.evaluate_round(grid, rnd, arrays, "valid")
             if row["valid"]["ndcg@10"] > best_valid["ndcg@10"]:
                 best_round, best_valid, best_arrays = rnd, row["valid"], arrays
@@ -89,13 +101,14 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         out.append_metrics(row)
         rows.append(row)
         val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
+        eps = f" | ε {float(train_metrics['epsilon']):.3f}" if plan.enabled else ""
         console.print(
             f"round {rnd:3d}/{cfg.num_rounds} | users {int(train_metrics['users']):4d} "
-            f"| loss {float(train_metrics['loss']):.4f} | {val:<19} | {row['seconds']:.2f} s"
+            f"| loss {float(train_metrics['loss']):.4f} | {val:<19}{eps} | {row['seconds']:.2f} s"
         )
     train_seconds = time.time() - t_rounds
     test = strategy.evaluate_round(grid, best_round, best_arrays, "test")
-    last_test = test if best_round == cfg.num_rounds else strategy.evaluate_round(grid, cfg.num_rounds, arrays, "test")
+    last_test = test if best_round == rounds_run else strategy.evaluate_round(grid, rounds_run, arrays, "test")
     console.print(f"best validation NDCG@10 at round {best_round}; its adapter is the run's result")
     final = best_arrays.to_torch_state_dict()
     out.save_adapter(final)
@@ -111,7 +124,13 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "valid": best_valid,
         "best_round": best_round,
         "last_round_test": last_test,
-        "rounds": cfg.num_rounds,
+        "rounds": rounds_run,
+        "epsilon": plan.accountant.spent if plan.enabled else None,
+        "delta": plan.delta if plan.enabled else None,
+        "noise_multiplier": plan.noise_multiplier if plan.enabled else None,
+        "adapter_dimension": n_params,
+        # Noise norm over a fully agreeing mean update: z·√d/m (m = expected cohort size).
+        "noise_to_signal": plan.noise_multiplier * n_params**0.5 / plan.expected_users if plan.enabled else None,
         "users_trained": users_trained,
         "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
         "wall_seconds": round(time.time() - t0, 2),
@@ -123,6 +142,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "results_dir": str(out.path),
     }
     out.write_summary(summary)
+    out.write_privacy(plan.accountant.to_dict() if plan.enabled else {"accountant": None, "epsilon": None})
     print_comparison(summary, console)
     console.print(f"results: {out.path}")
     return summary

@@ -11,21 +11,24 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrec.aggregate import ServerOptimizer, UpdateSum, mean_update
-from fedrec.cohort import sample_cohort, split_among
+from fedrec.cohort import split_among
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means
+from fedrec.privacy.mechanism import PrivacyPlan
 
 NODE_WAIT_S = 120.0
 
 
 class FedRecStrategy(Strategy):
-    def __init__(self, cfg: FedRecConfig, population: np.ndarray, optimizer: ServerOptimizer) -> None:
+    def __init__(self, cfg: FedRecConfig, population: np.ndarray, optimizer: ServerOptimizer, plan: PrivacyPlan) -> None:
         self.cfg = cfg
+        self.plan = plan
         self.population = np.asarray(population, dtype=np.int64)
         self.optimizer = optimizer
         self.workers: list[int] = []
@@ -96,7 +99,7 @@ class FedRecStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.cohort = sample_cohort(self.population, self.cfg.cohort_size, self.cfg.seed, server_round)
+        self.cohort = self.plan.draw(self.population, self.cfg.seed, server_round)
         return self._messages(arrays, self.cohort, {"round": server_round}, MessageType.TRAIN)
 
     def aggregate_train(
@@ -109,16 +112,24 @@ class FedRecStrategy(Strategy):
                 total.merge(UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts))
         if total.num_users != len(self.cohort):
             raise RuntimeError(f"round {server_round}: {total.num_users} of {len(self.cohort)} cohort users reported")
-        new_state = self.optimizer.step(mean_update(total))
-        metrics = MetricRecord(
-            {
-                "users": total.num_users,
-                "loss": total.loss_sum / total.num_users,
-                "update-norm": total.norm_sum / total.num_users,
-                "clipped-fraction": total.num_clipped / total.num_users,
-            }
-        )
-        return ArrayRecord(new_state), metrics
+        n = max(total.num_users, 1)
+        metrics = {
+            "users": total.num_users,
+            "loss": total.loss_sum / n,
+            "update-norm": total.norm_sum / n,
+            "clipped-fraction": total.num_clipped / n,
+        }
+        if self.plan.enabled:
+            # Noise goes on even when Poisson sampling drew nobody: the mechanism's output
+            # must not reveal the cohort size.
+            summed = total.delta or {k: torch.zeros_like(v) for k, v in self.optimizer.state().items()}
+            new_state = self.optimizer.step(self.plan.private_mean(summed, self.cfg.seed, server_round))
+            metrics["epsilon"] = self.plan.accountant.spent
+        elif total.num_users:
+            new_state = self.optimizer.step(mean_update(total))
+        else:
+            new_state = self.optimizer.state()
+        return ArrayRecord(new_state), MetricRecord(metrics)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -72,3 +72,19 @@ def test_centralized_baseline_has_full_and_lora_ceilings(tmp_path):
     s = simulate(tmp_path, "central", "mode=centralized centralized-epochs=5")
     assert s["centralized_full_test"]["ndcg@10"] > s["base_test"]["ndcg@10"]
     assert s["centralized_lora_test"]["users"] == s["private_users"]
+
+
+def test_dp_run_writes_ledger_and_stops_at_max_epsilon(tmp_path):
+    s = simulate(
+        tmp_path,
+        "dp",
+        "num-rounds=30 cohort-size=20 eval-every=5 sampling=poisson noise-multiplier=0.8 clipping-norm=0.5 max-epsilon=3",
+    )
+    ledger = json.loads((Path(s["results_dir"]) / "privacy.json").read_text())
+    assert ledger["accountant"] == "pld" and ledger["sampling"] == "poisson"
+    assert ledger["population"] == s["private_users"] and ledger["delta"] == pytest.approx(1 / s["private_users"])
+    eps = [r["epsilon"] for r in ledger["rounds"]]
+    assert 0 < len(eps) < 30 and eps == sorted(eps) and eps[-1] <= 3
+    assert s["rounds"] == len(eps) and s["epsilon"] == eps[-1]
+    assert s["noise_to_signal"] == pytest.approx(0.8 * s["adapter_dimension"] ** 0.5 / 20)
+    assert f"stopping before round {len(eps) + 1}" in s["_stdout"]

@@ -1,0 +1,135 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import norm
+
+from fedrec.config import ConfigError, FedRecConfig
+from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant, calibrate_noise
+from fedrec.privacy.mechanism import make_plan
+from fedrec.privacy.noise import add_gaussian_noise
+
+
+def _events(n, q=0.01, z=1.0, m=100):
+    return [RoundEvent(r + 1, q, z, 1.0, m) for r in range(n)]
+
+
+def test_noise_std_is_z_times_c():
+    z, c = 1.3, 0.7
+    zeros = {"a": torch.zeros(30_000), "b": torch.zeros(100, 200)}
+    noised = add_gaussian_noise(zeros, z * c, seed=3, round_=5)
+    flat = torch.cat([v.flatten() for v in noised.values()]).double()
+    # 50k samples: the std estimate is within ~0.6% (1 sd); a factor sqrt(2) or m is far out.
+    assert abs(float(flat.std()) / (z * c) - 1) < 0.03
+    assert abs(float(flat.mean())) < 0.03 * z * c
+    again = add_gaussian_noise(zeros, z * c, seed=3, round_=5)
+    assert all(torch.equal(again[k], noised[k]) for k in noised)
+    other = add_gaussian_noise(zeros, z * c, seed=3, round_=6)
+    assert not torch.equal(other["a"], noised["a"])
+
+
+@pytest.mark.parametrize("kind", ["pld", "rdp", "prv"])
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise(kind):
+    acc = UserLevelAccountant(kind, "poisson", 10_000, 1e-5)
+    eps_rounds = [acc.epsilon(_events(n)) for n in (1, 10, 100, 500)]
+    assert eps_rounds == sorted(eps_rounds) and eps_rounds[0] < eps_rounds[-1]
+    eps_noise = [acc.epsilon(_events(100, z=z)) for z in (0.7, 1.0, 2.0, 4.0)]
+    assert eps_noise == sorted(eps_noise, reverse=True) and eps_noise[-1] < eps_noise[0]
+
+
+def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact ε of one Gaussian mechanism (sensitivity 1), Balle & Wang (ICML 2018), Thm 8."""
+
+    def delta_of(eps):
+        return norm.cdf(0.5 / sigma - eps * sigma) - math.exp(eps) * norm.cdf(-0.5 / sigma - eps * sigma)
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("z", [0.8, 1.5, 3.0])
+def test_one_round_with_q_one_is_the_analytic_gaussian(z):
+    acc = UserLevelAccountant("pld", "poisson", 1000, 1e-5)
+    eps = acc.epsilon([RoundEvent(1, 1.0, z, 1.0, 1000)])
+    assert eps == pytest.approx(_analytic_gaussian_epsilon(z, 1e-5), rel=0.01)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(0.001, 0.2), st.floats(0.6, 5.0), st.integers(1, 300))
+def test_pld_never_above_rdp(q, z, rounds):
+    events = _events(rounds, q=q, z=z)
+    pld = UserLevelAccountant("pld", "poisson", 10_000, 1e-5).epsilon(events)
+    rdp = UserLevelAccountant("rdp", "poisson", 10_000, 1e-5).epsilon(events)
+    assert pld <= rdp * 1.001
+
+
+def test_ledger_restores_exactly():
+    acc = UserLevelAccountant("pld", "poisson", 5000, 2e-4)
+    for e in _events(7, q=0.02, z=1.1):
+        acc.record(e)
+    restored = UserLevelAccountant.from_dict(acc.to_dict())
+    assert restored.epsilons == acc.epsilons and restored.events == acc.events
+    nxt = RoundEvent(8, 0.02, 1.1, 1.0, 100)
+    assert restored.record(nxt) == acc.record(nxt)
+
+
+def test_calibration_lands_on_the_target():
+    def new():
+        return UserLevelAccountant("pld", "poisson", 20_000, 5e-5)
+
+    z = calibrate_noise(4.0, 200, new, 0.0128, 256)
+    eps = new().epsilon(_events(200, q=0.0128, z=z, m=256))
+    assert eps <= 4.0
+    assert new().epsilon(_events(200, q=0.0128, z=z * 0.99, m=256)) > 4.0 * 0.99
+
+
+def test_fixed_size_sampling_uses_rdp_with_replace_one():
+    acc = UserLevelAccountant("auto", "fixed", 1000, 1e-5)
+    assert acc.kind == "rdp"
+    # Replace-one doubles the sensitivity of a sum: never cheaper than Poisson at the same rate.
+    poisson = UserLevelAccountant("rdp", "poisson", 1000, 1e-5).epsilon(_events(50, q=0.05, m=50))
+    assert acc.epsilon(_events(50, q=0.05, m=50)) > poisson
+    with pytest.raises(ValueError, match="fixed-size"):
+        UserLevelAccountant("pld", "fixed", 1000, 1e-5)
+
+
+def test_private_mean_divides_by_the_expected_cohort_whoever_came():
+    cfg = FedRecConfig(sampling="poisson", noise_multiplier=1.0, clipping_norm=1.0, cohort_size=50)
+    plan = make_plan(cfg, 1000, log=lambda _m: None)
+    total = {"w": torch.ones(10) * 7.0}
+    a = plan.private_mean(total, seed=0, round_=1)
+    plan_b = make_plan(cfg, 1000, log=lambda _m: None)
+    b = plan_b.private_mean(total, seed=0, round_=1)
+    torch.testing.assert_close(a["w"], b["w"])
+    noise = add_gaussian_noise({"w": torch.zeros(10)}, 1.0, seed=0, round_=1)["w"]
+    torch.testing.assert_close(a["w"], (7.0 + noise) / 50)
+    assert plan.accountant.spent > 0 and len(plan.accountant.events) == 1
+    assert plan.delta == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"noise-multiplier": 1.0}, "clipping-norm"),
+        ({"noise-multiplier": 1.0, "clipping-norm": 1.0, "user-weighting": "examples"}, "user-weighting"),
+        ({"target-epsilon": 4.0, "noise-multiplier": 1.0, "clipping-norm": 1.0}, "target-epsilon"),
+        ({"noise-multiplier": 1.0, "clipping-norm": 1.0, "accountant": "pld"}, "accountant"),
+    ],
+)
+def test_dp_config_errors(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        FedRecConfig.from_mapping(overrides)
+    assert str(err.value).startswith(key + ":")
+
+
+def test_poisson_cohorts_have_the_right_rate():
+    from fedrec.cohort import sample_poisson
+
+    sizes = [len(sample_poisson(np.arange(2000), 0.05, 0, r)) for r in range(200)]
+    assert abs(np.mean(sizes) - 100) < 3 and np.std(sizes) > 5
