@@ -92,8 +92,12 @@ class ServerOptimizer:
             raise ValueError(f"unknown server optimizer {kind!r}")
 
     def step(self, mean_update: AdapterState) -> AdapterState:
+        """Tensors absent from the update (frozen factors, e.g. A under lora-train=b-only) stay put."""
+        unknown = set(mean_update) - set(self.params)
+        if unknown:
+            raise ValueError(f"update has tensors the adapter lacks: {sorted(unknown)[:3]}")
         for k, p in self.params.items():
-            p.grad = -mean_update[k].to(p.dtype)
+            p.grad = -mean_update[k].to(p.dtype) if k in mean_update else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return self.state()

@@ -77,6 +77,7 @@ class FedRecConfig:
     lora_alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
     lora_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
     lora_item_rank: int = field(default=0, metadata=_range(0))
+    lora_train: str = field(default="both", metadata=_choice("both", "b-only"))
 
     # federation
     num_rounds: int = field(default=50, metadata=_range(1))

@@ -17,7 +17,7 @@ from fedrec.config import FedRecConfig
 from fedrec.data import SplitData, load_interactions, split_users
 from fedrec.data.interactions import Interactions
 from fedrec.model.base import BASE_KEYS, base_path, ensure_base, load_base
-from fedrec.model.lora import attach_lora
+from fedrec.model.lora import attach_lora, freeze_random_factors
 
 DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
     k for k in BASE_KEYS if k.startswith("synthetic-")
@@ -39,6 +39,8 @@ class Workload:
             base, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_target_list(), self.cfg.seed,
             item_rank=self.cfg.lora_item_rank,
         )  # fmt: skip
+        if self.cfg.lora_train == "b-only":
+            freeze_random_factors(model)
         return model.to(device or torch.device("cpu"))
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from fedrec.aggregate import ServerOptimizer
 from fedrec.config import FedRecConfig
-from fedrec.model.lora import adapter_bytes, adapter_state
+from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state
 from fedrec.privacy.mechanism import make_plan
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
@@ -56,10 +56,11 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     work = load_workload(cfg, log=console.print)
     model = work.model()
     initial = adapter_state(model)
-    n_params = sum(t.numel() for t in initial.values())
+    n_total = sum(t.numel() for t in initial.values())
+    n_params = sum(p.numel() for p in adapter_parameters(model).values())  # trained and sent: d
     console.print(
-        f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {n_params:,} parameters, "
-        f"{adapter_bytes(initial):,} bytes"
+        f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {n_total:,} parameters, "
+        f"{adapter_bytes(initial):,} bytes; {n_params:,} trained and sent per user ({cfg.lora_train})"
     )
     plan = make_plan(cfg, len(work.data.private), log=console.print)
     optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate)
@@ -135,7 +136,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
         "wall_seconds": round(time.time() - t0, 2),
         "adapter_bytes": adapter_bytes(final),
-        "adapter_parameters": n_params,
+        "adapter_parameters": n_total,
         "private_users": len(work.data.private),
         "public_users": len(work.data.public),
         "num_items": work.data.num_items,

@@ -90,3 +90,22 @@ def test_item_table_delta_starts_neutral_reaches_tied_scores_and_round_trips(tin
     scores = other.item_scores(other(x)[:, -1])
     torch.testing.assert_close(scores, model.item_scores(model(x)[:, -1]))
     assert not torch.allclose(scores, base.item_scores(base(x)[:, -1]))  # the change reaches the scores
+
+
+def test_b_only_trains_and_sends_only_b_and_leaves_a_bit_identical(tiny_cfg):
+    from fedrec.aggregate import ServerOptimizer, mean_update
+
+    cfg = tiny_cfg.replace(lora_train="b-only", lora_item_rank=2)
+    work = load_workload(cfg)
+    model = work.model()
+    init = adapter_state(model)
+    trained = set(adapter_parameters(model))
+    assert trained and all(".lora_B." in k or k.endswith("item_delta.A") for k in trained)
+    total = _train(model, init, work.data, [int(u) for u in work.data.private[:5]], cfg)
+    assert set(total.delta) == trained
+    new = ServerOptimizer(init, "adam", 0.01).step(mean_update(total))
+    for k in init:
+        if k in trained:
+            assert not torch.equal(new[k], init[k]), k
+        else:
+            assert torch.equal(new[k], init[k]), k  # A (and the item delta's B) bit-identical

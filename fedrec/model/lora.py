@@ -36,6 +36,15 @@ def attach_lora(
     return model
 
 
+def freeze_random_factors(model: PeftModel) -> None:
+    """FFA-LoRA (Sun et al., ICLR 2024): keep the randomly initialised factor of every
+    adapter fixed at its seeded value and train only the zero-initialised one, so clients
+    train and send half the tensors and stay in one shared subspace."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or name.endswith(ITEM_DELTA + "B"):
+            p.requires_grad_(False)
+
+
 def _item_delta_params(model: PeftModel) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ITEM_DELTA in n}
 
