@@ -74,7 +74,7 @@ def train(msg: Message, context: Context) -> Message:
         users,
         local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate,
-        clipping_norm=cfg.clipping_norm,
+        clipping_norm=float(task.get("clipping-norm", cfg.clipping_norm)),
         user_weighting=cfg.user_weighting,
         max_seq_len=cfg.max_seq_len,
         seed=cfg.seed,

@@ -96,6 +96,10 @@ class FedRecConfig:
     target_delta: float = field(default=0.0, metadata=_range(0.0, 1.0))
     max_epsilon: float = field(default=0.0, metadata=_range(0.0))
     accountant: str = field(default="auto", metadata=_choice(*ACCOUNTANTS))
+    adaptive_clipping: bool = False
+    clip_quantile: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    clip_learning_rate: float = field(default=0.2, metadata=_range(0.0))
+    clip_count_stddev: float = field(default=0.0, metadata=_range(0.0))
     placement: str = field(default="cohort", metadata=_choice(*PLACEMENTS))
     num_workers: int = field(default=2, metadata=_range(1))
     client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -123,6 +127,10 @@ class FedRecConfig:
                 raise ConfigError("clipping-norm: differential privacy needs a per-user bound > 0")
             if self.user_weighting != "uniform":
                 raise ConfigError("user-weighting: differential privacy needs uniform user weights")
+            if self.adaptive_clipping and self.clip_count_stddev and 2 * self.clip_count_stddev <= self.noise_multiplier:
+                raise ConfigError(
+                    "clip-count-stddev: must exceed noise-multiplier/2, or the count alone spends the whole budget"
+                )
             if self.sampling == "fixed" and self.accountant in ("pld", "prv"):
                 raise ConfigError(
                     f"accountant: {self.accountant} has no bound for sampling=fixed; use sampling=poisson or accountant=rdp"
@@ -131,6 +139,8 @@ class FedRecConfig:
             raise ConfigError(
                 f"hidden-size: {self.hidden_size} is not divisible by num-heads={self.num_heads}"
             )
+        if self.adaptive_clipping and self.clipping_norm <= 0:
+            raise ConfigError("clipping-norm: adaptive clipping starts from clipping-norm, which must be > 0")
         if self.dataset != "synthetic" and not self.data_path:
             raise ConfigError(f"data-path: dataset={self.dataset} needs data-path=<file or folder>")
         if self.data_path and self.dataset != "synthetic" and not Path(self.data_path).exists():

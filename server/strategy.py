@@ -100,7 +100,8 @@ class FedRecStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.cohort = self.plan.draw(self.population, self.cfg.seed, server_round)
-        return self._messages(arrays, self.cohort, {"round": server_round}, MessageType.TRAIN)
+        task = {"round": server_round, "clipping-norm": float(self.plan.clipping_norm)}
+        return self._messages(arrays, self.cohort, task, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -115,6 +116,7 @@ class FedRecStrategy(Strategy):
         n = max(total.num_users, 1)
         metrics = {
             "users": total.num_users,
+            "clipping-norm": self.plan.clipping_norm,
             "loss": total.loss_sum / n,
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
@@ -129,6 +131,7 @@ class FedRecStrategy(Strategy):
             new_state = self.optimizer.step(mean_update(total))
         else:
             new_state = self.optimizer.state()
+        self.plan.adapt_clip(total.num_users - total.num_clipped, total.num_users, self.cfg.seed, server_round)
         return ArrayRecord(new_state), MetricRecord(metrics)
 
     def configure_evaluate(

@@ -133,3 +133,33 @@ def test_poisson_cohorts_have_the_right_rate():
 
     sizes = [len(sample_poisson(np.arange(2000), 0.05, 0, r)) for r in range(200)]
     assert abs(np.mean(sizes) - 100) < 3 and np.std(sizes) > 5
+
+
+def test_adaptive_clipping_noises_with_the_clip_it_applied():
+    cfg = FedRecConfig(
+        sampling="poisson", noise_multiplier=1.0, clipping_norm=1.0, cohort_size=100, adaptive_clipping=True
+    )
+    plan = make_plan(cfg, 2000, log=lambda _m: None)
+    sigma_b = 100 / 20
+    assert plan.count_stddev == sigma_b
+    assert plan.update_noise_multiplier ** -2 + (2 * sigma_b) ** -2 == pytest.approx(1.0)
+    zeros = {"w": torch.zeros(1000)}
+    for rnd in (1, 2, 3):
+        applied = plan.clipping_norm
+        out = plan.private_mean(zeros, seed=0, round_=rnd)
+        expected = add_gaussian_noise(zeros, plan.update_noise_multiplier * applied, seed=0, round_=rnd)
+        torch.testing.assert_close(out["w"], expected["w"] / 100)
+        assert plan.accountant.events[-1].clipping_norm == applied
+        plan.adapt_clip(unclipped=100, num_users=100, seed=0, round_=rnd)  # everyone under the clip
+        assert plan.clipping_norm < applied  # so the clip shrinks for the next round
+    assert [e.noise_multiplier for e in plan.accountant.events] == [1.0] * 3  # ε is charged at z
+
+
+def test_adaptive_clip_tracks_the_target_quantile_without_dp():
+    cfg = FedRecConfig(clipping_norm=5.0, adaptive_clipping=True, clip_quantile=0.3, clip_learning_rate=0.2)
+    plan = make_plan(cfg, 1000, log=lambda _m: None)
+    rng = np.random.default_rng(0)
+    for rnd in range(400):
+        norms = rng.lognormal(0.0, 0.5, size=200)
+        plan.adapt_clip(int((norms <= plan.clipping_norm).sum()), 200, seed=0, round_=rnd)
+    assert plan.clipping_norm == pytest.approx(np.exp(0.5 * norm.ppf(0.3)), rel=0.1)

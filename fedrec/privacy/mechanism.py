@@ -27,6 +27,11 @@ class PrivacyPlan:
     clipping_norm: float
     delta: float
     accountant: UserLevelAccountant | None
+    adaptive: bool = False
+    clip_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_stddev: float = 0.0
+    update_noise_multiplier: float = 0.0
     _next: tuple[tuple[int, int], float] | None = None
 
     @property
@@ -54,11 +59,32 @@ class PrivacyPlan:
         return self._next[1]
 
     def private_mean(self, total: AdapterState, seed: int, round_: int) -> AdapterState:
-        """(Σ clipped + N(0, z²C²)) / expected cohort size; records the round."""
+        """(Σ clipped + N(0, z_Δ²C_t²)) / expected cohort size; records the round.
+
+        C_t is the clip this round's updates were clipped with: the noise follows the clip
+        that was applied, never the one adaptive clipping picks for the next round.
+        """
         assert self.accountant is not None
-        noised = add_gaussian_noise(total, self.noise_multiplier * self.clipping_norm, seed, round_)
+        noised = add_gaussian_noise(total, self.update_noise_multiplier * self.clipping_norm, seed, round_)
         self.accountant.record(self.event(round_), self.epsilon_after_next(round_))
         return {k: v / self.expected_users for k, v in noised.items()}
+
+    def adapt_clip(self, unclipped: int, num_users: int, seed: int, round_: int) -> None:
+        """Geometric quantile update of C (Andrew et al., NeurIPS 2021, Alg. 1).
+
+        Under DP the count of unclipped users is itself noised (σ_b) and divided by the
+        expected cohort size; without DP the exact fraction is used.
+        """
+        if not self.adaptive:
+            return
+        if self.enabled:
+            gen = np.random.default_rng([seed, round_, 0xC11B])
+            fraction = (unclipped + gen.normal(0.0, self.count_stddev)) / self.expected_users
+        elif num_users:
+            fraction = unclipped / num_users
+        else:
+            return
+        self.clipping_norm *= float(np.exp(-self.clip_learning_rate * (fraction - self.clip_quantile)))
 
 
 def make_plan(cfg: FedRecConfig, population: int, log=print) -> PrivacyPlan:
@@ -66,6 +92,8 @@ def make_plan(cfg: FedRecConfig, population: int, log=print) -> PrivacyPlan:
     delta = cfg.target_delta or 1.0 / population
     plan = PrivacyPlan(cfg.sampling, population, expected, cfg.noise_multiplier, cfg.clipping_norm, delta, None)
     if not cfg.dp_enabled:
+        plan.adaptive = cfg.adaptive_clipping
+        plan.clip_quantile, plan.clip_learning_rate = cfg.clip_quantile, cfg.clip_learning_rate
         return plan
 
     def new_accountant() -> UserLevelAccountant:
@@ -75,9 +103,25 @@ def make_plan(cfg: FedRecConfig, population: int, log=print) -> PrivacyPlan:
         plan.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.num_rounds, new_accountant, plan.q, expected)
         log(f"privacy: noise multiplier {plan.noise_multiplier:.4f} calibrated for ε={cfg.target_epsilon} "
             f"at δ={delta:.3g} after {cfg.num_rounds} rounds")  # fmt: skip
+    plan.update_noise_multiplier = plan.noise_multiplier
+    if cfg.adaptive_clipping:
+        plan.adaptive = True
+        plan.clip_quantile, plan.clip_learning_rate = cfg.clip_quantile, cfg.clip_learning_rate
+        plan.count_stddev = cfg.clip_count_stddev or expected / 20  # Andrew et al.'s default
+        if 2 * plan.count_stddev <= plan.noise_multiplier:
+            raise ValueError(
+                f"adaptive clipping: count noise {plan.count_stddev:.3g} leaves no budget for the update at "
+                f"z={plan.noise_multiplier:.3g}; raise clip-count-stddev or the cohort size"
+            )
+        # The update and the count are one Gaussian query of multiplier z together:
+        # z^-2 = z_Δ^-2 + (2σ_b)^-2 (Andrew et al., Thm. 1), so the update gets z_Δ > z.
+        plan.update_noise_multiplier = (plan.noise_multiplier**-2 - (2 * plan.count_stddev) ** -2) ** -0.5
     plan.accountant = new_accountant()
     log(
         f"privacy: user-level DP, {plan.accountant.kind} accountant, {cfg.sampling} sampling q={plan.q:.4g}, "
-        f"z={plan.noise_multiplier:.4g}, C={cfg.clipping_norm}, δ={delta:.3g}"
-    )
+        f"z={plan.noise_multiplier:.4g}, C={cfg.clipping_norm}"
+        + (f" (adaptive, quantile {cfg.clip_quantile}, count σ={plan.count_stddev:.3g}, update z={plan.update_noise_multiplier:.4g})"
+           if plan.adaptive else "")
+        + f", δ={delta:.3g}"
+    )  # fmt: skip
     return plan
