@@ -81,8 +81,12 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     best_round, best_valid, best_arrays = 0, base_valid, arrays
     t_rounds = time.time()
     rounds_run = 0
+
+    def over_budget(rnd: int) -> bool:
+        return bool(plan.enabled and cfg.max_epsilon and plan.epsilon_after_next(rnd) > cfg.max_epsilon)
+
     for rnd in range(1, cfg.num_rounds + 1):
-        if plan.enabled and cfg.max_epsilon and plan.epsilon_after_next(rnd) > cfg.max_epsilon:
+        if over_budget(rnd):
             console.print(
                 f"stopping before round {rnd}: it would take ε from {plan.accountant.spent:.3f} "
                 f"past max-epsilon={cfg.max_epsilon}"
@@ -93,8 +97,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         arrays, train_metrics = strategy.train_round(grid, rnd, arrays)
         users_trained += int(train_metrics["users"])
         row: dict = {"round": rnd, "train": {k: float(v) for k, v in train_metrics.items()}}
-        stopping = plan.enabled and cfg.max_epsilon and rnd < cfg.num_rounds and plan.epsilon_after_next(rnd + 1) > cfg.max_epsilon
-        if (cfg.eval_every and rnd % cfg.eval_every == 0) or rnd == cfg.num_rounds or stopping:
+        last = rnd == cfg.num_rounds or over_budget(rnd + 1)
+        if (cfg.eval_every and rnd % cfg.eval_every == 0) or last:
             row["valid"] = strategy.evaluate_round(grid, rnd, arrays, "valid")
             if row["valid"]["ndcg@10"] > best_valid["ndcg@10"]:
                 best_round, best_valid, best_arrays = rnd, row["valid"], arrays
@@ -130,8 +134,9 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "delta": plan.delta if plan.enabled else None,
         "noise_multiplier": plan.noise_multiplier if plan.enabled else None,
         "adapter_dimension": n_params,
-        # Noise norm over a fully agreeing mean update: z·√d/m (m = expected cohort size).
-        "noise_to_signal": plan.noise_multiplier * n_params**0.5 / plan.expected_users if plan.enabled else None,
+        # Noise norm over a fully agreeing mean update: z·√d/m (m = expected cohort size;
+        # z is the update's own multiplier, z_Δ under adaptive clipping).
+        "noise_to_signal": plan.update_noise_multiplier * n_params**0.5 / plan.expected_users if plan.enabled else None,
         "users_trained": users_trained,
         "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
         "wall_seconds": round(time.time() - t0, 2),
