@@ -13,6 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedrec.config import FedRecConfig
+from fedrec.local_state import local_store_for
 from fedrec.model.lora import load_adapter_state
 from fedrec.train import evaluate_users, train_users
 from fedrec.workload import Workload, load_workload, resolve_device
@@ -80,6 +81,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=cfg.seed,
         round_=int(task["round"]),
         device=device,
+        local_store=local_store_for(cfg),
     )
     content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(total.counts())})
     return Message(content, reply_to=msg)
@@ -91,6 +93,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     users = _users(msg, context, work, cfg)
     load_adapter_state(model, msg.content["adapter"].to_torch_state_dict())
     sums = evaluate_users(
-        model, work.data, users, str(msg.content["task"]["split"]), max_seq_len=cfg.max_seq_len, device=device
-    )
+        model, work.data, users, str(msg.content["task"]["split"]), max_seq_len=cfg.max_seq_len, device=device,
+        local_store=local_store_for(cfg),
+    )  # fmt: skip
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)

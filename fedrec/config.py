@@ -78,6 +78,8 @@ class FedRecConfig:
     lora_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
     lora_item_rank: int = field(default=0, metadata=_range(0))
     lora_train: str = field(default="both", metadata=_choice("both", "b-only"))
+    lora_share: str = field(default="both", metadata=_choice("both", "a-only"))
+    client_state_dir: str = ""
 
     # federation
     num_rounds: int = field(default=50, metadata=_range(1))
@@ -139,6 +141,8 @@ class FedRecConfig:
             raise ConfigError(
                 f"hidden-size: {self.hidden_size} is not divisible by num-heads={self.num_heads}"
             )
+        if self.lora_train == "b-only" and self.lora_share == "a-only":
+            raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
         if self.adaptive_clipping and self.clipping_norm <= 0:
             raise ConfigError("clipping-norm: adaptive clipping starts from clipping-norm, which must be > 0")
         if self.dataset != "synthetic" and not self.data_path:

@@ -10,7 +10,8 @@ from torch import nn
 
 from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
-from fedrec.metrics import KS, SAMPLED_PREFIX, metric_sums, sample_negatives, target_ranks
+from fedrec.local_state import UserStateStore, is_local
+from fedrec.metrics import KS, SAMPLED_PREFIX, add_sums, metric_sums, sample_negatives, target_ranks
 from fedrec.model.lora import AdapterState, adapter_parameters
 from fedrec.privacy.clipping import clip_update
 
@@ -50,17 +51,22 @@ def train_users(
     seed: int,
     round_: int,
     device: torch.device,
+    local_store: UserStateStore | None = None,
 ) -> UpdateSum:
     """Train each user from the global adapter on their own sequence; sum clipped updates.
 
     One user's local training is `local_epochs` full-batch SGD steps on their training
     sequence (all positions). The update is clipped per user before it joins the sum.
     The reported loss is the one before the first local step: after it, the loss mostly
-    measures how well one user's own sequence was memorized.
+    measures how well one user's own sequence was memorized. With `local_store`
+    (lora-share=a-only) each user starts from and keeps their own B; only the other
+    tensors' updates join the sum.
     """
     params = adapter_parameters(model)
     names = list(params)
     plist = [params[k] for k in names]
+    local_keys = [k for k in names if is_local(k)] if local_store is not None else []
+    shared = [k for k in names if k not in local_keys]
     model.train()
     total = UpdateSum()
     for user in users:
@@ -71,6 +77,9 @@ def train_users(
         with torch.no_grad():
             for k in names:
                 params[k].copy_(global_state[k])
+            own = local_store.load(user) if local_store is not None else None
+            for k in local_keys if own else []:
+                params[k].copy_(own[k])
         torch.manual_seed(user_seed(seed, round_, user))
         loss_value = 0.0
         if n_targets:
@@ -83,7 +92,9 @@ def train_users(
                 if epoch == 0:  # the global adapter's loss on this user, before adapting to it
                     loss_value = float(loss.detach())
         with torch.no_grad():
-            delta = {k: (params[k] - global_state[k]).cpu() for k in names}
+            delta = {k: (params[k] - global_state[k]).cpu() for k in shared}
+        if local_store is not None:
+            local_store.save(user, {k: params[k] for k in local_keys})
         delta, norm = clip_update(delta, clipping_norm)
         weight = 1.0 if user_weighting == "uniform" else float(n_targets)
         total.add_user(delta, weight, loss_value, norm, clipped=clipping_norm > 0 and norm > clipping_norm)
@@ -101,6 +112,7 @@ def evaluate_users(
     device: torch.device,
     batch_size: int = 256,
     ks: tuple[int, ...] = KS,
+    local_store: UserStateStore | None = None,
 ) -> dict[str, float]:
     """Sums of HR@K / NDCG@K over `users`, ranking the target against all items.
 
@@ -108,6 +120,8 @@ def evaluate_users(
     full-sort protocol); the target itself always stays in. The `sampled100-` metrics
     rank the target among 100 sampled unseen items instead, for older papers only.
     """
+    if local_store is not None:
+        return _evaluate_with_own_state(model, data, users, split, local_store, max_seq_len=max_seq_len, device=device, ks=ks)
     model.eval()
     ranks, sampled_ranks = [], []
     users = list(users)
@@ -132,6 +146,27 @@ def evaluate_users(
     return metric_sums(torch.cat(ranks).numpy(), ks) | metric_sums(
         np.asarray(sampled_ranks), ks, prefix=SAMPLED_PREFIX
     )
+
+
+def _evaluate_with_own_state(
+    model: nn.Module, data: SplitData, users: Sequence[int], split: str, store: UserStateStore, **kwargs
+) -> dict[str, float]:
+    """One user at a time, each with their own B (the global B where they never trained)."""
+    params = {k: p for k, p in adapter_parameters(model).items() if is_local(k)}
+    global_b = {k: p.detach().clone() for k, p in params.items()}
+    sums: dict[str, float] = {}
+    try:
+        for u in users:
+            own = store.load(u) or global_b
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(own[k])
+            sums = add_sums(sums, evaluate_users(model, data, [u], split, **kwargs))
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(global_b[k])
+    return sums or {"count": 0.0}
 
 
 def fit_sequences(

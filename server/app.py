@@ -112,9 +112,15 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
             f"| loss {float(train_metrics['loss']):.4f} | {val:<19}{eps} | {row['seconds']:.2f} s"
         )
     train_seconds = time.time() - t_rounds
+    if cfg.lora_share == "a-only":
+        # Users' own B cannot be rolled back to an earlier round: the result is the last round.
+        best_round, best_arrays, best_valid = rounds_run, arrays, rows[-1].get("valid", best_valid)
     test = strategy.evaluate_round(grid, best_round, best_arrays, "test")
     last_test = test if best_round == rounds_run else strategy.evaluate_round(grid, rounds_run, arrays, "test")
-    console.print(f"best validation NDCG@10 at round {best_round}; its adapter is the run's result")
+    if cfg.lora_share == "a-only":
+        console.print("lora-share=a-only: the last round (with each user's own B) is the run's result")
+    else:
+        console.print(f"best validation NDCG@10 at round {best_round}; its adapter is the run's result")
     final = best_arrays.to_torch_state_dict()
     out.save_adapter(final)
     out.save_adapter(arrays.to_torch_state_dict(), "adapter_last_round.safetensors")

@@ -109,3 +109,41 @@ def test_b_only_trains_and_sends_only_b_and_leaves_a_bit_identical(tiny_cfg):
             assert not torch.equal(new[k], init[k]), k
         else:
             assert torch.equal(new[k], init[k]), k  # A (and the item delta's B) bit-identical
+
+
+def test_a_only_keeps_each_users_b_local_and_shares_only_a(tiny_cfg, tmp_path):
+    from fedrec.local_state import UserStateStore
+
+    cfg = tiny_cfg.replace(lora_share="a-only")
+    work = load_workload(cfg)
+    model = work.model()
+    init = adapter_state(model)
+    store = UserStateStore(tmp_path / "state")
+    users = [int(u) for u in work.data.private[:3]]
+    kw = dict(local_epochs=2, learning_rate=0.5, clipping_norm=0.0, user_weighting="uniform",
+              max_seq_len=cfg.max_seq_len, seed=0, device=CPU, local_store=store)  # fmt: skip
+    first = train_users(model, init, work.data, users, round_=1, **kw)
+    assert first.delta and all(".lora_A." in k for k in first.delta)  # B never travels
+    own_b = {u: store.load(u) for u in users}
+    assert all(b and all(".lora_B." in k and v.abs().sum() > 0 for k, v in b.items()) for b in own_b.values())
+    # Round 2 starts each user from their own B: their B keeps moving from where it was.
+    train_users(model, init, work.data, users[:1], round_=2, **kw)
+    again = store.load(users[0])
+    assert any(not torch.equal(again[k], own_b[users[0]][k]) for k in again)
+    assert all(torch.equal(store.load(u)[k], own_b[u][k]) for u in users[1:] for k in own_b[u])
+    # Evaluation uses each user's own B, and leaves the model's global B as it was.
+    load_adapter_state(model, init)
+    plain = evaluate_users(model, work.data, users, "test", max_seq_len=cfg.max_seq_len, device=CPU)
+    personal = evaluate_users(model, work.data, users, "test", max_seq_len=cfg.max_seq_len, device=CPU, local_store=store)
+    assert personal["count"] == plain["count"] == len(users)
+    assert all(torch.equal(v, init[k]) for k, v in adapter_state(model).items())
+    ranks_differ = any(abs(personal[k] - plain[k]) > 0 for k in plain if k != "count")
+    scores = {}
+    for u in users:  # at least the scores move, whether or not a rank crosses a cut-off
+        load_adapter_state(model, init | store.load(u))
+        model.eval()
+        x = pad_left([work.data.history(u, "test")], cfg.max_seq_len)
+        scores[u] = model.item_scores(model(x)[:, -1])
+    load_adapter_state(model, init)
+    base_scores = model.item_scores(model(pad_left([work.data.history(users[0], "test")], cfg.max_seq_len))[:, -1])
+    assert ranks_differ or not torch.allclose(scores[users[0]], base_scores)
