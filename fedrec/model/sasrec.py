@@ -125,6 +125,19 @@ class SASRec(nn.Module):
         """Scores over real items 1..N (column j is item j+1)."""
         return hidden @ self.item_table()[1:].T
 
+    def per_sequence_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of each sequence over its own targeted positions, shape (B,).
+
+        The per-example loss of DP-SGD: one example is one sequence, and its weight must
+        not depend on the other sequences in the batch.
+        """
+        hidden = self(inputs)
+        keep = targets > 0
+        ce = F.cross_entropy(self.item_scores(hidden[keep]), targets[keep] - 1, reduction="none")
+        rows = keep.nonzero()[:, 0]
+        total = torch.zeros(inputs.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
+        return total / keep.sum(dim=1).clamp(min=1)
+
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean full-softmax cross-entropy over positions that have a target (>0).
 
