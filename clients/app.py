@@ -8,6 +8,9 @@ device node (placement=device) holds exactly one user and refuses any other.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,6 +18,7 @@ from flwr.clientapp import ClientApp
 from fedrec.config import FedRecConfig
 from fedrec.local_state import local_store_for
 from fedrec.model.lora import load_adapter_state
+from fedrec.privacy.dpsgd import train_silo
 from fedrec.train import evaluate_users, train_users
 from fedrec.workload import Workload, load_workload, resolve_device
 
@@ -68,6 +72,8 @@ def train(msg: Message, context: Context) -> Message:
     users = _users(msg, context, work, cfg)
     task = msg.content["task"]
     global_state = {k: v.to(device) for k, v in msg.content["adapter"].to_torch_state_dict().items()}
+    if cfg.partition == "silo":
+        return _train_silo(msg, cfg, work, model, device, users, global_state)
     total = train_users(
         model,
         global_state,
@@ -85,6 +91,23 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(total.counts())})
     return Message(content, reply_to=msg)
+
+
+def _train_silo(msg, cfg, work, model, device, users, global_state) -> Message:
+    """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""
+    task = msg.content["task"]
+    ledger = Path(cfg.client_state_dir or Path(cfg.output_dir) / "client-state") / f"silo-{int(task['silo'])}.json"
+    history = [tuple(h) for h in json.loads(ledger.read_text())] if ledger.exists() else []
+    total, epsilon, history = train_silo(
+        model, global_state, work.data, users, epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
+        noise_multiplier=cfg.dpsgd_noise_multiplier, max_grad_norm=cfg.dpsgd_max_grad_norm,
+        batch_size=cfg.dpsgd_batch_size, delta=cfg.target_delta or 1.0 / len(users), max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed, round_=int(task["round"]), device=device, history=history,
+    )  # fmt: skip
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    ledger.write_text(json.dumps(history))
+    counts = total.counts() | {"silo-epsilon": epsilon}
+    return Message(RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -28,7 +28,7 @@ LORA_LR_FACTOR = 10.0
 
 
 def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     t0 = time.time()
     out = ResultsDir(cfg.output_dir)
     out.write_config(cfg)

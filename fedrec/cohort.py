@@ -29,3 +29,9 @@ def sample_poisson(population: Sequence[int] | np.ndarray, rate: float, seed: in
     pop = np.asarray(population, dtype=np.int64)
     rng = np.random.default_rng([seed, round_, 0x9015])
     return np.sort(pop[rng.random(len(pop)) < rate])
+
+
+def assign_silos(population: Sequence[int] | np.ndarray, num_silos: int, seed: int) -> list[np.ndarray]:
+    """Seeded split of the private users into `num_silos` near-equal silos (sorted ids each)."""
+    pop = np.random.default_rng([seed, 0x5110]).permutation(np.asarray(population, dtype=np.int64))
+    return [np.sort(s) for s in np.array_split(pop, min(num_silos, len(pop)))]

@@ -102,6 +102,11 @@ class FedRecConfig:
     clip_quantile: float = field(default=0.5, metadata=_range(0.0, 1.0))
     clip_learning_rate: float = field(default=0.2, metadata=_range(0.0))
     clip_count_stddev: float = field(default=0.0, metadata=_range(0.0))
+    partition: str = field(default="user", metadata=_choice("user", "silo"))
+    num_silos: int = field(default=4, metadata=_range(1))
+    dpsgd_noise_multiplier: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    dpsgd_max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
+    dpsgd_batch_size: int = field(default=32, metadata=_range(1))
     placement: str = field(default="cohort", metadata=_choice(*PLACEMENTS))
     num_workers: int = field(default=2, metadata=_range(1))
     client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -141,6 +146,11 @@ class FedRecConfig:
             raise ConfigError(
                 f"hidden-size: {self.hidden_size} is not divisible by num-heads={self.num_heads}"
             )
+        if self.partition == "silo":
+            clash = [k for k, on in (("placement=device", self.placement == "device"), ("lora-share=a-only", self.lora_share == "a-only"),
+                                     ("lora-item-rank", self.lora_item_rank > 0), ("user-level DP", self.dp_enabled)) if on]  # fmt: skip
+            if clash:
+                raise ConfigError(f"partition: silo (sample-level DP-SGD) does not combine with {', '.join(clash)} yet")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
         if self.adaptive_clipping and self.clipping_norm <= 0:

@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None) -> dict:
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     t0 = time.time()
     out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode))
     cfg = cfg.replace(output_dir=str(out.path))
@@ -69,6 +69,12 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     nodes = len(strategy.workers) or len(strategy.user_node)
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {len(work.data.private):,} users")
 
+    if cfg.partition == "silo":
+        console.print(
+            f"privacy: partition=silo, {cfg.num_silos} silos, sample-level DP-SGD (Opacus, PRV) with "
+            f"z={cfg.dpsgd_noise_multiplier}, C={cfg.dpsgd_max_grad_norm}: protects each example (a user's "
+            "sequence) within a silo, not users across silos"
+        )
     arrays = ArrayRecord(initial)
     base_valid = strategy.evaluate_round(grid, 0, arrays, "valid")
     base_test = strategy.evaluate_round(grid, 0, arrays, "test")
@@ -107,6 +113,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         rows.append(row)
         val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
         eps = f" | ε {float(train_metrics['epsilon']):.3f}" if plan.enabled else ""
+        eps += f" | silo ε {float(train_metrics['silo-epsilon']):.3f}" if "silo-epsilon" in train_metrics else ""
         console.print(
             f"round {rnd:3d}/{cfg.num_rounds} | users {int(train_metrics['users']):4d} "
             f"| loss {float(train_metrics['loss']):.4f} | {val:<19}{eps} | {row['seconds']:.2f} s"
@@ -143,6 +150,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         # Noise norm over a fully agreeing mean update: z·√d/m (m = expected cohort size;
         # z is the update's own multiplier, z_Δ under adaptive clipping).
         "noise_to_signal": plan.update_noise_multiplier * n_params**0.5 / plan.expected_users if plan.enabled else None,
+        "silo_epsilon": rows[-1]["train"].get("silo-epsilon") if cfg.partition == "silo" else None,
         "users_trained": users_trained,
         "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
         "wall_seconds": round(time.time() - t0, 2),

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrec.aggregate import ServerOptimizer, UpdateSum, mean_update
-from fedrec.cohort import split_among
+from fedrec.cohort import assign_silos, split_among
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means
 from fedrec.privacy.mechanism import PrivacyPlan
@@ -29,6 +29,7 @@ class FedRecStrategy(Strategy):
     def __init__(self, cfg: FedRecConfig, population: np.ndarray, optimizer: ServerOptimizer, plan: PrivacyPlan) -> None:
         self.cfg = cfg
         self.plan = plan
+        self.silos = assign_silos(population, cfg.num_silos, cfg.seed) if cfg.partition == "silo" else []
         self.population = np.asarray(population, dtype=np.int64)
         self.optimizer = optimizer
         self.workers: list[int] = []
@@ -69,6 +70,13 @@ class FedRecStrategy(Strategy):
     def _messages(self, arrays: ArrayRecord, users: np.ndarray, task: dict, message_type: str) -> list[Message]:
         if self.cfg.placement == "device":
             shares = [(self.user_node[int(u)], np.array([u])) for u in users]
+        elif self.silos and message_type == MessageType.TRAIN:  # one message per silo, round-robin on workers
+            msgs = []
+            for s, share in enumerate(self.silos):
+                t = {**task, "silo": s, "user-ids": [int(u) for u in share]}
+                content = RecordDict({"adapter": arrays, "task": ConfigRecord(t), "run-config": self._run_config})
+                msgs.append(Message(content, dst_node_id=self.workers[s % len(self.workers)], message_type=message_type))
+            return msgs
         else:
             shares = list(zip(self.workers, split_among(users, len(self.workers))))
         msgs = []
@@ -99,7 +107,9 @@ class FedRecStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.cohort = self.plan.draw(self.population, self.cfg.seed, server_round)
+        # Cross-silo: every silo takes part in every round; their privacy is their own (DP-SGD).
+        silo = self.cfg.partition == "silo"
+        self.cohort = self.population if silo else self.plan.draw(self.population, self.cfg.seed, server_round)
         task = {"round": server_round, "clipping-norm": float(self.plan.clipping_norm)}
         return self._messages(arrays, self.cohort, task, MessageType.TRAIN)
 
@@ -107,8 +117,10 @@ class FedRecStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         total = UpdateSum()
+        silo_eps = 0.0
         for reply in replies:
             counts = {k: float(v) for k, v in reply.content["counts"].items()}
+            silo_eps = max(silo_eps, counts.get("silo-epsilon", 0.0))
             if counts["num-users"] > 0:
                 total.merge(UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts))
         if total.num_users != len(self.cohort):
@@ -121,6 +133,8 @@ class FedRecStrategy(Strategy):
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
         }
+        if self.silos:
+            metrics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
         if self.plan.enabled:
             # Noise goes on even when Poisson sampling drew nobody: the mechanism's output
             # must not reveal the cohort size.

@@ -60,3 +60,10 @@ def test_cli_rejects_bad_key_before_any_work(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["fedrec: config error: cohort-size: must be >= 1, got -4"]
     assert not (tmp_path / "o").exists()
+
+
+def test_silo_partition_refuses_combinations_it_does_not_support():
+    with pytest.raises(ConfigError, match="^partition: .*placement=device"):
+        FedRecConfig.from_mapping({"partition": "silo", "placement": "device"})
+    with pytest.raises(ConfigError, match="^lora-share: "):
+        FedRecConfig.from_mapping({"lora-share": "a-only", "lora-train": "b-only"})

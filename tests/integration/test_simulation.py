@@ -88,3 +88,14 @@ def test_dp_run_writes_ledger_and_stops_at_max_epsilon(tmp_path):
     assert s["rounds"] == len(eps) and s["epsilon"] == eps[-1]
     assert s["noise_to_signal"] == pytest.approx(0.8 * s["adapter_dimension"] ** 0.5 / 20)
     assert f"stopping before round {len(eps) + 1}" in s["_stdout"]
+
+
+def test_silo_dpsgd_run_reports_growing_silo_epsilon(tmp_path):
+    s = simulate(tmp_path, "silo", "partition=silo num-silos=3 num-rounds=3 eval-every=0 learning-rate=0.1")
+    rows = [json.loads(line) for line in (Path(s["results_dir"]) / "metrics.jsonl").read_text().splitlines()][1:]
+    eps = [r["train"]["silo-epsilon"] for r in rows]
+    assert len(eps) == 3 and 0 < eps[0] < eps[1] < eps[2] == s["silo_epsilon"]
+    assert all(r["train"]["users"] == s["private_users"] for r in rows)  # every silo, every round
+    ledgers = sorted((Path(s["results_dir"]) / "client-state").glob("silo-*.json"))
+    assert len(ledgers) == 3 and all(json.loads(p.read_text())[0][2] > 0 for p in ledgers)
+    assert "not users across silos" in s["_stdout"]
