@@ -163,3 +163,12 @@ def test_adaptive_clip_tracks_the_target_quantile_without_dp():
         norms = rng.lognormal(0.0, 0.5, size=200)
         plan.adapt_clip(int((norms <= plan.clipping_norm).sum()), 200, seed=0, round_=rnd)
     assert plan.clipping_norm == pytest.approx(np.exp(0.5 * norm.ppf(0.3)), rel=0.1)
+
+
+def test_server_noise_on_the_mean_has_std_z_c_over_m():
+    z, c, m = 1.3, 0.7, 40
+    cfg = FedRecConfig(sampling="poisson", noise_multiplier=z, clipping_norm=c, cohort_size=m)
+    plan = make_plan(cfg, 4000, log=lambda _m: None)
+    mean = plan.private_mean({"w": torch.zeros(60_000)}, seed=1, round_=1)["w"].double()
+    # The mean's noise is z·C/m per coordinate; √2, m or C mistakes are all far outside 3%.
+    assert abs(float(mean.std()) / (z * c / m) - 1) < 0.03
