@@ -9,14 +9,13 @@ device node (placement=device) holds exactly one user and refuses any other.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.config import FedRecConfig
-from fedrec.local_state import local_store_for
+from fedrec.local_state import client_state_dir, local_store_for
 from fedrec.model.lora import load_adapter_state
 from fedrec.privacy.dpsgd import train_silo
 from fedrec.train import evaluate_users, train_users
@@ -96,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
 def _train_silo(msg, cfg, work, model, device, users, global_state) -> Message:
     """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""
     task = msg.content["task"]
-    ledger = Path(cfg.client_state_dir or Path(cfg.output_dir) / "client-state") / f"silo-{int(task['silo'])}.json"
+    ledger = client_state_dir(cfg) / f"silo-{int(task['silo'])}.json"
     history = [tuple(h) for h in json.loads(ledger.read_text())] if ledger.exists() else []
     total, epsilon, history = train_silo(
         model, global_state, work.data, users, epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,

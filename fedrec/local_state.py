@@ -41,7 +41,12 @@ class UserStateStore:
         os.replace(tmp, path)
 
 
+def client_state_dir(cfg: FedRecConfig) -> Path:
+    """Where clients keep what never leaves them (own B, a silo's privacy ledger)."""
+    return Path(cfg.client_state_dir or Path(cfg.output_dir) / "client-state")
+
+
 def local_store_for(cfg: FedRecConfig) -> UserStateStore | None:
     if cfg.lora_share != "a-only":
         return None
-    return UserStateStore(cfg.client_state_dir or Path(cfg.output_dir) / "client-state")
+    return UserStateStore(client_state_dir(cfg))
