@@ -68,23 +68,19 @@ class FedRecStrategy(Strategy):
             raise RuntimeError(f"{len(missing)} private users have no device node (e.g. user {missing[0]})")
 
     def _messages(self, arrays: ArrayRecord, users: np.ndarray, task: dict, message_type: str) -> list[Message]:
+        """One message per (node, share of users); silos train as units, one message each."""
         if self.cfg.placement == "device":
-            shares = [(self.user_node[int(u)], np.array([u])) for u in users]
-        elif self.silos and message_type == MessageType.TRAIN:  # one message per silo, round-robin on workers
-            msgs = []
-            for s, share in enumerate(self.silos):
-                t = {**task, "silo": s, "user-ids": [int(u) for u in share]}
-                content = RecordDict({"adapter": arrays, "task": ConfigRecord(t), "run-config": self._run_config})
-                msgs.append(Message(content, dst_node_id=self.workers[s % len(self.workers)], message_type=message_type))
-            return msgs
+            shares = [(self.user_node[int(u)], np.array([u]), {}) for u in users]
+        elif self.silos and message_type == MessageType.TRAIN:  # round-robin silos over the workers
+            shares = [(self.workers[s % len(self.workers)], share, {"silo": s}) for s, share in enumerate(self.silos)]
         else:
-            shares = list(zip(self.workers, split_among(users, len(self.workers))))
+            shares = [(n, share, {}) for n, share in zip(self.workers, split_among(users, len(self.workers)))]
         msgs = []
-        for node, share in shares:
+        for node, share, extra in shares:
             content = RecordDict(
                 {
                     "adapter": arrays,
-                    "task": ConfigRecord({**task, "user-ids": [int(u) for u in share]}),
+                    "task": ConfigRecord({**task, **extra, "user-ids": [int(u) for u in share]}),
                     "run-config": self._run_config,
                 }
             )
