@@ -47,8 +47,8 @@ class PrivacyPlan:
             return sample_poisson(users, self.q, seed, round_)
         return sample_cohort(users, self.expected_users, seed, round_)
 
-    def event(self, round_: int, sample_size: int | None = None) -> RoundEvent:
-        return RoundEvent(round_, self.q, self.noise_multiplier, self.clipping_norm, sample_size or self.expected_users)
+    def event(self, round_: int) -> RoundEvent:
+        return RoundEvent(round_, self.q, self.noise_multiplier, self.clipping_norm, self.expected_users)
 
     def epsilon_after_next(self, round_: int) -> float:
         """ε once one more round of the plan has run (memoized: composing costs ~0.3 s)."""
@@ -90,10 +90,11 @@ class PrivacyPlan:
 def make_plan(cfg: FedRecConfig, population: int, log=print) -> PrivacyPlan:
     expected = min(cfg.cohort_size, population)
     delta = cfg.target_delta or 1.0 / population
-    plan = PrivacyPlan(cfg.sampling, population, expected, cfg.noise_multiplier, cfg.clipping_norm, delta, None)
+    plan = PrivacyPlan(
+        cfg.sampling, population, expected, cfg.noise_multiplier, cfg.clipping_norm, delta, None,
+        adaptive=cfg.adaptive_clipping, clip_quantile=cfg.clip_quantile, clip_learning_rate=cfg.clip_learning_rate,
+    )  # fmt: skip
     if not cfg.dp_enabled:
-        plan.adaptive = cfg.adaptive_clipping
-        plan.clip_quantile, plan.clip_learning_rate = cfg.clip_quantile, cfg.clip_learning_rate
         return plan
 
     def new_accountant() -> UserLevelAccountant:
@@ -104,9 +105,7 @@ def make_plan(cfg: FedRecConfig, population: int, log=print) -> PrivacyPlan:
         log(f"privacy: noise multiplier {plan.noise_multiplier:.4f} calibrated for ε={cfg.target_epsilon} "
             f"at δ={delta:.3g} after {cfg.num_rounds} rounds")  # fmt: skip
     plan.update_noise_multiplier = plan.noise_multiplier
-    if cfg.adaptive_clipping:
-        plan.adaptive = True
-        plan.clip_quantile, plan.clip_learning_rate = cfg.clip_quantile, cfg.clip_learning_rate
+    if plan.adaptive:
         plan.count_stddev = cfg.clip_count_stddev or expected / 20  # Andrew et al.'s default
         if 2 * plan.count_stddev <= plan.noise_multiplier:
             raise ValueError(
