@@ -9,6 +9,8 @@ device node (placement=device) holds exactly one user and refuses any other.
 from __future__ import annotations
 
 import json
+import resource
+import time
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -19,9 +21,15 @@ from fedrec.local_state import client_state_dir, local_store_for
 from fedrec.model.lora import load_adapter_state
 from fedrec.privacy.dpsgd import train_silo
 from fedrec.train import evaluate_users, train_users
+from fedrec.vectorized import train_users_vectorized
 from fedrec.workload import Workload, load_workload, resolve_device
 
 app = ClientApp()
+
+def peak_rss_mb() -> float:
+    """This worker process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
@@ -58,26 +66,25 @@ def _users(msg: Message, context: Context, work: Workload, cfg: FedRecConfig) ->
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which user this node holds (device placement routing)."""
-    cfg = FedRecConfig.from_mapping(dict(msg.content["run-config"]))
-    work = load_workload(cfg, pretrain=False)
+    """Tell the server which user this node holds (device placement routing).
+
+    Loading the workload and model here moves a node's start-up out of round 1.
+    """
+    cfg, work, _model, _device = _setup(msg)
     own = _own_user(context, work)
     return Message(RecordDict({"identity": ConfigRecord({"user-id": -1 if own is None else own})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     cfg, work, model, device = _setup(msg)
     users = _users(msg, context, work, cfg)
     task = msg.content["task"]
     global_state = {k: v.to(device) for k, v in msg.content["adapter"].to_torch_state_dict().items()}
     if cfg.partition == "silo":
         return _train_silo(msg, cfg, work, model, device, users, global_state)
-    total = train_users(
-        model,
-        global_state,
-        work.data,
-        users,
+    common = dict(
         local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate,
         clipping_norm=float(task.get("clipping-norm", cfg.clipping_norm)),
@@ -88,7 +95,15 @@ def train(msg: Message, context: Context) -> Message:
         device=device,
         local_store=local_store_for(cfg),
     )
-    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(total.counts())})
+    if cfg.vectorized:
+        total = train_users_vectorized(
+            model, global_state, work.data, users, group_tokens=cfg.vector_tokens,
+            scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
+        )  # fmt: skip
+    else:
+        total = train_users(model, global_state, work.data, users, **common)
+    counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
+    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
     return Message(content, reply_to=msg)
 
 

@@ -111,6 +111,9 @@ class FedRecConfig:
     num_workers: int = field(default=2, metadata=_range(1))
     client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     client_num_gpus: float = field(default=0.0, metadata=_range(0.0))
+    local_engine: str = field(default="auto", metadata=_choice("auto", "vectorized", "loop"))
+    vector_tokens: int = field(default=8192, metadata=_range(1))
+    scoring_dtype: str = field(default="float32", metadata=_choice("float32", "bfloat16"))
     eval_every: int = field(default=5, metadata=_range(0))
     eval_users: int = field(default=0, metadata=_range(0))
 
@@ -151,6 +154,10 @@ class FedRecConfig:
                                      ("lora-item-rank", self.lora_item_rank > 0), ("user-level DP", self.dp_enabled)) if on]  # fmt: skip
             if clash:
                 raise ConfigError(f"partition: silo (sample-level DP-SGD) does not combine with {', '.join(clash)} yet")
+        if self.local_engine == "vectorized" and self.lora_item_rank > 0:
+            raise ConfigError("local-engine: vectorized does not train lora-item-rank; use auto or loop")
+        if self.scoring_dtype != "float32" and not self.vectorized:
+            raise ConfigError("scoring-dtype: only the vectorized engine (local-engine=auto|vectorized) has a bfloat16 path")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
         if self.adaptive_clipping and self.clipping_norm <= 0:
@@ -164,6 +171,11 @@ class FedRecConfig:
     @property
     def dp_enabled(self) -> bool:
         return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether clients train their users together (fedrec.vectorized) or one by one."""
+        return self.local_engine == "vectorized" or (self.local_engine == "auto" and self.lora_item_rank == 0)
 
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]

@@ -52,13 +52,26 @@ def run(cfg: FedRecConfig) -> dict:
         from fedrec.centralized import run_centralized
 
         return run_centralized(cfg)
+    launch(cfg)
+    summary_path = Path(cfg.output_dir) / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError("the simulation ended without a summary; see the Flower log above")
+    return json.loads(summary_path.read_text())
+
+
+def launch(cfg: FedRecConfig, server_app=None) -> None:
+    """Pretrain the base if needed, then run the Flower simulation of `cfg` to its end.
+
+    `server_app` defaults to fedrec's ServerApp; benchmarks pass their own main that
+    drives the same Strategy and ClientApp.
+    """
     for k, v in _MALLOC_ENV.items():
         os.environ.setdefault(k, v)
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from server.app import ENV_OVERRIDES
-    from server.app import app as server_app
+    from server.app import app as default_server_app
 
     # The base model is pretrained here, before Ray starts, so that no worker races it.
     from fedrec.workload import load_workload
@@ -69,7 +82,7 @@ def run(cfg: FedRecConfig) -> dict:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     run_simulation(
-        server_app=server_app,
+        server_app=server_app or default_server_app,
         client_app=client_app,
         num_supernodes=num_nodes,
         backend_config={
@@ -77,10 +90,6 @@ def run(cfg: FedRecConfig) -> dict:
             "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
         },
     )
-    summary_path = Path(cfg.output_dir) / "summary.json"
-    if not summary_path.exists():
-        raise RuntimeError("the simulation ended without a summary; see the Flower log above")
-    return json.loads(summary_path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

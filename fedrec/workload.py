@@ -6,17 +6,19 @@ data and the base weights once, not per message.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import PeftModel
 
 from fedrec.config import FedRecConfig
 from fedrec.data import SplitData, load_interactions, split_users
 from fedrec.data.interactions import Interactions
-from fedrec.model.base import BASE_KEYS, base_path, ensure_base, load_base
+from fedrec.model.base import BASE_KEYS, base_path, cache_dir, ensure_base, load_base
 from fedrec.model.lora import attach_lora, freeze_random_factors
 
 DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
@@ -52,6 +54,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _load_or_generate(cfg: FedRecConfig) -> Interactions:
+    """Real data from its file; synthetic data from the cache dir once generated.
+
+    Generating the ML-1M-sized synthetic set takes ~20 s of pure Python; every worker
+    process would pay it before round 1. It is deterministic in the config, so the first
+    process writes it beside the cached base model and the others read it in milliseconds.
+    """
+    if cfg.dataset != "synthetic":
+        return load_interactions(cfg)
+    keys = [k for k in DATA_KEYS if k.startswith("synthetic-")] + ["seed"]
+    path = cache_dir(cfg) / f"synthetic-{cfg.fingerprint(*keys)}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            flat, ends = z["items"], z["ends"]
+            sequences = np.split(flat, ends[:-1])
+            return Interactions(sequences, [str(u) for u in range(len(sequences))], int(z["num_items"]), str(z["source"]))
+    interactions = load_interactions(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    ends = np.cumsum([len(s) for s in interactions.sequences])
+    np.savez(tmp, items=np.concatenate(interactions.sequences), ends=ends, num_items=interactions.num_items,
+             source=interactions.source)  # fmt: skip
+    os.replace(tmp, path)
+    return interactions
+
+
 def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None, pretrain: bool = True) -> Workload:
     """Data split and base model for `cfg`; pretrains the base if allowed and missing.
 
@@ -60,7 +88,7 @@ def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: Non
     """
     key = cfg.fingerprint(*DATA_KEYS)
     if key not in _CACHE:
-        interactions = load_interactions(cfg)
+        interactions = _load_or_generate(cfg)
         log(f"data: {interactions.describe()}")
         data = split_users(interactions, cfg.public_fraction, cfg.seed)
         log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)")

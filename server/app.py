@@ -66,6 +66,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate)
     strategy = FedRecStrategy(cfg, work.data.private, optimizer, plan)
     strategy.connect(grid)
+    ready_seconds = time.time() - t0
     nodes = len(strategy.workers) or len(strategy.user_node)
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {len(work.data.private):,} users")
 
@@ -81,11 +82,11 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     rows = [{"round": 0, "valid": base_valid, "seconds": round(time.time() - t0, 3)}]
     out.append_metrics(rows[0])
     console.print(f"round   0/{cfg.num_rounds} | base model            | val NDCG@10 {base_valid['ndcg@10']:.4f}")
-    users_trained = 0
+    users_trained, train_seconds, peak_rss = 0, 0.0, 0.0
     # Model selection on validation, as in centralized training: the adapter that the
     # run returns is the one of the best validated round (round 0 = the base itself).
     best_round, best_valid, best_arrays = 0, base_valid, arrays
-    t_rounds = time.time()
+    round1_at = time.time()
     rounds_run = 0
 
     def over_budget(rnd: int) -> bool:
@@ -100,8 +101,12 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
             break
         rounds_run = rnd
         t_round = time.time()
+        if rnd == 1:
+            round1_at = time.time()
         arrays, train_metrics = strategy.train_round(grid, rnd, arrays)
+        train_seconds += time.time() - t_round
         users_trained += int(train_metrics["users"])
+        peak_rss = max(peak_rss, float(train_metrics["worker-peak-rss-mb"]))
         row: dict = {"round": rnd, "train": {k: float(v) for k, v in train_metrics.items()}}
         last = rnd == cfg.num_rounds or over_budget(rnd + 1)
         if (cfg.eval_every and rnd % cfg.eval_every == 0) or last:
@@ -118,7 +123,6 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
             f"round {rnd:3d}/{cfg.num_rounds} | users {int(train_metrics['users']):4d} "
             f"| loss {float(train_metrics['loss']):.4f} | {val:<19}{eps} | {row['seconds']:.2f} s"
         )
-    train_seconds = time.time() - t_rounds
     if cfg.lora_share == "a-only":
         # Users' own B cannot be rolled back to an earlier round: the result is the last round.
         best_round, best_arrays, best_valid = rounds_run, arrays, rows[-1].get("valid", best_valid)
@@ -152,7 +156,12 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "noise_to_signal": plan.update_noise_multiplier * n_params**0.5 / plan.expected_users if plan.enabled else None,
         "silo_epsilon": rows[-1]["train"].get("silo-epsilon") if cfg.partition == "silo" else None,
         "users_trained": users_trained,
+        # Training rounds only (send, local training, receive, server step), no evaluation.
         "users_per_second": users_trained / train_seconds if train_seconds > 0 else None,
+        "train_seconds": round(train_seconds, 3),
+        "ready_seconds": round(ready_seconds, 3),  # ServerApp start to all nodes warm
+        "round1_at": round1_at,  # wall clock (epoch s) when round 1 started
+        "worker_peak_rss_mb": peak_rss,
         "wall_seconds": round(time.time() - t0, 2),
         "adapter_bytes": adapter_bytes(final),
         "adapter_parameters": n_total,

@@ -23,6 +23,7 @@ from fedrec.metrics import add_sums, metric_means
 from fedrec.privacy.mechanism import PrivacyPlan
 
 NODE_WAIT_S = 120.0
+PULL_INTERVAL_S = 0.005
 
 
 class FedRecStrategy(Strategy):
@@ -45,6 +46,11 @@ class FedRecStrategy(Strategy):
     # ------------------------------------------------------------ node routing
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
         """Wait for the nodes this placement needs; in device placement, learn who holds whom."""
+        if hasattr(grid, "pull_interval"):
+            # The simulation's in-memory grid polls for replies every 0.1 s by default
+            # (a constructor argument we cannot reach through run_simulation); at a few
+            # hundred ms per round that idle wait is a large share of the round.
+            grid.pull_interval = PULL_INTERVAL_S
         need = self.cfg.num_workers if self.cfg.placement == "cohort" else len(self.population)
         deadline = time.monotonic() + timeout
         while True:
@@ -55,11 +61,15 @@ class FedRecStrategy(Strategy):
                 raise RuntimeError(f"only {len(nodes)} of {need} SuperNodes connected after {timeout:.0f} s")
             time.sleep(0.2)
         if self.cfg.placement == "cohort":
-            self.workers = nodes[:need]
-            return
+            nodes = nodes[:need]
+        # The query also warms each node (data, base model, torch) before round 1.
         content = RecordDict({"run-config": self._run_config})
         queries = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        for reply in self._receive(grid, queries, "identify"):
+        replies = self._receive(grid, queries, "identify")
+        if self.cfg.placement == "cohort":
+            self.workers = nodes
+            return
+        for reply in replies:
             user = int(reply.content["identity"]["user-id"])
             if user >= 0:
                 self.user_node[user] = reply.metadata.src_node_id
@@ -113,10 +123,12 @@ class FedRecStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         total = UpdateSum()
-        silo_eps = 0.0
+        silo_eps = peak_rss = busiest = 0.0
         for reply in replies:
             counts = {k: float(v) for k, v in reply.content["counts"].items()}
             silo_eps = max(silo_eps, counts.get("silo-epsilon", 0.0))
+            peak_rss = max(peak_rss, counts.get("peak-rss-mb", 0.0))
+            busiest = max(busiest, counts.get("train-seconds", 0.0))
             if counts["num-users"] > 0:
                 total.merge(UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts))
         if total.num_users != len(self.cohort):
@@ -128,6 +140,8 @@ class FedRecStrategy(Strategy):
             "loss": total.loss_sum / n,
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
+            "worker-peak-rss-mb": peak_rss,  # the largest of the replying nodes' peak memory
+            "worker-train-seconds": busiest,  # the slowest node's time inside its train handler
         }
         if self.silos:
             metrics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε

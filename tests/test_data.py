@@ -126,3 +126,19 @@ def test_cli_reports_malformed_data_in_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"fedrec: data error: {bad}:2: expected 'user item item ...', got 'u2'"]
+
+
+def test_synthetic_data_read_back_from_the_cache_equals_a_fresh_generation(tmp_path):
+    from fedrec.config import FedRecConfig
+    from fedrec.data import load_interactions
+    from fedrec.workload import _load_or_generate
+
+    cfg = FedRecConfig(synthetic_users=80, synthetic_items=50, cache_dir=str(tmp_path))
+    fresh = load_interactions(cfg)
+    _load_or_generate(cfg)  # writes the cache
+    assert len(list(tmp_path.glob("synthetic-*.npz"))) == 1
+    cached = _load_or_generate(cfg)
+    assert cached.describe() == fresh.describe() and cached.user_ids == fresh.user_ids
+    assert all(np.array_equal(a, b) for a, b in zip(cached.sequences, fresh.sequences, strict=True))
+    other = _load_or_generate(cfg.replace(seed=1))  # another seed is another dataset, not a stale hit
+    assert not all(np.array_equal(a, b) for a, b in zip(other.sequences, fresh.sequences))

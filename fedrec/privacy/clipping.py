@@ -6,6 +6,9 @@ import torch
 
 from fedrec.model.lora import AdapterState
 
+# One float32 ulp below 1: a float64 scale shaved by it keeps the float32 result within the bound.
+CLIP_SHAVE = 1.0 - 2.0**-23
+
 
 def update_norm(update: AdapterState) -> float:
     """Global L2 norm over all tensors of an update, in float64 to make the bound exact."""
@@ -21,5 +24,5 @@ def clip_update(update: AdapterState, bound: float) -> tuple[AdapterState, float
     norm = update_norm(update)
     if bound <= 0 or norm <= bound:
         return update, norm
-    scale = (bound / norm) * (1.0 - 2.0**-23)
+    scale = (bound / norm) * CLIP_SHAVE
     return {k: v * scale for k, v in update.items()}, norm

@@ -1,0 +1,227 @@
+"""Issue-4 benchmark: users trained per second, device vs cohort placement, loop vs vectorized.
+
+    .venv/bin/python experiments/bench_throughput.py [--quick] [--json PATH] [--device cpu|cuda]
+
+Rows: (a) device placement, one SuperNode per user; (b) cohort placement, 2 workers, the
+per-user loop; (c) cohort placement, vectorized; (c') the same with the scoring GEMMs in
+bfloat16 (`scoring-dtype`); (d) the compute bound.
+
+Workload: ML-1M-shaped synthetic data (6,040 users, 3,700 items, mean length 165 as in
+ML-1M, truncated to 50), SASRec d=64 with 2 blocks, LoRA r=8, 1 local epoch, cohort 500.
+Each placement runs in its own process through a real Flower simulation, driving
+fedrec's Strategy and ClientApp with a ServerApp that only trains (no evaluation), so
+the rate is training rounds only: send, local training, clipping and summing on the
+workers, receive, server step. The first round is timed but left out of the rate.
+
+(d) is the pure-compute bound: the FLOPs of the same users' local steps (counted by
+torch's FlopCounterMode on the vectorized engine) divided by the rate of a 2048³ fp32
+GEMM measured in this run on all cores. `--quick` runs a smaller population and cohort.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T_PROCESS = time.time()  # before torch/flwr imports: start-up is measured from here
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {  # name -> (placement, local-engine, scoring dtype, rounds, quick rounds)
+    "device": ("device", "loop", "float32", 3, 2),
+    "cohort_loop": ("cohort", "loop", "float32", 3, 2),
+    "cohort_vectorized": ("cohort", "vectorized", "float32", 6, 4),
+    "cohort_vectorized_bf16": ("cohort", "vectorized", "bfloat16", 6, 4),
+}
+RESULT_FILE = "bench-rounds.json"
+
+
+def workload(quick: bool, device: str, cache_dir: str) -> dict:
+    return {
+        "synthetic-users": 1200 if quick else 6040,
+        "synthetic-items": 3700,
+        "synthetic-mean-length": 165,
+        "max-seq-len": 50,
+        "hidden-size": 64,
+        "num-blocks": 2,
+        "lora-rank": 8,
+        "local-epochs": 1,
+        "cohort-size": 100 if quick else 500,
+        "pretrain-epochs": 5,  # the rate does not depend on how good the base is
+        "num-workers": 2,
+        "client-num-cpus": 1,
+        "client-num-gpus": 0.5 if device == "cuda" else 0,
+        "device": device,
+        "cache-dir": cache_dir,
+    }
+
+
+# ---------------------------------------------------------------- one variant, in its own process
+def _bench_server_app():
+    from flwr.app import ArrayRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from fedrec.aggregate import ServerOptimizer
+    from fedrec.model.lora import adapter_state
+    from fedrec.privacy.mechanism import make_plan
+    from fedrec.workload import load_workload
+    from server.app import server_config
+    from server.strategy import FedRecStrategy
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        cfg = server_config(context.run_config)
+        work = load_workload(cfg, pretrain=False)
+        initial = adapter_state(work.model())
+        plan = make_plan(cfg, len(work.data.private), log=lambda _m: None)
+        strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, "adam", 0.01), plan)
+        strategy.connect(grid)  # also warms every node: data, base model, torch
+        ready_at = time.time()
+        arrays, rounds = ArrayRecord(initial), []
+        for rnd in range(1, cfg.num_rounds + 1):
+            t = time.time()
+            arrays, metrics = strategy.train_round(grid, rnd, arrays)
+            rounds.append({"round": rnd, "start": t, "seconds": time.time() - t, "users": int(metrics["users"]),
+                           "worker_peak_rss_mb": float(metrics["worker-peak-rss-mb"]),
+                           "worker_train_s": float(metrics["worker-train-seconds"])})  # fmt: skip
+            print(f"  round {rnd}: {rounds[-1]['users']} users in {rounds[-1]['seconds']:.2f} s", flush=True)
+        Path(cfg.output_dir, RESULT_FILE).write_text(json.dumps({"ready_at": ready_at, "rounds": rounds}))
+
+    return app
+
+
+def run_variant(cfg_json: str) -> None:
+    from fedrec.config import FedRecConfig
+    from fedrec.simulate import launch
+
+    cfg = FedRecConfig.from_mapping(json.loads(cfg_json))
+    launch(cfg, _bench_server_app())
+    result = json.loads(Path(cfg.output_dir, RESULT_FILE).read_text())
+    result["process_start"] = _T_PROCESS
+    Path(cfg.output_dir, RESULT_FILE).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the compute bound
+def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * n**3 / (time.perf_counter() - t)
+
+
+def local_step_flops(cfg, users) -> float:
+    """FLOPs of training `users` once with the vectorized engine, as torch counts them."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedrec.model.lora import adapter_state
+    from fedrec.vectorized import train_users_vectorized
+    from fedrec.workload import load_workload
+
+    work = load_workload(cfg, pretrain=False)
+    model = work.model()
+    with FlopCounterMode(display=False) as counter:
+        train_users_vectorized(
+            model, adapter_state(model), work.data, [int(u) for u in users], local_epochs=cfg.local_epochs,
+            learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm, user_weighting=cfg.user_weighting,
+            max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1, device=torch.device("cpu"),
+        )  # fmt: skip
+    return float(counter.get_total_flops())
+
+
+def rate(result: dict) -> tuple[float, float, float]:
+    """(users/s over rounds 2.., first round's seconds, share of those rounds spent outside training)."""
+    later = result["rounds"][1:] or result["rounds"]
+    seconds = sum(r["seconds"] for r in later)
+    outside = 1.0 - sum(r["worker_train_s"] for r in later) / seconds
+    return sum(r["users"] for r in later) / seconds, result["rounds"][0]["seconds"], outside
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller population and cohort (smoke check, < 1 min)")
+    ap.add_argument("--json", type=Path, help="write the result here")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these placements")
+    ap.add_argument("--variant-config", help=argparse.SUPPRESS)  # internal: run one variant
+    args = ap.parse_args()
+    if args.variant_config:
+        run_variant(args.variant_config)
+        return 0
+
+    from fedrec.config import FedRecConfig
+    from fedrec.privacy.mechanism import make_plan
+    from fedrec.workload import load_workload
+
+    cache = os.environ.get("FEDREC_CACHE_DIR") or str(Path.home() / ".cache" / "fedrec")
+    base = FedRecConfig.from_mapping(workload(args.quick, args.device, cache))
+    work = load_workload(base, log=print)  # pretrains (and caches) the base before any timing
+    cohort = make_plan(base, len(work.data.private), log=lambda _m: None).draw(work.data.private, base.seed, 1)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="fedrec-bench-") as tmp:
+        for name, (placement, engine, dtype, rounds, quick_rounds) in VARIANTS.items():
+            if args.only and name not in args.only:
+                continue
+            cfg = base.replace(placement=placement, local_engine=engine, scoring_dtype=dtype,
+                               num_rounds=quick_rounds if args.quick else rounds, output_dir=str(Path(tmp, name)))  # fmt: skip
+            Path(cfg.output_dir).mkdir(parents=True)
+            print(f"{name}: placement={placement}, local-engine={engine}, scoring-dtype={dtype}, {cfg.num_rounds} rounds",
+                  flush=True)  # fmt: skip
+            cmd = [sys.executable, __file__, "--variant-config", json.dumps(cfg.to_dict())]
+            subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            results[name] = json.loads(Path(cfg.output_dir, RESULT_FILE).read_text())
+
+    gemm = gemm_flops_per_s()
+    flops = local_step_flops(base, cohort)
+    bound = len(cohort) / (flops / gemm)
+    users_per_s = {name: rate(r)[0] for name, r in results.items()}
+    users_per_s["compute_bound"] = bound
+    vec = results.get("cohort_vectorized")
+    out = {
+        "users_per_s": users_per_s,
+        "startup_s": vec["rounds"][0]["start"] - vec["process_start"] if vec else None,
+        "peak_rss_mb": max(r["worker_peak_rss_mb"] for r in vec["rounds"]) if vec else None,
+        "first_round_s": {name: rate(r)[1] for name, r in results.items()},
+        # share of a round not spent in the slowest node's train handler: Flower transport,
+        # polling, (de)serialization, server step (device placement: per-message overhead)
+        "outside_training_share": {name: rate(r)[2] for name, r in results.items()},
+        "gemm_gflops": gemm / 1e9,
+        "mflops_per_user": flops / len(cohort) / 1e6,
+        "cohort": len(cohort),
+        "population": len(work.data.private),
+        "num_workers": base.num_workers,
+        "device": args.device,
+        "quick": args.quick,
+    }
+    print(f"\n{'placement':<24}{'users/s':>10}{'first round s':>15}{'outside training':>18}")
+    for name, value in users_per_s.items():
+        first, outside = out["first_round_s"].get(name), out["outside_training_share"].get(name)
+        extra = "" if first is None else f"{first:15.2f}{outside:17.0%}"
+        print(f"{name:<24}{value:10.0f}{extra}")
+    if vec and "device" in results:
+        print(f"vectorized / device: {users_per_s['cohort_vectorized'] / users_per_s['device']:.1f}x")
+    if vec and "cohort_loop" in results:
+        print(f"vectorized / loop:   {users_per_s['cohort_vectorized'] / users_per_s['cohort_loop']:.1f}x")
+    if vec:
+        print(f"compute bound / vectorized: {bound / users_per_s['cohort_vectorized']:.2f}x")
+        print(f"start-up to round 1: {out['startup_s']:.1f} s; peak memory per worker: {out['peak_rss_mb']:.0f} MB")
+    print(f"fp32 GEMM {out['gemm_gflops']:.0f} GFLOP/s; {out['mflops_per_user']:.1f} MFLOP per user's local training")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The vectorized engine against the one-user-at-a-time loop (real peft model, real autograd)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedrec.local_state import UserStateStore
+from fedrec.model.lora import adapter_parameters, adapter_state
+from fedrec.privacy.clipping import update_norm
+from fedrec.train import train_users
+from fedrec.vectorized import _FrozenTableCrossEntropy, length_groups, train_users_vectorized
+from fedrec.workload import load_workload
+
+CPU = torch.device("cpu")
+
+
+def _kwargs(cfg, **over):
+    kw = dict(
+        local_epochs=2, learning_rate=0.5, clipping_norm=0.05, user_weighting="uniform",
+        max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=3, device=CPU,
+    )  # fmt: skip
+    return kw | over
+
+
+def _perturbed_state(model, seed=0):
+    """A non-trivial global adapter (B != 0), so every tensor's gradient is exercised.
+
+    Frozen factors (A under lora-train=b-only) keep their seeded value, as in a real run.
+    """
+    g = torch.Generator().manual_seed(seed)
+    trained = adapter_parameters(model)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v for k, v in adapter_state(model).items()}
+
+
+def _mixed_users(data, k=24):
+    """Private users with the shortest, longest and in-between training sequences."""
+    private = [int(u) for u in data.private]
+    by_len = sorted(private, key=lambda u: len(data.train[u]))
+    return list(dict.fromkeys(by_len[:4] + by_len[-4:] + private[: k - 8]))
+
+
+def _assert_same(a, b, rtol=1e-4, atol=1e-6):
+    assert a.delta.keys() == b.delta.keys()
+    for k in a.delta:
+        torch.testing.assert_close(a.delta[k], b.delta[k], rtol=rtol, atol=atol, msg=k)
+    assert (a.num_users, a.weight, a.num_clipped) == (b.num_users, b.weight, b.num_clipped)
+    assert a.loss_sum == pytest.approx(b.loss_sum, rel=1e-5)
+    assert a.norm_sum == pytest.approx(b.norm_sum, rel=1e-5)
+
+
+@pytest.mark.parametrize("lora_train,weighting", [("both", "uniform"), ("b-only", "examples")])
+def test_vectorized_equals_the_per_user_loop(tiny_cfg, lora_train, weighting):
+    cfg = tiny_cfg.replace(dropout=0.0, lora_train=lora_train, max_seq_len=12)
+    work = load_workload(cfg)
+    model = work.model()
+    state = _perturbed_state(model)
+    users = _mixed_users(work.data)
+    assert max(len(work.data.train[u]) for u in users) > cfg.max_seq_len + 1  # truncation exercised
+    kw = _kwargs(cfg, user_weighting=weighting, clipping_norm=0.7)
+    loop = train_users(model, state, work.data, users, **kw)
+    vec = train_users_vectorized(model, state, work.data, users, group_tokens=40, **kw)  # several groups
+    _assert_same(loop, vec)
+    assert 0 < vec.num_clipped < vec.num_users  # both branches of the per-user clip taken
+    if lora_train == "b-only":
+        assert not any(".lora_A." in k for k in vec.delta)
+
+
+def test_vectorized_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(dropout=0.0, lora_share="a-only")
+    work = load_workload(cfg)
+    model = work.model()
+    state = _perturbed_state(model)
+    users = [int(u) for u in work.data.private[:10]]
+    stores = {name: UserStateStore(tmp_path / name) for name in ("loop", "vec")}
+    for rnd in (1, 2):  # the second round starts from the B each user kept
+        kw = _kwargs(cfg, round_=rnd)
+        loop = train_users(model, state, work.data, users, local_store=stores["loop"], **kw)
+        vec = train_users_vectorized(model, state, work.data, users, local_store=stores["vec"], **kw)
+        _assert_same(loop, vec)
+        assert vec.delta and all(".lora_A." in k for k in vec.delta)
+    for u in users:
+        own_loop, own_vec = stores["loop"].load(u), stores["vec"].load(u)
+        for k in own_loop:
+            torch.testing.assert_close(own_vec[k], own_loop[k], rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_is_per_user_so_grouping_does_not_matter(tiny_cfg):
+    cfg = tiny_cfg.replace(dropout=0.3)
+    work = load_workload(cfg)
+    model = work.model()
+    state = _perturbed_state(model)
+    users = _mixed_users(work.data, 16)
+    kw = _kwargs(cfg)
+    together = train_users_vectorized(model, state, work.data, users, **kw)
+    alone = train_users_vectorized(model, state, work.data, users, group_tokens=1, **kw)  # one user per group
+    _assert_same(together, alone, rtol=1e-5, atol=1e-7)
+    plain = train_users_vectorized(load_workload(cfg.replace(dropout=0.0)).model(), state, work.data, users, **kw)
+    diff = max(float((together.delta[k] - plain.delta[k]).abs().max()) for k in plain.delta)
+    assert diff > 1e-4  # dropout is really applied
+    other_round = train_users_vectorized(model, state, work.data, users, **(kw | {"round_": 4}))
+    assert any(not torch.equal(other_round.delta[k], together.delta[k]) for k in together.delta)
+
+
+@settings(max_examples=15, deadline=None)
+@given(bound=st.floats(1e-4, 1.0), lr=st.floats(0.01, 2.0), pick=st.integers(0, 50))
+def test_one_users_contribution_never_exceeds_the_bound(vec_workload, bound, lr, pick):
+    cfg, work, model, state = vec_workload
+    user = int(work.data.private[pick % len(work.data.private)])
+    total = train_users_vectorized(model, state, work.data, [user], **_kwargs(cfg, clipping_norm=bound, learning_rate=lr))
+    assert update_norm(total.delta) <= bound
+
+
+@pytest.fixture(scope="module")
+def vec_workload(tmp_path_factory):
+    from fedrec.config import FedRecConfig
+
+    tmp = tmp_path_factory.mktemp("vec")
+    cfg = FedRecConfig(
+        synthetic_users=120, synthetic_items=60, synthetic_clusters=4, synthetic_mean_length=12, public_fraction=0.25,
+        hidden_size=16, num_heads=2, num_blocks=1, max_seq_len=20, pretrain_epochs=5, cache_dir=str(tmp / "cache"),
+    )  # fmt: skip
+    work = load_workload(cfg)
+    model = work.model()
+    return cfg, work, model, _perturbed_state(model)
+
+
+def test_fused_cross_entropy_matches_autograd():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(57, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 57, (300,), generator=g)
+    w = torch.rand(300, generator=g, dtype=torch.float64)
+    loss, ce = _FrozenTableCrossEntropy.apply(h, table, y, w, 64, torch.float64)
+    (grad,) = torch.autograd.grad(3.0 * loss, h)
+    ref_ce = F.cross_entropy(h @ table.T, y, reduction="none")
+    (ref_grad,) = torch.autograd.grad(3.0 * (ref_ce * w).sum(), h)
+    torch.testing.assert_close(ce, ref_ce.detach())
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_length_groups_cover_every_user_once_within_the_token_budget():
+    lengths = np.random.default_rng(0).integers(0, 80, 500)
+    groups = length_groups(lengths, max_len=50, tokens=600)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(500))
+    for g in groups:
+        width = max(1, int(np.minimum(lengths[g], 50).max()))
+        assert len(g) == 1 or len(g) * width <= 600
+
+
+def test_bfloat16_scoring_stays_close_to_float32(tiny_cfg):
+    cfg = tiny_cfg.replace(dropout=0.0)
+    work = load_workload(cfg)
+    model = work.model()
+    state = _perturbed_state(model)
+    users = _mixed_users(work.data)
+    kw = _kwargs(cfg, clipping_norm=0.0)
+    full = train_users_vectorized(model, state, work.data, users, **kw)
+    half = train_users_vectorized(model, state, work.data, users, scoring_dtype=torch.bfloat16, **kw)
+    flat = lambda t: torch.cat([v.flatten() for v in t.delta.values()])  # noqa: E731
+    rel = float((flat(full) - flat(half)).norm() / flat(full).norm())
+    assert 0 < rel < 0.03  # really computed in bfloat16, and within its ~3 significant digits
+    assert half.loss_sum == pytest.approx(full.loss_sum, rel=1e-2)
