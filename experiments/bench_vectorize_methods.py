@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from fedrec.config import FedRecConfig
-from fedrec.model.lora import adapter_parameters, adapter_state
+from fedrec.model.lora import adapter_state
 from fedrec.train import next_item_batch, train_users
 from fedrec.vectorized import train_users_vectorized
 from fedrec.workload import load_workload
 
 
 def vmap_step(model, state, data, users, max_len: int, lr: float) -> dict[str, torch.Tensor]:
-    names = list(adapter_parameters(model))
+    # functional_call needs the module's own parameter names (peft keeps ".default." in them)
+    names = {n: n.replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
     inputs, targets = next_item_batch([data.train[u] for u in users], max_len)
 
     def user_loss(params, x, y):
@@ -36,9 +37,9 @@ def vmap_step(model, state, data, users, max_len: int, lr: float) -> dict[str, t
         keep = (y > 0).to(ce.dtype)
         return (ce * keep).sum() / keep.sum().clamp(min=1)
 
-    stacked = {k: state[k].expand(len(users), *state[k].shape) for k in names}
+    stacked = {n: state[k].expand(len(users), *state[k].shape) for n, k in names.items()}
     grads = vmap(grad(user_loss), in_dims=(0, 0, 0))(stacked, inputs, targets)
-    return {k: -lr * g.sum(0) for k, g in grads.items()}
+    return {names[n]: -lr * g.sum(0) for n, g in grads.items()}
 
 
 def main() -> None:
