@@ -3,7 +3,8 @@
 One reply format for both placements (DESIGN.md): an ArrayRecord `update` holding the
 sum of this node's users' clipped, weighted adapter updates, and a MetricRecord `counts`
 (num-users, weight, loss-sum, ...). A cohort worker trains whatever users it is sent; a
-device node (placement=device) holds exactly one user and refuses any other.
+device node (placement=device) holds exactly one user and refuses any other. A real
+device (node config `data-path`) reads only its own data (clients/device.py).
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import json
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.device import device_model, has_base, is_device, read_own_data, store_base
 from fedrec.config import FedRecConfig
+from fedrec.data.interactions import DataError
+from fedrec.data.split import SplitData
 from fedrec.local_state import client_state_dir, local_store_for
 from fedrec.model.lora import load_adapter_state
 from fedrec.privacy.dpsgd import train_silo
@@ -32,58 +37,108 @@ def peak_rss_mb() -> float:
 
 
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+DEVICE_DATA_ERROR = 100  # Error code of a device whose own data is missing or malformed
 
 
-def _setup(msg: Message) -> tuple[FedRecConfig, Workload, torch.nn.Module, torch.device]:
+@dataclass
+class _Node:
+    """What a message is handled with: config, the users' data, the model and where it runs."""
+
+    cfg: FedRecConfig
+    data: SplitData
+    model: torch.nn.Module
+    device: torch.device
+    workload: Workload | None  # None on a real device: it never sees the server's dataset
+    unknown_items: int = 0  # a device's interactions with items outside the catalogue
+
+
+def _model(key: tuple[str, str], build) -> torch.nn.Module:
+    if key not in _MODELS:
+        _MODELS[key] = build()
+    return _MODELS[key]
+
+
+def _node(msg: Message, context: Context) -> _Node:
     cfg = FedRecConfig.from_mapping(dict(msg.content["run-config"]))
     torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
-    work = load_workload(cfg, pretrain=False)
     device = resolve_device(cfg.device)
-    key = (str(work.base_path), str(device))
-    if key not in _MODELS:
-        _MODELS[key] = work.model(device)
-    return cfg, work, _MODELS[key], device
-
-
-def _own_user(context: Context, work: Workload) -> int | None:
-    """The one user a device node holds, from its node config; None on a cohort worker."""
     nc = context.node_config
-    if "user-id" in nc:  # a real device, started with --node-config "user-id=..."
-        return int(nc["user-id"])
-    if "partition-id" in nc:  # a simulated device: the k-th private user
-        return int(work.data.private[int(nc["partition-id"])])
+    if is_device(nc):  # a real device: own data, base model received from the server
+        task = msg.content["task"]
+        fingerprint, users = str(task["base"]), [int(u) for u in task["user-ids"]]
+        if len(users) != 1:
+            raise ValueError(f"device {nc['user-id']!r} holds one user, was asked for {len(users)}")
+        own = read_own_data(nc, fingerprint, users[0])
+        model = _model((fingerprint, str(device)), lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
+        return _Node(cfg, own.data, model, device, None, own.unknown_items)
+    work = load_workload(cfg, pretrain=False)
+    model = _model((str(work.base_path), str(device)), lambda: work.model(device))
+    return _Node(cfg, work.data, model, device, work)
+
+
+def _data_error(msg: Message, context: Context, err: Exception) -> Message:
+    """A clear error reply instead of a crash: the server leaves this device out and goes on."""
+    who = context.node_config.get("user-id", context.node_id)
+    return Message(Error(DEVICE_DATA_ERROR, f"device {who}: {err}"), reply_to=msg)
+
+
+def _own_user(context: Context, node: _Node) -> int | None:
+    """The one user a simulated device holds (its partition); None on a cohort worker."""
+    nc = context.node_config
+    if "partition-id" in nc and node.cfg.placement == "device":
+        return int(node.data.private[int(nc["partition-id"])])
     return None
 
 
-def _users(msg: Message, context: Context, work: Workload, cfg: FedRecConfig) -> list[int]:
+def _users(msg: Message, context: Context, node: _Node) -> list[int]:
     users = [int(u) for u in msg.content["task"]["user-ids"]]
-    if cfg.placement == "device":
-        own = _own_user(context, work)
+    if node.workload is not None and node.cfg.placement == "device":
+        own = _own_user(context, node)
         if users != [own]:
             raise ValueError(f"device node holds user {own}, was asked to train {users}")
     return users
 
 
 @app.query()
-def identify(msg: Message, context: Context) -> Message:
-    """Tell the server which user this node holds (device placement routing).
-
-    Loading the workload and model here moves a node's start-up out of round 1.
-    """
-    cfg, work, _model, _device = _setup(msg)
-    own = _own_user(context, work)
+def query(msg: Message, context: Context) -> Message:
+    """`identify`: which user this node holds (loading data and model moves start-up out of
+    round 1). `setup`: a real device stores the base model and catalogue, then checks it can
+    read its own data."""
+    nc = context.node_config
+    kind = str(msg.content["task"]["kind"])
+    if is_device(nc):
+        fingerprint = str(msg.content["task"]["base"])
+        if kind == "identify":
+            identity = {"user-key": str(nc["user-id"]), "needs-base": int(not has_base(nc, fingerprint))}
+            return Message(RecordDict({"identity": ConfigRecord(identity)}), reply_to=msg)
+        if "base" in msg.content:
+            item_ids = [str(i) for i in msg.content["catalogue"]["item-ids"]]
+            store_base(nc, fingerprint, msg.content["base"].to_torch_state_dict(), item_ids)
+        try:
+            node = _node(msg, context)
+        except (DataError, OSError) as err:
+            return _data_error(msg, context, err)
+        user = int(node.data.private[0])
+        counts = {"num-interactions": len(node.data.train[user]) + 2, "unknown-items": node.unknown_items}
+        return Message(RecordDict({"counts": MetricRecord(counts)}), reply_to=msg)
+    node = _node(msg, context)
+    own = _own_user(context, node)
     return Message(RecordDict({"identity": ConfigRecord({"user-id": -1 if own is None else own})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
-    cfg, work, model, device = _setup(msg)
-    users = _users(msg, context, work, cfg)
+    try:
+        node = _node(msg, context)
+    except DataError as err:
+        return _data_error(msg, context, err)
+    cfg, model, device = node.cfg, node.model, node.device
+    users = _users(msg, context, node)
     task = msg.content["task"]
     global_state = {k: v.to(device) for k, v in msg.content["adapter"].to_torch_state_dict().items()}
     if cfg.partition == "silo":
-        return _train_silo(msg, cfg, work, model, device, users, global_state)
+        return _train_silo(msg, cfg, node.data, model, device, users, global_state)
     common = dict(
         local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate,
@@ -97,23 +152,23 @@ def train(msg: Message, context: Context) -> Message:
     )
     if cfg.vectorized:
         total = train_users_vectorized(
-            model, global_state, work.data, users, group_tokens=cfg.vector_tokens,
+            model, global_state, node.data, users, group_tokens=cfg.vector_tokens,
             scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
         )  # fmt: skip
     else:
-        total = train_users(model, global_state, work.data, users, **common)
+        total = train_users(model, global_state, node.data, users, **common)
     counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
     content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
     return Message(content, reply_to=msg)
 
 
-def _train_silo(msg, cfg, work, model, device, users, global_state) -> Message:
+def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
     """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""
     task = msg.content["task"]
     ledger = client_state_dir(cfg) / f"silo-{int(task['silo'])}.json"
     history = [tuple(h) for h in json.loads(ledger.read_text())] if ledger.exists() else []
     total, epsilon, history = train_silo(
-        model, global_state, work.data, users, epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
+        model, global_state, data, users, epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
         noise_multiplier=cfg.dpsgd_noise_multiplier, max_grad_norm=cfg.dpsgd_max_grad_norm,
         batch_size=cfg.dpsgd_batch_size, delta=cfg.target_delta or 1.0 / len(users), max_seq_len=cfg.max_seq_len,
         seed=cfg.seed, round_=int(task["round"]), device=device, history=history,
@@ -126,11 +181,14 @@ def _train_silo(msg, cfg, work, model, device, users, global_state) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, work, model, device = _setup(msg)
-    users = _users(msg, context, work, cfg)
-    load_adapter_state(model, msg.content["adapter"].to_torch_state_dict())
+    try:
+        node = _node(msg, context)
+    except DataError as err:
+        return _data_error(msg, context, err)
+    users = _users(msg, context, node)
+    load_adapter_state(node.model, msg.content["adapter"].to_torch_state_dict())
     sums = evaluate_users(
-        model, work.data, users, str(msg.content["task"]["split"]), max_seq_len=cfg.max_seq_len, device=device,
-        local_store=local_store_for(cfg),
+        node.model, node.data, users, str(msg.content["task"]["split"]), max_seq_len=node.cfg.max_seq_len,
+        device=node.device, local_store=local_store_for(node.cfg),
     )  # fmt: skip
     return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)

@@ -81,9 +81,9 @@ def _bench_server_app():
         cfg = server_config(context.run_config)
         work = load_workload(cfg, pretrain=False)
         initial = adapter_state(work.model())
-        plan = make_plan(cfg, len(work.data.private), log=lambda _m: None)
-        strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, "adam", 0.01), plan)
+        strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, "adam", 0.01))
         strategy.connect(grid)  # also warms every node: data, base model, torch
+        strategy.plan = make_plan(cfg, len(strategy.population), log=lambda _m: None)
         ready_at = time.time()
         arrays, rounds = ArrayRecord(initial), []
         for rnd in range(1, cfg.num_rounds + 1):

@@ -36,14 +36,18 @@ class Workload:
 
     def model(self, device: torch.device | None = None) -> PeftModel:
         """A fresh base+LoRA model; the LoRA init is seeded, B = 0."""
-        base = load_base(self.cfg, self.data.num_items, self.base_path)
-        model = attach_lora(
-            base, self.cfg.lora_rank, self.cfg.lora_alpha, self.cfg.lora_target_list(), self.cfg.seed,
-            item_rank=self.cfg.lora_item_rank,
-        )  # fmt: skip
-        if self.cfg.lora_train == "b-only":
-            freeze_random_factors(model)
-        return model.to(device or torch.device("cpu"))
+        return build_model(self.cfg, self.data.num_items, self.base_path, device)
+
+
+def build_model(cfg: FedRecConfig, num_items: int, path: Path, device: torch.device | None = None) -> PeftModel:
+    """The frozen base at `path` with the run's seeded LoRA: the same on server, workers and devices."""
+    base = load_base(cfg, num_items, path)
+    model = attach_lora(
+        base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list(), cfg.seed, item_rank=cfg.lora_item_rank
+    )
+    if cfg.lora_train == "b-only":
+        freeze_random_factors(model)
+    return model.to(device or torch.device("cpu"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -23,7 +23,7 @@ from fedrec.privacy.mechanism import make_plan
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
 from fedrec.workload import load_workload
-from server.strategy import FedRecStrategy
+from server.strategy import BaseShipment, FedRecStrategy
 
 ENV_OVERRIDES = "FEDREC_RUN_CONFIG"
 
@@ -62,13 +62,17 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {n_total:,} parameters, "
         f"{adapter_bytes(initial):,} bytes; {n_params:,} trained and sent per user ({cfg.lora_train})"
     )
-    plan = make_plan(cfg, len(work.data.private), log=console.print)
     optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate)
-    strategy = FedRecStrategy(cfg, work.data.private, optimizer, plan)
+    base = BaseShipment(work.base_path.stem, work.base_path, work.data.item_ids, work.data.user_ids)
+    strategy = FedRecStrategy(cfg, work.data.private, optimizer, base=base, log=console.print)
     strategy.connect(grid)
     ready_seconds = time.time() - t0
     nodes = len(strategy.workers) or len(strategy.user_node)
-    console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {len(work.data.private):,} users")
+    population = len(strategy.population)
+    console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {population:,} users")
+    # After connect: in device placement the population is the users whose devices answered.
+    plan = make_plan(cfg, population, log=console.print)
+    strategy.plan = plan
 
     if cfg.partition == "silo":
         console.print(
@@ -165,7 +169,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
         "wall_seconds": round(time.time() - t0, 2),
         "adapter_bytes": adapter_bytes(final),
         "adapter_parameters": n_total,
-        "private_users": len(work.data.private),
+        "private_users": len(strategy.population),
         "public_users": len(work.data.public),
         "num_items": work.data.num_items,
         "results_dir": str(out.path),

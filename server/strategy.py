@@ -8,7 +8,9 @@ samples users (seeded), routes them to nodes, and each reply is already a sum.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,59 +28,128 @@ NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005
 
 
+@dataclass
+class BaseShipment:
+    """What a real device receives once before round 1: the frozen base and the catalogue."""
+
+    fingerprint: str  # names the base (its cache file's stem); devices keep it under this name
+    path: Path
+    item_ids: list[str]
+    user_ids: list[str]  # raw user id of every user index, to resolve a device's `user-id`
+
+
 class FedRecStrategy(Strategy):
-    def __init__(self, cfg: FedRecConfig, population: np.ndarray, optimizer: ServerOptimizer, plan: PrivacyPlan) -> None:
+    def __init__(
+        self,
+        cfg: FedRecConfig,
+        population: np.ndarray,
+        optimizer: ServerOptimizer,
+        plan: PrivacyPlan | None = None,
+        base: BaseShipment | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.cfg = cfg
-        self.plan = plan
+        self.plan = plan  # set after connect() where the population depends on which devices answer
+        self.base = base
+        self.log = log
         self.silos = assign_silos(population, cfg.num_silos, cfg.seed) if cfg.partition == "silo" else []
         self.population = np.asarray(population, dtype=np.int64)
         self.optimizer = optimizer
         self.workers: list[int] = []
         self.user_node: dict[int, int] = {}
+        self.failed_users: list[int] = []  # device placement: users whose device failed the last exchange
         self._run_config = ConfigRecord(cfg.to_dict())
-        valid_rng = np.random.default_rng([cfg.seed, 0xE7A1])
+        self._choose_valid_users()
+
+    def _choose_valid_users(self) -> None:
+        valid_rng = np.random.default_rng([self.cfg.seed, 0xE7A1])
         self.valid_users = (
-            np.sort(valid_rng.choice(self.population, cfg.eval_users, replace=False))
-            if 0 < cfg.eval_users < len(self.population)
+            np.sort(valid_rng.choice(self.population, self.cfg.eval_users, replace=False))
+            if 0 < self.cfg.eval_users < len(self.population)
             else self.population
         )
 
     # ------------------------------------------------------------ node routing
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
-        """Wait for the nodes this placement needs; in device placement, learn who holds whom."""
+        """Wait for the nodes this placement needs; in device placement, learn who holds whom.
+
+        Real devices (node config `data-path`) get the base model and catalogue if they lack
+        them and check their own data; a device that cannot is reported and left out, and
+        the population becomes the users whose devices answered.
+        """
         if hasattr(grid, "pull_interval"):
             # The simulation's in-memory grid polls for replies every 0.1 s by default
             # (a constructor argument we cannot reach through run_simulation); at a few
             # hundred ms per round that idle wait is a large share of the round.
             grid.pull_interval = PULL_INTERVAL_S
-        need = self.cfg.num_workers if self.cfg.placement == "cohort" else len(self.population)
+        device = self.cfg.placement == "device"
+        need = len(self.population) if device else self.cfg.num_workers
         deadline = time.monotonic() + timeout
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= need:
                 break
             if time.monotonic() > deadline:
+                if device and nodes:
+                    self.log(f"only {len(nodes)} of {need} device nodes connected after {timeout:.0f} s; going on with them")
+                    break
                 raise RuntimeError(f"only {len(nodes)} of {need} SuperNodes connected after {timeout:.0f} s")
             time.sleep(0.2)
-        if self.cfg.placement == "cohort":
+        if not device:
             nodes = nodes[:need]
         # The query also warms each node (data, base model, torch) before round 1.
-        content = RecordDict({"run-config": self._run_config})
-        queries = [Message(content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        replies = self._receive(grid, queries, "identify")
-        if self.cfg.placement == "cohort":
+        replies = self._receive(grid, [self._query(n, "identify") for n in nodes], "identify", tolerate=device)
+        if not device:
             self.workers = nodes
             return
+        to_setup: list[tuple[int, int, bool]] = []  # (node, user, needs the base)
+        user_index = {self.base.user_ids[int(u)]: int(u) for u in self.population} if self.base else {}
         for reply in replies:
-            user = int(reply.content["identity"]["user-id"])
-            if user >= 0:
-                self.user_node[user] = reply.metadata.src_node_id
+            identity = reply.content["identity"]
+            node = reply.metadata.src_node_id
+            if "user-key" in identity:  # a real device: resolve its user id, then set it up
+                key = str(identity["user-key"])
+                if key not in user_index:
+                    self.log(f"device node {node}: user {key!r} is not a private user of this run; left out")
+                    continue
+                to_setup.append((node, user_index[key], bool(identity["needs-base"])))
+            elif int(identity["user-id"]) >= 0:
+                self.user_node[int(identity["user-id"])] = node
+        if to_setup:
+            self._setup_devices(grid, to_setup)
         missing = [int(u) for u in self.population if int(u) not in self.user_node]
         if missing:
-            raise RuntimeError(f"{len(missing)} private users have no device node (e.g. user {missing[0]})")
+            self.log(f"{len(missing)} of {len(self.population)} private users have no working device; left out")
+            self.population = np.array(sorted(self.user_node), dtype=np.int64)
+            self._choose_valid_users()
+        if not len(self.population):
+            raise RuntimeError("no device node can train: see the messages above")
+
+    def _query(self, node: int, kind: str, user: int | None = None, ship: bool = False) -> Message:
+        task = {"kind": kind, "base": self.base.fingerprint if self.base else ""}
+        if user is not None:
+            task["user-ids"] = [user]
+        content = RecordDict({"task": ConfigRecord(task), "run-config": self._run_config})
+        if ship and self.base is not None:
+            content["base"] = ArrayRecord(torch.load(self.base.path, map_location="cpu", weights_only=True))
+            content["catalogue"] = ConfigRecord({"item-ids": self.base.item_ids})
+        return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
+
+    def _setup_devices(self, grid: Grid, to_setup: list[tuple[int, int, bool]]) -> None:
+        msgs = [self._query(node, "setup", user, ship) for node, user, ship in to_setup]
+        shipped = sum(ship for _n, _u, ship in to_setup)
+        self.log(f"devices: {len(to_setup)} real devices; base model and catalogue sent to {shipped}")
+        by_node = {node: user for node, user, _ship in to_setup}
+        for reply in self._receive(grid, msgs, "setup", tolerate=True):
+            counts = reply.content["counts"]
+            if counts["unknown-items"]:
+                self.log(f"device node {reply.metadata.src_node_id}: {int(counts['unknown-items'])} interactions "
+                         "with items outside the catalogue are not used")  # fmt: skip
+            self.user_node[by_node[reply.metadata.src_node_id]] = reply.metadata.src_node_id
 
     def _messages(self, arrays: ArrayRecord, users: np.ndarray, task: dict, message_type: str) -> list[Message]:
         """One message per (node, share of users); silos train as units, one message each."""
+        task = task | {"base": self.base.fingerprint if self.base else ""}
         if self.cfg.placement == "device":
             shares = [(self.user_node[int(u)], np.array([u]), {}) for u in users]
         elif self.silos and message_type == MessageType.TRAIN:  # round-robin silos over the workers
@@ -97,17 +168,29 @@ class FedRecStrategy(Strategy):
             msgs.append(Message(content, dst_node_id=node, message_type=message_type))
         return msgs
 
-    def _receive(self, grid: Grid, msgs: list[Message], what: str) -> list[Message]:
+    def _receive(self, grid: Grid, msgs: list[Message], what: str, tolerate: bool = False) -> list[Message]:
+        """Replies without errors. With `tolerate` (devices), a failed node is reported and
+        its users are recorded in `failed_users`; otherwise any failure stops the run."""
         replies = list(grid.send_and_receive(msgs, timeout=3600))
         failed = [r for r in replies if r.has_error()]
-        if failed:
-            err = failed[0]
-            raise RuntimeError(
-                f"{what}: {len(failed)} of {len(msgs)} nodes failed; node {err.metadata.src_node_id}: {err.error.reason}"
-            )
-        if len(replies) != len(msgs):
-            raise RuntimeError(f"{what}: {len(msgs) - len(replies)} of {len(msgs)} nodes did not reply")
-        return replies
+        users_of = {m.metadata.dst_node_id: list(m.content["task"].get("user-ids", [])) for m in msgs}
+        answered = {r.metadata.src_node_id for r in replies}
+        silent = [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in answered]
+        if (failed or silent) and not tolerate:
+            if failed:
+                err = failed[0]
+                raise RuntimeError(
+                    f"{what}: {len(failed)} of {len(msgs)} nodes failed; node {err.metadata.src_node_id}: {err.error.reason}"
+                )
+            raise RuntimeError(f"{what}: {len(silent)} of {len(msgs)} nodes did not reply")
+        self.failed_users = []
+        for r in failed:
+            self.log(f"{what}: node {r.metadata.src_node_id} failed and is left out: {r.error.reason}")
+            self.failed_users += users_of.get(r.metadata.src_node_id, [])
+        for node in silent:
+            self.log(f"{what}: node {node} did not reply and is left out")
+            self.failed_users += users_of.get(node, [])
+        return [r for r in replies if not r.has_error()]
 
     # ------------------------------------------------------------ Strategy API
     def configure_train(
@@ -131,8 +214,9 @@ class FedRecStrategy(Strategy):
             busiest = max(busiest, counts.get("train-seconds", 0.0))
             if counts["num-users"] > 0:
                 total.merge(UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts))
-        if total.num_users != len(self.cohort):
-            raise RuntimeError(f"round {server_round}: {total.num_users} of {len(self.cohort)} cohort users reported")
+        expected = len(self.cohort) - len(self.failed_users)
+        if total.num_users != expected:
+            raise RuntimeError(f"round {server_round}: {total.num_users} of {expected} cohort users reported")
         n = max(total.num_users, 1)
         metrics = {
             "users": total.num_users,
@@ -169,8 +253,9 @@ class FedRecStrategy(Strategy):
         sums: dict[str, float] = {}
         for reply in replies:
             sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
-        if int(sums.get("count", 0)) != len(self.eval_target):
-            raise RuntimeError(f"evaluation: {sums.get('count', 0):.0f} of {len(self.eval_target)} users reported")
+        expected = len(self.eval_target) - len(self.failed_users)
+        if int(sums.get("count", 0)) != expected:
+            raise RuntimeError(f"evaluation: {sums.get('count', 0):.0f} of {expected} users reported")
         return MetricRecord(metric_means(sums))
 
     def summary(self) -> None:
@@ -179,11 +264,13 @@ class FedRecStrategy(Strategy):
     # ------------------------------------------------------------ round helpers
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
         msgs = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
-        new_arrays, metrics = self.aggregate_train(server_round, self._receive(grid, msgs, "train"))
+        device = self.cfg.placement == "device"
+        new_arrays, metrics = self.aggregate_train(server_round, self._receive(grid, msgs, "train", tolerate=device))
         assert new_arrays is not None and metrics is not None
         return new_arrays, metrics
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, split: str) -> dict[str, float]:
         msgs = list(self.configure_evaluate(server_round, arrays, ConfigRecord({"split": split}), grid))
-        result = self.aggregate_evaluate(server_round, self._receive(grid, msgs, f"evaluate {split}"))
+        replies = self._receive(grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
+        result = self.aggregate_evaluate(server_round, replies)
         return {k: float(v) for k, v in (result or {}).items()}

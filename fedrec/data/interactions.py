@@ -22,6 +22,11 @@ class Interactions:
     source: str
     dropped_users: int = 0
     notes: list[str] = field(default_factory=list)
+    item_ids: list[str] = field(default_factory=list)  # raw id of item 1..N (the catalogue)
+
+    def __post_init__(self) -> None:
+        if not self.item_ids:  # ids that are already 1..N
+            self.item_ids = [str(i) for i in range(1, self.num_items + 1)]
 
     @property
     def num_users(self) -> int:
@@ -71,6 +76,7 @@ def build_interactions(
         num_items=len(ordered),
         source=source,
         dropped_users=dropped,
+        item_ids=[str(i) for i in ordered],
     )
 
 

@@ -25,6 +25,7 @@ class SplitData:
     public: np.ndarray
     private: np.ndarray
     user_ids: list[str]
+    item_ids: list[str]  # the catalogue: raw id of item 1..N
 
     def history(self, user: int, split: str) -> np.ndarray:
         """What the model sees when predicting `split`'s target for this user."""
@@ -66,4 +67,20 @@ def split_users(data: Interactions, public_fraction: float, seed: int) -> SplitD
         public=np.sort(order[:n_public]),
         private=np.sort(order[n_public:]),
         user_ids=data.user_ids,
+        item_ids=data.item_ids,
+    )
+
+
+def one_user_split(sequence: np.ndarray, user: int, user_id: str, item_ids: list[str]) -> SplitData:
+    """A device's view: only its own user, under the index the server knows it by."""
+    train, valid, test = leave_one_out([np.asarray(sequence, dtype=np.int64)])
+    return SplitData(
+        num_items=len(item_ids),
+        train={user: train[0]},  # type: ignore[arg-type]  (indexed by the server's user index)
+        valid={user: valid[0]},  # type: ignore[arg-type]
+        test={user: test[0]},  # type: ignore[arg-type]
+        public=np.zeros(0, dtype=np.int64),
+        private=np.array([user]),
+        user_ids=[user_id],
+        item_ids=item_ids,
     )

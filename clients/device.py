@@ -1,0 +1,81 @@
+"""A real device: its own interactions from a local source, the base model from the server.
+
+A device is a SuperNode started with `--node-config "user-id=... data-path=..."`. It
+never reads the server's dataset. Before round 1 the server sends it the frozen base model
+and the item catalogue once (the `setup` query); the device keeps them in its state
+folder, because in the deployment runtime every message runs in a fresh ClientApp process.
+Its own interactions are read from `data-path` at each message, mapped through the
+catalogue, and split leave-one-out exactly as the server splits simulated users.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clients.sources import open_source
+from fedrec.config import FedRecConfig
+from fedrec.data.interactions import DataError
+from fedrec.data.split import SplitData, one_user_split
+from fedrec.workload import build_model
+
+MIN_INTERACTIONS = 3  # leave-one-out needs a training item, a validation and a test target
+
+
+def is_device(node_config: dict) -> bool:
+    return "data-path" in node_config
+
+
+def state_dir(node_config: dict) -> Path:
+    """Where the device keeps the base model and catalogue (node config `state-dir`)."""
+    default = Path.home() / ".cache" / "fedrec" / f"device-{node_config['user-id']}"
+    return Path(str(node_config.get("state-dir", default))).expanduser()
+
+
+def has_base(node_config: dict, fingerprint: str) -> bool:
+    return (state_dir(node_config) / f"{fingerprint}.pt").exists()
+
+
+def store_base(node_config: dict, fingerprint: str, state: dict[str, torch.Tensor], item_ids: list[str]) -> None:
+    folder = state_dir(node_config)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, write in (
+        (f"{fingerprint}.json", lambda p: p.write_text(json.dumps(item_ids))),
+        (f"{fingerprint}.pt", lambda p: torch.save(state, p)),
+    ):
+        tmp = folder / f"{name}.tmp{os.getpid()}"
+        write(tmp)
+        os.replace(tmp, folder / name)  # the .pt last: its presence means both are whole
+
+
+@dataclass
+class DeviceData:
+    data: SplitData
+    num_interactions: int
+    unknown_items: int  # interactions with items the catalogue lacks (the model cannot score them)
+
+
+def read_own_data(node_config: dict, fingerprint: str, user: int) -> DeviceData:
+    """This device's sequence, under the server's index `user`; DataError says what is wrong."""
+    item_ids = json.loads((state_dir(node_config) / f"{fingerprint}.json").read_text())
+    index = {raw: i + 1 for i, raw in enumerate(item_ids)}
+    user_id = str(node_config["user-id"])
+    raw = open_source(str(node_config["data-path"])).items(user_id)
+    mapped = [index[r] for r in raw if r in index]
+    if len(mapped) < MIN_INTERACTIONS:
+        raise DataError(
+            f"user {user_id!r}: {len(mapped)} interactions with catalogue items in {node_config['data-path']} "
+            f"({len(raw) - len(mapped)} with unknown items); at least {MIN_INTERACTIONS} are needed"
+        )
+    data = one_user_split(np.asarray(mapped, dtype=np.int64), user, user_id, item_ids)
+    return DeviceData(data, len(mapped), len(raw) - len(mapped))
+
+
+def device_model(cfg: FedRecConfig, node_config: dict, fingerprint: str, num_items: int) -> torch.nn.Module:
+    """The server's base with the run's seeded LoRA, built as on every simulated worker."""
+    return build_model(cfg, num_items, state_dir(node_config) / f"{fingerprint}.pt")
