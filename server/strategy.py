@@ -26,6 +26,7 @@ from fedrec.privacy.mechanism import PrivacyPlan
 
 NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005
+DEVICE_SETTLE_S = 15.0
 
 
 @dataclass
@@ -85,13 +86,18 @@ class FedRecStrategy(Strategy):
         device = self.cfg.placement == "device"
         need = len(self.population) if device else self.cfg.num_workers
         deadline = time.monotonic() + timeout
+        seen, last_change = 0, time.monotonic()
         while True:
             nodes = sorted(grid.get_node_ids())
+            if len(nodes) != seen:
+                seen, last_change = len(nodes), time.monotonic()
             if len(nodes) >= need:
                 break
-            if time.monotonic() > deadline:
+            # Devices come and go: once none has joined for a while, go on with those present.
+            settled = device and nodes and time.monotonic() - last_change > DEVICE_SETTLE_S
+            if settled or time.monotonic() > deadline:
                 if device and nodes:
-                    self.log(f"only {len(nodes)} of {need} device nodes connected after {timeout:.0f} s; going on with them")
+                    self.log(f"{len(nodes)} of {need} device nodes connected; going on with them")
                     break
                 raise RuntimeError(f"only {len(nodes)} of {need} SuperNodes connected after {timeout:.0f} s")
             time.sleep(0.2)

@@ -1,0 +1,284 @@
+"""Run fedrec on Flower's deployment runtime on this machine: one SuperLink, one SuperNode per device.
+
+    .venv/bin/python -m server.local_federation --data-path DATA.csv [--devices 3] \\
+        [--run-config "num-rounds=2 ..."] [--insecure] [--no-auth]
+
+What a real deployment does, on 127.0.0.1: TLS with a certificate authority made for this
+run, SuperNode authentication (each SuperNode's ECDSA key registered with
+`flwr supernode register`), `flower-supernode --node-config "user-id=... data-path=..."`
+per device, then `flwr run . <federation> --stream`. Each device gets a file with only its
+own interactions (CSV, JSON lines or SQLite in turn, the shipped sources). Only the
+processes started here are stopped at the end.
+
+The data file is a CSV with `user,item,timestamp` columns; the server pretrains the base
+on its public users, and the first `--devices` private users become devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parents[1]
+FEDERATION = "fedrec-local"
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedrec local CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = folder / "ca.crt", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    )
+    return paths
+
+
+def make_node_key(path: Path) -> tuple[Path, Path]:
+    """An ECDSA P-384 key pair in OpenSSH format (what `flower-supernode` authenticates with)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    path.chmod(0o600)
+    pub = path.with_suffix(".pub")
+    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return path, pub
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toml_value(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def toml_pairs(config: dict) -> str:
+    """`k=v` pairs as `--run-config` / `--node-config` parse them (strings quoted)."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
+def write_device_file(rows: Sequence[tuple[str, str, float]], path: Path) -> Path:
+    """One device's own interactions in the format its suffix names (.csv, .jsonl, .sqlite)."""
+    if path.suffix == ".csv":
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["user", "item", "timestamp"])
+            w.writerows(rows)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps({"user": u, "item": i, "timestamp": t}) + "\n" for u, i, t in rows))
+    elif path.suffix == ".sqlite":
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE interactions (user TEXT, item TEXT, timestamp REAL)")
+            db.executemany("INSERT INTO interactions VALUES (?, ?, ?)", rows)
+    else:
+        raise ValueError(f"no writer for {path.suffix}")
+    return path
+
+
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1, as a context manager that stops what it started."""
+
+    def __init__(self, workdir: Path, devices: list[dict], *, tls: bool = True, auth: bool = True) -> None:
+        if auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it with --insecure)")
+        self.workdir = Path(workdir).resolve()
+        self.devices, self.tls, self.auth = devices, tls, auth
+        self.procs: list[subprocess.Popen] = []
+        self.port = free_port()
+        bin_dir = Path(sys.executable).parent
+        self.env = {k: v for k, v in os.environ.items() if k != "FEDREC_RUN_CONFIG"} | {
+            "FLWR_HOME": str(self.workdir / "flwr-home"),
+            # Otherwise the SuperLink installs every dependency again, in a fresh env, per run.
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.bin = bin_dir
+        self.logs = self.workdir / "logs"
+
+    # -------------------------------------------------------------- processes
+    def _start(self, name: str, args: list[str], cwd: Path) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen(args, cwd=cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def _cli(self, *args: str, timeout: float = 60) -> str:
+        out = subprocess.run([str(self.bin / "flwr"), *args], cwd=self.workdir, env=self.env, capture_output=True,
+                             text=True, timeout=timeout)  # fmt: skip
+        if out.returncode:
+            raise RuntimeError(f"flwr {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+        return out.stdout
+
+    def __enter__(self) -> LocalFederation:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "flwr-home").mkdir(exist_ok=True)
+        security: list[str] = ["--insecure"]
+        root: list[str] = ["--insecure"]
+        conf = f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.port}"\n'
+        if self.tls:
+            ca, cert, key = make_certificates(self.workdir / "certs")
+            security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+            root = ["--root-certificates", str(ca)]
+            conf += f'root-certificates = "{ca}"\ninsecure = false\n'
+        else:
+            conf += "insecure = true\n"
+        (self.workdir / "flwr-home" / "config.toml").write_text(conf)
+        state = self.workdir / "superlink"
+        state.mkdir(exist_ok=True)
+        args = [str(self.bin / "flower-superlink"), *security, "--host", "127.0.0.1", "--port", str(self.port),
+                "--database", str(state / "state.db")]  # fmt: skip
+        if self.auth:
+            args.append("--enable-supernode-auth")
+        try:
+            self._start("superlink", args, state)
+            self._wait_for_port(self.port)
+            for i, node_config in enumerate(self.devices):
+                auth: list[str] = []
+                if self.auth:
+                    private, public = make_node_key(self.workdir / "certs" / f"device-{i}")
+                    self._cli("supernode", "register", str(public), FEDERATION, "--name", f"device-{i}")
+                    auth = ["--auth-supernode-private-key", str(private)]
+                folder = self.workdir / f"device-{i}"
+                folder.mkdir(exist_ok=True)
+                self._start(f"device-{i}", [
+                    str(self.bin / "flower-supernode"), *root, "--superlink", f"127.0.0.1:{self.port}",
+                    "--port", str(free_port()), *auth, "--node-config", toml_pairs(node_config),
+                ], folder)  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_port(self, port: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs[0].poll() is not None:
+                raise RuntimeError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the SuperLink did not open port {port} in {timeout:.0f} s")
+
+    def run(self, run_config: dict, app_dir: Path = ROOT, timeout: float = 900) -> str:
+        """`flwr run <app> <federation> --stream`; returns its output, raises if it fails."""
+        args = [str(self.bin / "flwr"), "run", str(app_dir), FEDERATION, "--stream", "--run-config", toml_pairs(run_config)]
+        out = subprocess.run(args, cwd=self.workdir, env=self.env, capture_output=True, text=True, timeout=timeout)
+        (self.logs / "flwr-run.log").write_text(out.stdout + out.stderr)
+        if out.returncode:
+            raise RuntimeError(f"flwr run failed (rc {out.returncode}); see {self.logs}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        return out.stdout
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def device_files(data_path: Path, user_ids: Sequence[str], folder: Path) -> list[dict]:
+    """Split a user,item,timestamp CSV into one file per device; return their node configs."""
+    rows: dict[str, list[tuple[str, str, float]]] = {u: [] for u in user_ids}
+    with open(data_path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if row["user"] in rows:
+                rows[row["user"]].append((row["user"], row["item"], float(row["timestamp"])))
+    folder.mkdir(parents=True, exist_ok=True)
+    configs = []
+    for i, user in enumerate(user_ids):
+        suffix = (".csv", ".jsonl", ".sqlite")[i % 3]  # every shipped source in use
+        path = write_device_file(rows[user], folder / f"device-{i}{suffix}")
+        configs.append({"user-id": user, "data-path": str(path), "state-dir": str(folder / f"state-{i}")})
+    return configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-path", required=True, type=Path, help="CSV with user,item,timestamp")
+    ap.add_argument("--devices", type=int, default=3, help="how many private users get a SuperNode")
+    ap.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=2 cohort-size=3"')
+    ap.add_argument("--workdir", type=Path, help="where certificates, logs and device files go (default: a temp dir)")
+    ap.add_argument("--insecure", action="store_true", help="no TLS (and so no SuperNode authentication)")
+    ap.add_argument("--no-auth", action="store_true", help="TLS without SuperNode authentication")
+    args = ap.parse_args(argv)
+
+    from fedrec.config import ConfigError, FedRecConfig, parse_run_config
+    from fedrec.data import load_interactions, split_users
+
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedrec-federation-"))).resolve()
+    data_path = args.data_path.resolve()
+    try:
+        overrides = parse_run_config(args.run_config)
+        cfg = FedRecConfig.from_mapping(
+            {"dataset": "csv", "data-path": str(data_path), "placement": "device", "output-dir": str(workdir / "results")}
+            | overrides
+        )
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    data = split_users(load_interactions(cfg), cfg.public_fraction, cfg.seed)
+    users = [data.user_ids[int(u)] for u in data.private[: args.devices]]
+    devices = device_files(data_path, users, workdir / "devices")
+    run_config = {k: v for k, v in cfg.to_dict().items() if k in {"dataset", "data-path", "placement", "output-dir"}} | overrides
+    print(f"{len(devices)} devices ({', '.join(users)}); logs and files in {workdir}", flush=True)
+    t0 = time.time()
+    with LocalFederation(workdir, devices, tls=not args.insecure, auth=not (args.insecure or args.no_auth)) as fed:
+        print(fed.run(run_config))
+    print(f"done in {time.time() - t0:.0f} s; results in {workdir / 'results'}")
+    if args.workdir is None:
+        shutil.rmtree(workdir / "devices", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
