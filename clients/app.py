@@ -16,9 +16,14 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
 
 from clients.device import device_model, has_base, is_device, read_own_data, store_base
+from fedrec.aggregate import UpdateSum
 from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
 from fedrec.data.split import SplitData
@@ -59,12 +64,15 @@ def _model(key: tuple[str, str], build) -> torch.nn.Module:
 
 
 def _node(msg: Message, context: Context) -> _Node:
-    cfg = FedRecConfig.from_mapping(dict(msg.content["run-config"]))
+    return _node_from(msg.content["run-config"], msg.content["task"], context)
+
+
+def _node_from(run_config, task, context: Context) -> _Node:
+    cfg = FedRecConfig.from_mapping(dict(run_config))
     torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
     device = resolve_device(cfg.device)
     nc = context.node_config
     if is_device(nc):  # a real device: own data, base model received from the server
-        task = msg.content["task"]
         fingerprint, users = str(task["base"]), [int(u) for u in task["user-ids"]]
         if len(users) != 1:
             raise ValueError(f"device {nc['user-id']!r} holds one user, was asked for {len(users)}")
@@ -126,19 +134,55 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"identity": ConfigRecord({"user-id": -1 if own is None else own})}), reply_to=msg)
 
 
-@app.train()
+def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ client mod for the train messages of a SecAgg+ round; others pass."""
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[_secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
+    if "fitins.parameters" in msg.content.array_records:
+        return _train_secagg(msg, context)
     t0 = time.perf_counter()
     try:
         node = _node(msg, context)
     except DataError as err:
         return _data_error(msg, context, err)
-    cfg, model, device = node.cfg, node.model, node.device
-    users = _users(msg, context, node)
     task = msg.content["task"]
-    global_state = {k: v.to(device) for k, v in msg.content["adapter"].to_torch_state_dict().items()}
-    if cfg.partition == "silo":
-        return _train_silo(msg, cfg, node.data, model, device, users, global_state)
+    global_state = msg.content["adapter"].to_torch_state_dict()
+    if node.cfg.partition == "silo":
+        state = {k: v.to(node.device) for k, v in global_state.items()}
+        return _train_silo(msg, node.cfg, node.data, node.model, node.device, _users(msg, context, node), state)
+    total = _train_users(node, _users(msg, context, node), global_state, task)
+    counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
+    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
+    return Message(content, reply_to=msg)
+
+
+def _train_secagg(msg: Message, context: Context) -> Message:
+    """The masked-vector stage of SecAgg+: Flower's legacy FitIns in, FitRes out.
+
+    The reply's parameters are this user's clipped update in the adapter's key order; the
+    mod masks them so the server only ever recovers the sum. No per-user metrics go out.
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    conf = fitins.config
+    keys = json.loads(str(conf["adapter-keys"]))
+    task = json.loads(str(conf["task"]))
+    node = _node_from(json.loads(str(conf["run-config"])), task, context)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
+    total = _train_users(node, [int(u) for u in task["user-ids"]], global_state, task)
+    update = [total.delta[k].numpy() for k in json.loads(str(conf["update-keys"]))]
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), 1, {})
+    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def _train_users(node: _Node, users: list[int], global_state: dict, task) -> UpdateSum:
+    cfg, model, device = node.cfg, node.model, node.device
+    global_state = {k: v.to(device) for k, v in global_state.items()}
     common = dict(
         local_epochs=cfg.local_epochs,
         learning_rate=cfg.learning_rate,
@@ -151,15 +195,11 @@ def train(msg: Message, context: Context) -> Message:
         local_store=local_store_for(cfg),
     )
     if cfg.vectorized:
-        total = train_users_vectorized(
+        return train_users_vectorized(
             model, global_state, node.data, users, group_tokens=cfg.vector_tokens,
             scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
         )  # fmt: skip
-    else:
-        total = train_users(model, global_state, node.data, users, **common)
-    counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
-    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
-    return Message(content, reply_to=msg)
+    return train_users(model, global_state, node.data, users, **common)
 
 
 def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:

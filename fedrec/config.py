@@ -107,6 +107,9 @@ class FedRecConfig:
     dpsgd_noise_multiplier: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     dpsgd_max_grad_norm: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     dpsgd_batch_size: int = field(default=32, metadata=_range(1))
+    secure_aggregation: str = field(default="none", metadata=_choice("none", "secagg+"))
+    secagg_shares: int = field(default=3, metadata=_range(3))
+    secagg_threshold: int = field(default=2, metadata=_range(2))
     placement: str = field(default="cohort", metadata=_choice(*PLACEMENTS))
     num_workers: int = field(default=2, metadata=_range(1))
     client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
@@ -158,6 +161,17 @@ class FedRecConfig:
             raise ConfigError("local-engine: vectorized does not train lora-item-rank; use auto or loop")
         if self.scoring_dtype != "float32" and not self.vectorized:
             raise ConfigError("scoring-dtype: only the vectorized engine (local-engine=auto|vectorized) has a bfloat16 path")
+        if self.secure_aggregation == "secagg+":
+            problems = [why for why, bad in (
+                ("placement=device (one user per client)", self.placement != "device"),
+                ("clipping-norm > 0 (updates are quantized into [-C, C])", self.clipping_norm <= 0),
+                ("user-weighting=uniform", self.user_weighting != "uniform"),
+                ("no adaptive-clipping (it needs per-user clip counts)", self.adaptive_clipping),
+                ("secagg-shares odd", self.secagg_shares % 2 == 0),
+                ("secagg-threshold <= secagg-shares", self.secagg_threshold > self.secagg_shares),
+            ) if bad]  # fmt: skip
+            if problems:
+                raise ConfigError(f"secure-aggregation: secagg+ needs {'; '.join(problems)}")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
         if self.adaptive_clipping and self.clipping_norm <= 0:

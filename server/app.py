@@ -18,6 +18,7 @@ from rich.console import Console
 
 from fedrec.aggregate import ServerOptimizer
 from fedrec.config import FedRecConfig
+from fedrec.local_state import is_local
 from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state
 from fedrec.privacy.mechanism import make_plan
 from fedrec.report import print_comparison
@@ -44,10 +45,10 @@ def server_config(run_config: dict) -> FedRecConfig:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federated(grid, server_config(context.run_config))
+    run_federated(grid, server_config(context.run_config), context=context)
 
 
-def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None) -> dict:
+def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None, context: Context | None = None) -> dict:
     console = console or Console(soft_wrap=True)
     t0 = time.time()
     out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode))
@@ -64,12 +65,19 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None)
     )
     optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate)
     base = BaseShipment(work.base_path.stem, work.base_path, work.data.item_ids, work.data.user_ids)
-    strategy = FedRecStrategy(cfg, work.data.private, optimizer, base=base, log=console.print)
+    update_keys = [k for k in adapter_parameters(model) if not (cfg.lora_share == "a-only" and is_local(k))]
+    strategy = FedRecStrategy(cfg, work.data.private, optimizer, base=base, log=console.print, context=context,
+                              update_keys=update_keys)  # fmt: skip
     strategy.connect(grid)
     ready_seconds = time.time() - t0
     nodes = len(strategy.workers) or len(strategy.user_node)
     population = len(strategy.population)
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} of {population:,} users")
+    if cfg.secure_aggregation == "secagg+":
+        console.print(
+            f"privacy: SecAgg+ ({cfg.secagg_shares} shares, threshold {cfg.secagg_threshold}): the server learns only "
+            "the sum of the cohort's clipped updates, never one user's; per-user loss and norm stay on the devices"
+        )
     # After connect: in device placement the population is the users whose devices answered.
     plan = make_plan(cfg, population, log=console.print)
     strategy.plan = plan

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -48,8 +48,12 @@ class FedRecStrategy(Strategy):
         plan: PrivacyPlan | None = None,
         base: BaseShipment | None = None,
         log: Callable[[str], None] = print,
+        context: Context | None = None,
+        update_keys: list[str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self.context = context  # the ServerApp's; SecAgg+ builds its legacy context from it
+        self.update_keys = update_keys or []  # what users send: SecAgg+ needs the vector's layout
         self.plan = plan  # set after connect() where the population depends on which devices answer
         self.base = base
         self.log = log
@@ -223,6 +227,15 @@ class FedRecStrategy(Strategy):
         expected = len(self.cohort) - len(self.failed_users)
         if total.num_users != expected:
             raise RuntimeError(f"round {server_round}: {total.num_users} of {expected} cohort users reported")
+        new_state, metrics = self._apply(server_round, total)
+        metrics["worker-peak-rss-mb"] = peak_rss  # the largest of the replying nodes' peak memory
+        metrics["worker-train-seconds"] = busiest  # the slowest node's time inside its train handler
+        if self.silos:
+            metrics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
+        return ArrayRecord(new_state), MetricRecord(metrics)
+
+    def _apply(self, server_round: int, total: UpdateSum) -> tuple[dict, dict]:
+        """The server's step on a round's sum: noise (DP), normalize, server optimizer."""
         n = max(total.num_users, 1)
         metrics = {
             "users": total.num_users,
@@ -230,11 +243,7 @@ class FedRecStrategy(Strategy):
             "loss": total.loss_sum / n,
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
-            "worker-peak-rss-mb": peak_rss,  # the largest of the replying nodes' peak memory
-            "worker-train-seconds": busiest,  # the slowest node's time inside its train handler
         }
-        if self.silos:
-            metrics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
         if self.plan.enabled:
             # Noise goes on even when Poisson sampling drew nobody: the mechanism's output
             # must not reveal the cohort size.
@@ -246,7 +255,7 @@ class FedRecStrategy(Strategy):
         else:
             new_state = self.optimizer.state()
         self.plan.adapt_clip(total.num_users - total.num_clipped, total.num_users, self.cfg.seed, server_round)
-        return ArrayRecord(new_state), MetricRecord(metrics)
+        return new_state, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -269,11 +278,30 @@ class FedRecStrategy(Strategy):
 
     # ------------------------------------------------------------ round helpers
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
+        if self.cfg.secure_aggregation == "secagg+":
+            return self._secagg_round(grid, server_round, arrays)
         msgs = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
         device = self.cfg.placement == "device"
         new_arrays, metrics = self.aggregate_train(server_round, self._receive(grid, msgs, "train", tolerate=device))
         assert new_arrays is not None and metrics is not None
         return new_arrays, metrics
+
+    def _secagg_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
+        """The cohort's sum through SecAgg+: the server never holds one user's update."""
+        from server.secagg import secure_sum  # the legacy Flower stack, loaded only when asked
+
+        if self.context is None or not self.update_keys:
+            raise RuntimeError("secure-aggregation=secagg+ needs the ServerApp context and the update's keys")
+        self.cohort = self.plan.draw(self.population, self.cfg.seed, server_round)
+        task = {"round": server_round, "clipping-norm": float(self.plan.clipping_norm),
+                "base": self.base.fingerprint if self.base else ""}  # fmt: skip
+        routes = [(self.user_node[int(u)], int(u)) for u in self.cohort]
+        total, failed = secure_sum(grid, self.context, self.cfg, arrays.to_torch_state_dict(), routes, task,
+                                   self.cfg.to_dict(), self.update_keys)  # fmt: skip
+        if failed:
+            self.log(f"round {server_round}: {failed} of {len(routes)} devices dropped out of SecAgg+")
+        new_state, metrics = self._apply(server_round, total)
+        return ArrayRecord(new_state), MetricRecord(metrics | {"worker-peak-rss-mb": 0.0, "worker-train-seconds": 0.0})
 
     def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, split: str) -> dict[str, float]:
         msgs = list(self.configure_evaluate(server_round, arrays, ConfigRecord({"split": split}), grid))
