@@ -16,6 +16,22 @@ SHARED_DATA = Path(os.environ.get("FEDREC_SHARED_DATA", REPO.parent / "shared" /
 torch.set_num_threads(1)
 
 
+def write_csv_dataset(path: Path) -> Path:
+    """40 users with raw string ids (users u0.., items item-..), so the catalogue mapping is exercised."""
+    import csv
+
+    from fedrec.data.synthetic import generate_synthetic
+
+    inter = generate_synthetic(num_users=40, num_items=60, num_clusters=4, mean_length=12, seed=3)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["user", "item", "timestamp"])
+        for u, seq in enumerate(inter.sequences):
+            for j, item in enumerate(seq):
+                w.writerow([f"u{u}", f"item-{item}", 1_000_000 + 10 * j + u])
+    return path
+
+
 def shared_file(*parts: str) -> Path:
     """A file under ../shared/data, or skip the test with a message saying where it looked."""
     path = SHARED_DATA.joinpath(*parts)

@@ -7,7 +7,6 @@ cohort, which never leaves one process.
 
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedrec.data.synthetic import generate_synthetic
 from server.local_federation import LocalFederation, device_files
+from conftest import write_csv_dataset
 
 pytestmark = pytest.mark.skipif(shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None,
                                 reason="flower-superlink is not installed beside this Python")  # fmt: skip
@@ -28,18 +27,6 @@ CONFIG = {
     "max-seq-len": 20, "pretrain-epochs": 5, "num-rounds": 2, "cohort-size": 3, "eval-every": 0,
     "clipping-norm": 0.05, "server-optimizer": "sgd", "server-learning-rate": 1.0,
 }  # fmt: skip
-
-
-def write_dataset(path: Path) -> Path:
-    """40 users with raw string ids (users u0.., items item-..), so the catalogue mapping is exercised."""
-    inter = generate_synthetic(num_users=40, num_items=60, num_clusters=4, mean_length=12, seed=3)
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["user", "item", "timestamp"])
-        for u, seq in enumerate(inter.sequences):
-            for j, item in enumerate(seq):
-                w.writerow([f"u{u}", f"item-{item}", 1_000_000 + 10 * j + u])
-    return path
 
 
 def simulate(tmp_path: Path, config: dict, name: str) -> Path:
@@ -79,16 +66,29 @@ def dataset(tmp_path_factory) -> dict:
     from fedrec.data import load_interactions, split_users
 
     tmp = tmp_path_factory.mktemp("deploy-data")
-    config = CONFIG | {"data-path": str(write_dataset(tmp / "data.csv")), "cache-dir": str(tmp / "cache")}
+    config = CONFIG | {"data-path": str(write_csv_dataset(tmp / "data.csv")), "cache-dir": str(tmp / "cache")}
     cfg = FedRecConfig.from_mapping(config)
     data = split_users(load_interactions(cfg), cfg.public_fraction, cfg.seed)
     assert len(data.private) == 3  # public-fraction leaves exactly three private users: the devices
     return config | {"_devices": [data.user_ids[int(u)] for u in data.private]}
 
 
-def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, dataset):
+@pytest.fixture(scope="module")
+def simulated(dataset, tmp_path_factory) -> Path:
+    return simulate(tmp_path_factory.mktemp("deploy-sim"), dataset, "sim")
+
+
+def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, dataset, simulated):
     deployed, out = deploy(tmp_path, dataset, "deploy")
     assert "devices: 3 real devices; base model and catalogue sent to 3" in out
     assert "round   2/2 | users    3" in out
-    simulated = simulate(tmp_path, dataset, "sim")
+    _assert_same_adapters(deployed, simulated, atol=1e-5)
+
+
+def test_secagg_deployment_gives_the_same_sum(tmp_path, dataset, simulated):
+    """SecAgg+ on: the server only unmasks the cohort's sum, and it is the plain run's sum
+    up to quantization (2C/2^22 per coordinate and user)."""
+    deployed, out = deploy(tmp_path, dataset | {"secure-aggregation": "secagg+"}, "deploy-secagg")
+    assert "SecAgg+ (3 shares, threshold 2)" in out
+    assert "round   2/2 | users    3 | loss nan" in out  # per-user losses never left the devices
     _assert_same_adapters(deployed, simulated, atol=1e-5)
