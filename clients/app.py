@@ -1,137 +1,23 @@
-"""The Flower ClientApp: a thin adapter between Flower messages and fedrec.train.
+"""The Flower ClientApp: the same app in simulation and on real devices.
 
 One reply format for both placements (DESIGN.md): an ArrayRecord `update` holding the
-sum of this node's users' clipped, weighted adapter updates, and a MetricRecord `counts`
-(num-users, weight, loss-sum, ...). A cohort worker trains whatever users it is sent; a
-device node (placement=device) holds exactly one user and refuses any other. A real
-device (node config `data-path`) reads only its own data (clients/device.py).
+sum of this node's users' clipped, weighted adapter updates, and a MetricRecord `counts`.
+A cohort worker trains whatever users it is sent; a device node holds exactly one user; a
+real device (node config `data-path`) reads only its own data (clients/device.py).
+
+The handlers live in `clients.handlers` and are imported on first use: Flower's deployment
+runtime starts a fresh ClientApp process per message, importing torch and peft costs ~5 s
+there, and the SecAgg+ key-exchange and unmasking stages never touch them.
 """
 
 from __future__ import annotations
 
-import json
-import resource
-import time
-from dataclasses import dataclass
-
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from flwr.compat.common import recorddict_compat as compat
-
-from clients.device import device_model, has_base, is_device, read_own_data, store_base
-from fedrec.aggregate import UpdateSum
-from fedrec.config import FedRecConfig
-from fedrec.data.interactions import DataError
-from fedrec.data.split import SplitData
-from fedrec.local_state import client_state_dir, local_store_for
-from fedrec.model.lora import load_adapter_state
-from fedrec.privacy.dpsgd import train_silo
-from fedrec.train import evaluate_users, train_users
-from fedrec.vectorized import train_users_vectorized
-from fedrec.workload import Workload, load_workload, resolve_device
 
 app = ClientApp()
-
-def peak_rss_mb() -> float:
-    """This worker process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
-DEVICE_DATA_ERROR = 100  # Error code of a device whose own data is missing or malformed
-
-
-@dataclass
-class _Node:
-    """What a message is handled with: config, the users' data, the model and where it runs."""
-
-    cfg: FedRecConfig
-    data: SplitData
-    model: torch.nn.Module
-    device: torch.device
-    workload: Workload | None  # None on a real device: it never sees the server's dataset
-    unknown_items: int = 0  # a device's interactions with items outside the catalogue
-
-
-def _model(key: tuple[str, str], build) -> torch.nn.Module:
-    if key not in _MODELS:
-        _MODELS[key] = build()
-    return _MODELS[key]
-
-
-def _node(msg: Message, context: Context) -> _Node:
-    return _node_from(msg.content["run-config"], msg.content["task"], context)
-
-
-def _node_from(run_config, task, context: Context) -> _Node:
-    cfg = FedRecConfig.from_mapping(dict(run_config))
-    torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
-    device = resolve_device(cfg.device)
-    nc = context.node_config
-    if is_device(nc):  # a real device: own data, base model received from the server
-        fingerprint, users = str(task["base"]), [int(u) for u in task["user-ids"]]
-        if len(users) != 1:
-            raise ValueError(f"device {nc['user-id']!r} holds one user, was asked for {len(users)}")
-        own = read_own_data(nc, fingerprint, users[0])
-        model = _model((fingerprint, str(device)), lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
-        return _Node(cfg, own.data, model, device, None, own.unknown_items)
-    work = load_workload(cfg, pretrain=False)
-    model = _model((str(work.base_path), str(device)), lambda: work.model(device))
-    return _Node(cfg, work.data, model, device, work)
-
-
-def _data_error(msg: Message, context: Context, err: Exception) -> Message:
-    """A clear error reply instead of a crash: the server leaves this device out and goes on."""
-    who = context.node_config.get("user-id", context.node_id)
-    return Message(Error(DEVICE_DATA_ERROR, f"device {who}: {err}"), reply_to=msg)
-
-
-def _own_user(context: Context, node: _Node) -> int | None:
-    """The one user a simulated device holds (its partition); None on a cohort worker."""
-    nc = context.node_config
-    if "partition-id" in nc and node.cfg.placement == "device":
-        return int(node.data.private[int(nc["partition-id"])])
-    return None
-
-
-def _users(msg: Message, context: Context, node: _Node) -> list[int]:
-    users = [int(u) for u in msg.content["task"]["user-ids"]]
-    if node.workload is not None and node.cfg.placement == "device":
-        own = _own_user(context, node)
-        if users != [own]:
-            raise ValueError(f"device node holds user {own}, was asked to train {users}")
-    return users
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """`identify`: which user this node holds (loading data and model moves start-up out of
-    round 1). `setup`: a real device stores the base model and catalogue, then checks it can
-    read its own data."""
-    nc = context.node_config
-    kind = str(msg.content["task"]["kind"])
-    if is_device(nc):
-        fingerprint = str(msg.content["task"]["base"])
-        if kind == "identify":
-            identity = {"user-key": str(nc["user-id"]), "needs-base": int(not has_base(nc, fingerprint))}
-            return Message(RecordDict({"identity": ConfigRecord(identity)}), reply_to=msg)
-        if "base" in msg.content:
-            item_ids = [str(i) for i in msg.content["catalogue"]["item-ids"]]
-            store_base(nc, fingerprint, msg.content["base"].to_torch_state_dict(), item_ids)
-        try:
-            node = _node(msg, context)
-        except (DataError, OSError) as err:
-            return _data_error(msg, context, err)
-        user = int(node.data.private[0])
-        counts = {"num-interactions": len(node.data.train[user]) + 2, "unknown-items": node.unknown_items}
-        return Message(RecordDict({"counts": MetricRecord(counts)}), reply_to=msg)
-    node = _node(msg, context)
-    own = _own_user(context, node)
-    return Message(RecordDict({"identity": ConfigRecord({"user-id": -1 if own is None else own})}), reply_to=msg)
 
 
 def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
@@ -141,94 +27,26 @@ def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    if "data-path" in context.node_config and msg.content["task"]["kind"] == "identify":
+        from clients.device import identify  # a real device answers who it is without loading torch
+
+        return identify(msg, context)
+    from clients import handlers
+
+    return handlers.query(msg, context)
+
+
 @app.train(mods=[_secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    if "fitins.parameters" in msg.content.array_records:
-        return _train_secagg(msg, context)
-    t0 = time.perf_counter()
-    try:
-        node = _node(msg, context)
-    except DataError as err:
-        return _data_error(msg, context, err)
-    task = msg.content["task"]
-    global_state = msg.content["adapter"].to_torch_state_dict()
-    if node.cfg.partition == "silo":
-        state = {k: v.to(node.device) for k, v in global_state.items()}
-        return _train_silo(msg, node.cfg, node.data, node.model, node.device, _users(msg, context, node), state)
-    total = _train_users(node, _users(msg, context, node), global_state, task)
-    counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
-    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
-    return Message(content, reply_to=msg)
+    from clients import handlers
 
-
-def _train_secagg(msg: Message, context: Context) -> Message:
-    """The masked-vector stage of SecAgg+: Flower's legacy FitIns in, FitRes out.
-
-    The reply's parameters are this user's clipped update in the adapter's key order; the
-    mod masks them so the server only ever recovers the sum. No per-user metrics go out.
-    """
-    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-    conf = fitins.config
-    keys = json.loads(str(conf["adapter-keys"]))
-    task = json.loads(str(conf["task"]))
-    node = _node_from(json.loads(str(conf["run-config"])), task, context)
-    arrays = parameters_to_ndarrays(fitins.parameters)
-    global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
-    total = _train_users(node, [int(u) for u in task["user-ids"]], global_state, task)
-    update = [total.delta[k].numpy() for k in json.loads(str(conf["update-keys"]))]
-    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), 1, {})
-    return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
-
-
-def _train_users(node: _Node, users: list[int], global_state: dict, task) -> UpdateSum:
-    cfg, model, device = node.cfg, node.model, node.device
-    global_state = {k: v.to(device) for k, v in global_state.items()}
-    common = dict(
-        local_epochs=cfg.local_epochs,
-        learning_rate=cfg.learning_rate,
-        clipping_norm=float(task.get("clipping-norm", cfg.clipping_norm)),
-        user_weighting=cfg.user_weighting,
-        max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed,
-        round_=int(task["round"]),
-        device=device,
-        local_store=local_store_for(cfg),
-    )
-    if cfg.vectorized:
-        return train_users_vectorized(
-            model, global_state, node.data, users, group_tokens=cfg.vector_tokens,
-            scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
-        )  # fmt: skip
-    return train_users(model, global_state, node.data, users, **common)
-
-
-def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
-    """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""
-    task = msg.content["task"]
-    ledger = client_state_dir(cfg) / f"silo-{int(task['silo'])}.json"
-    history = [tuple(h) for h in json.loads(ledger.read_text())] if ledger.exists() else []
-    total, epsilon, history = train_silo(
-        model, global_state, data, users, epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
-        noise_multiplier=cfg.dpsgd_noise_multiplier, max_grad_norm=cfg.dpsgd_max_grad_norm,
-        batch_size=cfg.dpsgd_batch_size, delta=cfg.target_delta or 1.0 / len(users), max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed, round_=int(task["round"]), device=device, history=history,
-    )  # fmt: skip
-    ledger.parent.mkdir(parents=True, exist_ok=True)
-    ledger.write_text(json.dumps(history))
-    counts = total.counts() | {"silo-epsilon": epsilon}
-    return Message(RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)}), reply_to=msg)
+    return handlers.train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    try:
-        node = _node(msg, context)
-    except DataError as err:
-        return _data_error(msg, context, err)
-    users = _users(msg, context, node)
-    load_adapter_state(node.model, msg.content["adapter"].to_torch_state_dict())
-    sums = evaluate_users(
-        node.model, node.data, users, str(msg.content["task"]["split"]), max_seq_len=node.cfg.max_seq_len,
-        device=node.device, local_store=local_store_for(node.cfg),
-    )  # fmt: skip
-    return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+    from clients import handlers
+
+    return handlers.evaluate(msg, context)

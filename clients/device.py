@@ -10,19 +10,25 @@ catalogue, and split leave-one-out exactly as the server splits simulated users.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients.sources import open_source
-from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
 from fedrec.data.split import SplitData, one_user_split
-from fedrec.workload import build_model
+
+if TYPE_CHECKING:  # torch and peft load only where a model is needed (see clients/app.py)
+    import torch
+
+    from fedrec.config import FedRecConfig
 
 MIN_INTERACTIONS = 3  # leave-one-out needs a training item, a validation and a test target
 
@@ -41,7 +47,17 @@ def has_base(node_config: dict, fingerprint: str) -> bool:
     return (state_dir(node_config) / f"{fingerprint}.pt").exists()
 
 
+def identify(msg: Message, context: Context) -> Message:
+    """Who this device is and whether it still needs the base model: no torch needed."""
+    nc = context.node_config
+    fingerprint = str(msg.content["task"]["base"])
+    identity = {"user-key": str(nc["user-id"]), "needs-base": int(not has_base(nc, fingerprint))}
+    return Message(RecordDict({"identity": ConfigRecord(identity)}), reply_to=msg)
+
+
 def store_base(node_config: dict, fingerprint: str, state: dict[str, torch.Tensor], item_ids: list[str]) -> None:
+    import torch
+
     folder = state_dir(node_config)
     folder.mkdir(parents=True, exist_ok=True)
     for name, write in (
@@ -65,6 +81,8 @@ def read_own_data(node_config: dict, fingerprint: str, user: int) -> DeviceData:
     item_ids = json.loads((state_dir(node_config) / f"{fingerprint}.json").read_text())
     index = {raw: i + 1 for i, raw in enumerate(item_ids)}
     user_id = str(node_config["user-id"])
+    if "source-module" in node_config:  # an app's own reader registers itself on import
+        importlib.import_module(str(node_config["source-module"]))
     raw = open_source(str(node_config["data-path"])).items(user_id)
     mapped = [index[r] for r in raw if r in index]
     if len(mapped) < MIN_INTERACTIONS:
@@ -78,4 +96,6 @@ def read_own_data(node_config: dict, fingerprint: str, user: int) -> DeviceData:
 
 def device_model(cfg: FedRecConfig, node_config: dict, fingerprint: str, num_items: int) -> torch.nn.Module:
     """The server's base with the run's seeded LoRA, built as on every simulated worker."""
+    from fedrec.workload import build_model
+
     return build_model(cfg, num_items, state_dir(node_config) / f"{fingerprint}.pt")

@@ -13,7 +13,8 @@ from conftest import write_csv_dataset
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from clients.app import DEVICE_DATA_ERROR, app
+from clients.app import app
+from clients.handlers import DEVICE_DATA_ERROR
 from fedrec.config import FedRecConfig
 from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.workload import load_workload

@@ -38,10 +38,12 @@ def simulate(tmp_path: Path, config: dict, name: str) -> Path:
     return out
 
 
-def deploy(tmp_path: Path, config: dict, name: str) -> tuple[Path, str]:
+def deploy(tmp_path: Path, config: dict, name: str, stranger: bool = False) -> tuple[Path, str]:
     workdir = tmp_path / name
     workdir.mkdir()
     devices = device_files(Path(config["data-path"]), config["_devices"], workdir / "devices")
+    if stranger:  # a fourth SuperNode whose user the run does not know: reported, left out
+        devices.append(devices[0] | {"user-id": "nobody", "state-dir": str(workdir / "stranger")})
     with LocalFederation(workdir, devices, tls=True, auth=True) as fed:
         out = fed.run(run_config(config) | {"output-dir": str(workdir / "results")})
     return workdir / "results", out
@@ -79,7 +81,8 @@ def simulated(dataset, tmp_path_factory) -> Path:
 
 
 def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, dataset, simulated):
-    deployed, out = deploy(tmp_path, dataset, "deploy")
+    deployed, out = deploy(tmp_path, dataset, "deploy", stranger=True)
+    assert "user 'nobody' is not a private user of this run; left out" in out
     assert "devices: 3 real devices; base model and catalogue sent to 3" in out
     assert "round   2/2 | users    3" in out
     _assert_same_adapters(deployed, simulated, atol=1e-5)
