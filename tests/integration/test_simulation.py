@@ -99,3 +99,22 @@ def test_silo_dpsgd_run_reports_growing_silo_epsilon(tmp_path):
     ledgers = sorted((Path(s["results_dir"]) / "client-state").glob("silo-*.json"))
     assert len(ledgers) == 3 and all(json.loads(p.read_text())[0][2] > 0 for p in ledgers)
     assert "not users across silos" in s["_stdout"]
+
+
+def test_secagg_with_dp_noise_releases_the_same_adapter_as_plain_central_dp(tmp_path):
+    # Same seed, same cohorts, same noise draw: SecAgg+ only changes what the server sees
+    # (the unmasked sum instead of each update), not what it releases. FedAvg (sgd, 1.0): Adam
+    # would turn quantization-sized differences of near-zero coordinates into ±lr steps.
+    common = (
+        "synthetic-users=40 public-fraction=0.85 placement=device num-rounds=2 cohort-size=5 eval-every=0 "
+        "clipping-norm=0.05 noise-multiplier=0.8 sampling=poisson accountant=pld "
+        "server-optimizer=sgd server-learning-rate=1.0"
+    )
+    plain = simulate(tmp_path, "plain", common)
+    secure = simulate(tmp_path, "secagg", f"{common} secure-aggregation=secagg+")
+    assert "SecAgg+ (3 shares, threshold 2)" in secure["_stdout"]
+    a = load_file(Path(plain["results_dir"]) / "adapter_last_round.safetensors")
+    b = load_file(Path(secure["results_dir"]) / "adapter_last_round.safetensors")
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= 1e-5, k
+    assert secure["epsilon"] == pytest.approx(plain["epsilon"]) and secure["epsilon"] > 0
