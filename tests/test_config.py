@@ -36,6 +36,12 @@ def test_run_config_parsing_takes_toml_and_bare_words():
         ({"lora-targets": "q_proj,item_emb"}, "lora-targets"),
         ({"dataset": "movielens"}, "data-path"),
         ({"dataset": "csv", "data-path": "/does/not/exist"}, "data-path"),
+        ({"secure-aggregation": "secagg+"}, "secure-aggregation"),  # cohort placement, no clipping
+        ({"secure-aggregation": "secagg+", "placement": "device", "clipping-norm": 1.0, "secagg-shares": 4},
+         "secure-aggregation"),  # fmt: skip
+        ({"local-engine": "vectorized", "lora-item-rank": 4}, "local-engine"),
+        ({"local-engine": "loop", "scoring-dtype": "bfloat16"}, "scoring-dtype"),
+        ({"scoring-dtype": "float16"}, "scoring-dtype"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(overrides, key):
@@ -67,3 +73,12 @@ def test_silo_partition_refuses_combinations_it_does_not_support():
         FedRecConfig.from_mapping({"partition": "silo", "placement": "device"})
     with pytest.raises(ConfigError, match="^lora-share: "):
         FedRecConfig.from_mapping({"lora-share": "a-only", "lora-train": "b-only"})
+
+
+def test_secagg_error_names_every_missing_condition():
+    with pytest.raises(ConfigError) as err:
+        FedRecConfig.from_mapping({"secure-aggregation": "secagg+", "adaptive-clipping": True, "clipping-norm": 1.0})
+    text = str(err.value)
+    assert "placement=device" in text and "adaptive-clipping" in text and "clipping-norm" not in text.split("needs")[1]
+    ok = FedRecConfig.from_mapping({"secure-aggregation": "secagg+", "placement": "device", "clipping-norm": 0.5})
+    assert ok.secagg_shares == 3 and ok.vectorized
