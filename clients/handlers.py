@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from clients.device import device_model, identify, is_device, read_own_data, store_base
+from clients.device import device_model, identify, is_device, read_own_data, state_dir, store_base
 from fedrec.aggregate import UpdateSum
 from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
@@ -30,6 +30,7 @@ from fedrec.privacy.dpsgd import train_silo
 from fedrec.train import evaluate_users, train_users
 from fedrec.vectorized import train_users_vectorized
 from fedrec.workload import Workload, load_workload, resolve_device
+
 
 def peak_rss_mb() -> float:
     """This worker process's peak resident memory (Linux reports ru_maxrss in KiB)."""
@@ -72,6 +73,8 @@ def _node_from(run_config, task, context: Context) -> _Node:
         if len(users) != 1:
             raise ValueError(f"device {nc['user-id']!r} holds one user, was asked for {len(users)}")
         own = read_own_data(nc, fingerprint, users[0])
+        # What never leaves the device (its own B under lora-share=a-only) lives in its state folder.
+        cfg = cfg.replace(client_state_dir=str(state_dir(nc) / "client-state"))
         model = _model((fingerprint, str(device)), lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
         return _Node(cfg, own.data, model, device, None, own.unknown_items)
     work = load_workload(cfg, pretrain=False)
@@ -133,7 +136,7 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     try:
         node = _node(msg, context)
-    except DataError as err:
+    except (DataError, OSError) as err:
         return _data_error(msg, context, err)
     task = msg.content["task"]
     global_state = msg.content["adapter"].to_torch_state_dict()
@@ -207,7 +210,7 @@ def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     try:
         node = _node(msg, context)
-    except DataError as err:
+    except (DataError, OSError) as err:
         return _data_error(msg, context, err)
     users = _users(msg, context, node)
     load_adapter_state(node.model, msg.content["adapter"].to_torch_state_dict())
