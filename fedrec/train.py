@@ -120,16 +120,25 @@ def evaluate_users(
     full-sort protocol); the target itself always stays in. The `sampled100-` metrics
     rank the target among 100 sampled unseen items instead, for older papers only.
     """
-    if local_store is not None:
+    if local_store is not None and model.get_base_model().item_delta is not None:
         return _evaluate_with_own_state(model, data, users, split, local_store, max_seq_len=max_seq_len, device=device, ks=ks)
-    model.eval()
+    if local_store is not None:  # each user's own B, many users per batch (vectorized imports this module)
+        from fedrec.vectorized import own_state_hidden
+
+        last_hidden = own_state_hidden(model, local_store)
+    else:
+        model.eval()
+
+        def last_hidden(_users: list[int], inputs: torch.Tensor) -> torch.Tensor:
+            return model(inputs)[:, -1, :]
+
     ranks, sampled_ranks = [], []
     users = list(users)
     for start in range(0, len(users), batch_size):
         chunk = users[start : start + batch_size]
         hists = [data.history(u, split) for u in chunk]
         inputs = pad_left(hists, max_seq_len).to(device)
-        hidden = model(inputs)[:, -1, :]
+        hidden = last_hidden(chunk, inputs)
         scores = model.item_scores(hidden).float()
         exclude = torch.zeros_like(scores, dtype=torch.bool)
         for row, h in enumerate(hists):
@@ -151,7 +160,10 @@ def evaluate_users(
 def _evaluate_with_own_state(
     model: nn.Module, data: SplitData, users: Sequence[int], split: str, store: UserStateStore, **kwargs
 ) -> dict[str, float]:
-    """One user at a time, each with their own B (the global B where they never trained)."""
+    """One user at a time, each with their own B (the global B where they never trained).
+
+    Only for models with an item-table delta, which the batched path does not cover.
+    """
     params = {k: p for k, p in adapter_parameters(model).items() if is_local(k)}
     global_b = {k: p.detach().clone() for k, p in params.items()}
     sums: dict[str, float] = {}

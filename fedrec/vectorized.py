@@ -32,7 +32,7 @@ from peft.tuners.lora import LoraLayer
 from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
 from fedrec.local_state import UserStateStore, is_local
-from fedrec.model.lora import AdapterState, adapter_parameters
+from fedrec.model.lora import AdapterState, adapter_parameters, adapter_state
 from fedrec.model.sasrec import SASRec
 from fedrec.privacy.clipping import CLIP_SHAVE
 from fedrec.train import next_item_batch, user_seed
@@ -212,6 +212,28 @@ def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: 
     loss, ce = _FrozenTableCrossEntropy.apply(hidden[keep], table, targets[keep] - 1, inv_count[rows], chunk, dtype)
     per_user = torch.zeros(len(inputs), device=ce.device).index_add_(0, rows, ce) * inv_count
     return loss, per_user
+
+
+def own_state_hidden(model: PeftModel, store: UserStateStore):
+    """Last hidden state of many users at once, each with their own B (lora-share=a-only).
+
+    The shared tensors are the model's current (global) adapter; a user who never trained
+    keeps the global B.
+    """
+    base = FrozenBase(model)
+    shared = adapter_state(model)
+    local_keys = [k for k in shared if is_local(k)]
+
+    @torch.no_grad()
+    def last_hidden(users: list[int], inputs: torch.Tensor) -> torch.Tensor:
+        stack = {k: v.expand(len(users), *v.shape).clone() for k, v in shared.items()}
+        for row, u in enumerate(users):
+            own = store.load(u)
+            for k in local_keys if own else []:
+                stack[k][row] = own[k].to(inputs.device)
+        return base.hidden(inputs, stack)[:, -1, :]
+
+    return last_hidden
 
 
 def length_groups(lengths: Sequence[int], max_len: int, tokens: int) -> list[np.ndarray]:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from flwr.app import ArrayRecord
 
@@ -137,6 +138,15 @@ def test_a_only_keeps_each_users_b_local_and_shares_only_a(tiny_cfg, tmp_path):
     personal = evaluate_users(model, work.data, users, "test", max_seq_len=cfg.max_seq_len, device=CPU, local_store=store)
     assert personal["count"] == plain["count"] == len(users)
     assert all(torch.equal(v, init[k]) for k, v in adapter_state(model).items())
+    # The batched evaluation (each user's B stacked) equals loading each user's B in turn.
+    one_by_one: dict[str, float] = {}
+    for u in users:
+        load_adapter_state(model, init | store.load(u))
+        got = evaluate_users(model, work.data, [u], "test", max_seq_len=cfg.max_seq_len, device=CPU)
+        one_by_one = {k: one_by_one.get(k, 0.0) + v for k, v in got.items()}
+    load_adapter_state(model, init)
+    assert one_by_one.keys() == personal.keys()
+    assert all(personal[k] == pytest.approx(one_by_one[k], abs=1e-6) for k in personal)
     ranks_differ = any(abs(personal[k] - plain[k]) > 0 for k in plain if k != "count")
     scores = {}
     for u in users:  # at least the scores move, whether or not a rank crosses a cut-off
