@@ -292,14 +292,13 @@ def train_users_vectorized(
             for k in local_keys if own else []:
                 stack[k][row] = own[k].to(device)
         params = [stack[k].requires_grad_() for k in trainable]
-        start = {k: stack[k].detach().clone() for k in shared}
         first_loss = torch.zeros(len(group), device=device)
         drop = None
         if base.dropout > 0:
             seeds = [user_seed(seed, round_, u) for u in group]
             d = base.model.item_emb.embedding_dim
-            lengths = (inputs > 0).sum(dim=1).cpu().numpy()
-            drop = _DropoutMasks(lengths, inputs.shape[1], d, base.heads, len(base.blocks), base.dropout, seeds, device)
+            real = (inputs > 0).sum(dim=1).cpu().numpy()
+            drop = _DropoutMasks(real, inputs.shape[1], d, base.heads, len(base.blocks), base.dropout, seeds, device)
         if int(n_targets.sum()):
             for epoch in range(local_epochs):
                 loss, per_user = _loss_per_user(base, stack, inputs, targets, chunk, scoring_dtype, drop)
@@ -310,7 +309,7 @@ def train_users_vectorized(
                 if epoch == 0:
                     first_loss = per_user
         with torch.no_grad():
-            delta = {k: stack[k] - start[k] for k in shared}
+            delta = {k: stack[k] - global_state[k] for k in shared}  # shared tensors all start global
             norm = torch.sqrt(sum((d.double() ** 2).flatten(1).sum(1) for d in delta.values()))
             clipped = (norm > clipping_norm) if clipping_norm > 0 else torch.zeros_like(norm, dtype=torch.bool)
             scale = torch.where(clipped, clipping_norm / norm * CLIP_SHAVE, torch.ones_like(norm))

@@ -135,18 +135,21 @@ class FedRecStrategy(Strategy):
         if not len(self.population):
             raise RuntimeError("no device node can train: see the messages above")
 
-    def _query(self, node: int, kind: str, user: int | None = None, ship: bool = False) -> Message:
+    def _query(self, node: int, kind: str, user: int | None = None, shipment: dict | None = None) -> Message:
         task = {"kind": kind, "base": self.base.fingerprint if self.base else ""}
         if user is not None:
             task["user-ids"] = [user]
-        content = RecordDict({"task": ConfigRecord(task), "run-config": self._run_config})
-        if ship and self.base is not None:
-            content["base"] = ArrayRecord(torch.load(self.base.path, map_location="cpu", weights_only=True))
-            content["catalogue"] = ConfigRecord({"item-ids": self.base.item_ids})
+        content = RecordDict({"task": ConfigRecord(task), "run-config": self._run_config} | (shipment or {}))
         return Message(content, dst_node_id=node, message_type=MessageType.QUERY)
 
     def _setup_devices(self, grid: Grid, to_setup: list[tuple[int, int, bool]]) -> None:
-        msgs = [self._query(node, "setup", user, ship) for node, user, ship in to_setup]
+        shipment = {}
+        if self.base is not None and any(ship for _n, _u, ship in to_setup):
+            shipment = {
+                "base": ArrayRecord(torch.load(self.base.path, map_location="cpu", weights_only=True)),
+                "catalogue": ConfigRecord({"item-ids": self.base.item_ids}),
+            }
+        msgs = [self._query(node, "setup", user, shipment if ship else None) for node, user, ship in to_setup]
         shipped = sum(ship for _n, _u, ship in to_setup)
         self.log(f"devices: {len(to_setup)} real devices; base model and catalogue sent to {shipped}")
         by_node = {node: user for node, user, _ship in to_setup}
