@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from clients.device import device_model, identify, is_device, read_own_data, state_dir, store_base
+from clients.device import device_model, is_device, read_own_data, state_dir, store_base
 from fedrec.aggregate import UpdateSum
 from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
@@ -108,13 +108,11 @@ def _users(msg: Message, context: Context, node: _Node) -> list[int]:
 def query(msg: Message, context: Context) -> Message:
     """`identify`: which user this node holds (loading data and model moves start-up out of
     round 1). `setup`: a real device stores the base model and catalogue, then checks it can
-    read its own data."""
+    read its own data. A real device's `identify` never reaches here: clients/app.py answers
+    it with `clients.device.identify`, before torch is imported."""
     nc = context.node_config
-    kind = str(msg.content["task"]["kind"])
     if is_device(nc):
         fingerprint = str(msg.content["task"]["base"])
-        if kind == "identify":
-            return identify(msg, context)
         if "base" in msg.content:
             item_ids = [str(i) for i in msg.content["catalogue"]["item-ids"]]
             store_base(nc, fingerprint, msg.content["base"].to_torch_state_dict(), item_ids)
