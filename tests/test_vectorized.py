@@ -13,7 +13,14 @@ from fedrec.local_state import UserStateStore
 from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.privacy.clipping import update_norm
 from fedrec.train import train_users
-from fedrec.vectorized import _FrozenTableCrossEntropy, length_groups, train_users_vectorized
+from fedrec.train import next_item_batch
+from fedrec.vectorized import (
+    FrozenBase,
+    _DropoutMasks,
+    _FrozenTableCrossEntropy,
+    length_groups,
+    train_users_vectorized,
+)
 from fedrec.workload import load_workload
 
 CPU = torch.device("cpu")
@@ -104,6 +111,36 @@ def test_dropout_is_per_user_so_grouping_does_not_matter(tiny_cfg):
     assert diff > 1e-4  # dropout is really applied
     other_round = train_users_vectorized(model, state, work.data, users, **(kw | {"round_": 4}))
     assert any(not torch.equal(other_round.delta[k], together.delta[k]) for k in together.delta)
+
+
+def test_the_dropout_path_with_nothing_dropped_equals_the_plain_forward(tiny_cfg):
+    """The hand-written attention (used whenever dropout is on) against SDPA, masks all ones."""
+    cfg = tiny_cfg.replace(dropout=0.0)
+    work = load_workload(cfg)
+    model = work.model()
+    base = FrozenBase(model)
+    users = _mixed_users(work.data)
+    inputs, _targets = next_item_batch([work.data.train[u] for u in users], cfg.max_seq_len)
+    stack = {k: v.expand(len(users), *v.shape).clone() for k, v in _perturbed_state(model).items()}
+    real = (inputs > 0).sum(dim=1).numpy()
+    keep_all = _DropoutMasks(real, inputs.shape[1], cfg.hidden_size, base.heads, len(base.blocks), 0.0,
+                             list(range(len(users))), CPU)  # fmt: skip
+    torch.testing.assert_close(base.hidden(inputs, stack, keep_all), base.hidden(inputs, stack), rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_masks_drop_at_the_configured_rate_and_keep_the_mean():
+    lengths = np.array([50, 7, 0, 33])
+    drop = _DropoutMasks(lengths, 50, 16, 2, 2, 0.3, [1, 2, 3, 4], CPU)
+    masks = drop.draw()
+    assert drop.scale == pytest.approx(1 / 0.7, rel=1e-4)  # the rate is rounded to a multiple of 1/65536
+    assert len(masks) == 1 + 4 * 2
+    values = torch.unique(torch.cat([m.flatten() for m in masks])).tolist()
+    assert values == [0.0, pytest.approx(drop.scale)]
+    real = torch.cat([m[0, -50:].flatten() for m in masks])  # the longest user's own positions
+    assert float((real == 0).float().mean()) == pytest.approx(0.3, abs=0.01)
+    assert float(real.mean()) == pytest.approx(1.0, abs=0.02)
+    assert torch.allclose(masks[0][2], torch.tensor(drop.scale))  # a user with no positions: padding only, never dropped
+    assert not torch.equal(drop.draw()[0], masks[0])  # each step draws afresh
 
 
 @settings(max_examples=15, deadline=None)
