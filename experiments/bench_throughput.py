@@ -121,6 +121,10 @@ def gemm_flops_per_s(n: int = 2048, repeats: int = 5) -> float:
     return repeats * 2 * n**3 / (time.perf_counter() - t)
 
 
+def _baddbmm_flops(self_shape, a_shape, b_shape, out_shape=None, **_kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
 def local_step_flops(cfg, users) -> float:
     """FLOPs of training `users` once with the vectorized engine, as torch counts them."""
     import torch
@@ -132,7 +136,10 @@ def local_step_flops(cfg, users) -> float:
 
     work = load_workload(cfg, pretrain=False)
     model = work.model()
-    with FlopCounterMode(display=False) as counter:
+    # torch's counter has no formula for the in-place baddbmm_ the LoRA path adds with
+    # (it would count 0); the same FLOPs as the out-of-place op.
+    inplace = {torch.ops.aten.baddbmm_: _baddbmm_flops}
+    with FlopCounterMode(display=False, custom_mapping=inplace) as counter:
         train_users_vectorized(
             model, adapter_state(model), work.data, [int(u) for u in users], local_epochs=cfg.local_epochs,
             learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm, user_weighting=cfg.user_weighting,
