@@ -9,8 +9,9 @@ per-user mean losses, so the gradient of each user's slice of the stack is exact
 user's own gradient, and clipping is applied per user before the sum.
 
 Measured against torch.func's `vmap(grad(functional_call))` over the peft model (which
-needs a fixed-shape loss, so it scores padding too): 772 vs 475 users/s, per-user loop
-211 (experiments/bench_vectorize_methods.py, 300 users, 1 thread, dropout off).
+needs a fixed-shape loss, so it scores padding too): 908-972 vs 249-266 users/s,
+per-user loop 215-265 (experiments/bench_vectorize_methods.py, 300 users, 1 thread,
+dropout off).
 
 Dropout (the base's, as in the loop's train mode) is drawn per user from that user's own
 seed at that user's own length, so a user trains identically in any group, on any worker,
@@ -327,14 +328,17 @@ def train_users_vectorized(
     device: torch.device,
     local_store: UserStateStore | None = None,
     group_tokens: int = 8192,
-    chunk: int = 128,
+    chunk: int | None = None,
     scoring_dtype: torch.dtype = torch.float32,
 ) -> UpdateSum:
     """Same contract and same result (to float tolerance) as `fedrec.train.train_users`.
 
-    `group_tokens` bounds a group's padded tokens (8192 was fastest on this CPU, 16384
-    within 10%); `chunk` is the scoring layer's rows per GEMM.
+    `group_tokens` bounds a group's padded tokens (4096-16384 within 5% of each other on
+    this CPU); `chunk` is the scoring layer's rows per GEMM: 128 on CPU (64-256 within
+    10% for 3,700 and 12,000 items: the (rows × items) buffers stay near L2 size), 4096
+    on a GPU, where each chunk is a few kernel launches (not measured: no GPU yet).
     """
+    chunk = chunk or (128 if device.type == "cpu" else 4096)
     base = FrozenBase(model)
     trainable = list(adapter_parameters(model))
     local_keys = [k for k in trainable if is_local(k)] if local_store is not None else []
