@@ -11,7 +11,9 @@ ML-1M, truncated to 50), SASRec d=64 with 2 blocks, LoRA r=8, 1 local epoch, coh
 Each placement runs in its own process through a real Flower simulation, driving
 fedrec's Strategy and ClientApp with a ServerApp that only trains (no evaluation), so
 the rate is training rounds only: send, local training, clipping and summing on the
-workers, receive, server step. The first round is timed but left out of the rate.
+workers, receive, server step. The first round is timed but left out of the rate. Each
+round's line also shows the slowest worker's time in training, and each placement how
+busy the server process was meanwhile (it shares the cores with the workers).
 
 (d) is the pure-compute bound: the FLOPs of the same users' local steps (counted by
 torch's FlopCounterMode on the vectorized engine) divided by the rate of a 2048³ fp32
@@ -84,7 +86,7 @@ def _bench_server_app():
         strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, "adam", 0.01))
         strategy.connect(grid)  # also warms every node: data, base model, torch
         strategy.plan = make_plan(cfg, len(strategy.population), log=lambda _m: None)
-        ready_at = time.time()
+        ready_at, cpu_at = time.time(), time.process_time()
         arrays, rounds = ArrayRecord(initial), []
         for rnd in range(1, cfg.num_rounds + 1):
             t = time.time()
@@ -92,8 +94,15 @@ def _bench_server_app():
             rounds.append({"round": rnd, "start": t, "seconds": time.time() - t, "users": int(metrics["users"]),
                            "worker_peak_rss_mb": float(metrics["worker-peak-rss-mb"]),
                            "worker_train_s": float(metrics["worker-train-seconds"])})  # fmt: skip
-            print(f"  round {rnd}: {rounds[-1]['users']} users in {rounds[-1]['seconds']:.2f} s", flush=True)
-        Path(cfg.output_dir, RESULT_FILE).write_text(json.dumps({"ready_at": ready_at, "rounds": rounds}))
+            r = rounds[-1]
+            print(f"  round {rnd}: {r['users']} users in {r['seconds']:.2f} s (slowest worker trained {r['worker_train_s']:.2f} s)",
+                  flush=True)  # fmt: skip
+        # CPU the server process (ServerApp, Flower's engine threads, Ray driver) used while the
+        # rounds ran, per second of them: it competes with the workers for the same cores.
+        server_cpu = (time.process_time() - cpu_at) / (time.time() - ready_at)
+        Path(cfg.output_dir, RESULT_FILE).write_text(json.dumps({"ready_at": ready_at, "rounds": rounds,
+                                                                 "server_cpu_share": server_cpu}))  # fmt: skip
+        print(f"  server process busy {server_cpu:.0%} of one core during the rounds", flush=True)
 
     return app
 
