@@ -180,6 +180,21 @@ def test_fused_cross_entropy_matches_autograd():
     torch.testing.assert_close(grad, ref_grad)
 
 
+def test_fused_cross_entropy_reports_the_loss_when_the_targets_probability_underflows():
+    """p_y below float32's range: the loss comes from the logits themselves, finite and exact."""
+    table = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    h = torch.tensor([[60.0, 0.0], [0.0, 2.0], [-80.0, 1.0]], requires_grad=True)
+    y = torch.tensor([1, 2, 0])  # row 0: logit gap 120, row 2: 160 (exp underflows); row 1 ordinary
+    w = torch.ones(3)
+    loss, ce = _FrozenTableCrossEntropy.apply(h, table, y, w, 2, torch.float32)
+    ref = F.cross_entropy(h.detach().double() @ table.double().T, y, reduction="none")
+    assert torch.isfinite(ce).all() and float(ce[0]) > 100
+    torch.testing.assert_close(ce.double(), ref, rtol=1e-5, atol=1e-4)
+    (grad,) = torch.autograd.grad(loss, h)
+    (ref_grad,) = torch.autograd.grad(F.cross_entropy(h @ table.T, y, reduction="sum"), h)
+    torch.testing.assert_close(grad, ref_grad)
+
+
 def test_length_groups_cover_every_user_once_within_the_token_budget():
     lengths = np.random.default_rng(0).integers(0, 80, 500)
     groups = length_groups(lengths, max_len=50, tokens=600)
