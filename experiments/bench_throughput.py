@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> (placement, local-engine, scoring dtype, rounds, quick rounds)
     "device": ("device", "loop", "float32", 3, 2),
     "cohort_loop": ("cohort", "loop", "float32", 3, 2),
-    "cohort_vectorized": ("cohort", "vectorized", "float32", 12, 3),
-    "cohort_vectorized_bf16": ("cohort", "vectorized", "bfloat16", 12, 0),  # 0: not in --quick
+    "cohort_vectorized": ("cohort", "vectorized", "float32", 20, 3),
+    "cohort_vectorized_bf16": ("cohort", "vectorized", "bfloat16", 20, 0),  # 0: not in --quick
 }
 RESULT_FILE = "bench-rounds.json"
 
