@@ -34,6 +34,12 @@ def _kwargs(cfg, **over):
     return kw | over
 
 
+def _workload(tiny_cfg, **over):
+    cfg = tiny_cfg.replace(**over)
+    work = load_workload(cfg)
+    return cfg, work, work.model()
+
+
 def _perturbed_state(model, seed=0):
     """A non-trivial global adapter (B != 0), so every tensor's gradient is exercised.
 
@@ -62,9 +68,7 @@ def _assert_same(a, b, rtol=1e-4, atol=1e-6):
 
 @pytest.mark.parametrize("lora_train,weighting", [("both", "uniform"), ("b-only", "examples")])
 def test_vectorized_equals_the_per_user_loop(tiny_cfg, lora_train, weighting):
-    cfg = tiny_cfg.replace(dropout=0.0, lora_train=lora_train, max_seq_len=12)
-    work = load_workload(cfg)
-    model = work.model()
+    cfg, work, model = _workload(tiny_cfg, dropout=0.0, lora_train=lora_train, max_seq_len=12)
     state = _perturbed_state(model)
     users = _mixed_users(work.data)
     assert max(len(work.data.train[u]) for u in users) > cfg.max_seq_len + 1  # truncation exercised
@@ -78,9 +82,7 @@ def test_vectorized_equals_the_per_user_loop(tiny_cfg, lora_train, weighting):
 
 
 def test_vectorized_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(dropout=0.0, lora_share="a-only")
-    work = load_workload(cfg)
-    model = work.model()
+    cfg, work, model = _workload(tiny_cfg, dropout=0.0, lora_share="a-only")
     state = _perturbed_state(model)
     users = [int(u) for u in work.data.private[:10]]
     stores = {name: UserStateStore(tmp_path / name) for name in ("loop", "vec")}
@@ -97,9 +99,7 @@ def test_vectorized_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path):
 
 
 def test_dropout_is_per_user_so_grouping_does_not_matter(tiny_cfg):
-    cfg = tiny_cfg.replace(dropout=0.3)
-    work = load_workload(cfg)
-    model = work.model()
+    cfg, work, model = _workload(tiny_cfg, dropout=0.3)
     state = _perturbed_state(model)
     users = _mixed_users(work.data, 16)
     kw = _kwargs(cfg)
@@ -115,9 +115,7 @@ def test_dropout_is_per_user_so_grouping_does_not_matter(tiny_cfg):
 
 def test_the_dropout_path_with_nothing_dropped_equals_the_plain_forward(tiny_cfg):
     """The hand-written attention (used whenever dropout is on) against SDPA, masks all ones."""
-    cfg = tiny_cfg.replace(dropout=0.0)
-    work = load_workload(cfg)
-    model = work.model()
+    cfg, work, model = _workload(tiny_cfg, dropout=0.0)
     base = FrozenBase(model)
     users = _mixed_users(work.data)
     inputs, _targets = next_item_batch([work.data.train[u] for u in users], cfg.max_seq_len)
@@ -205,9 +203,7 @@ def test_length_groups_cover_every_user_once_within_the_token_budget():
 
 
 def test_bfloat16_scoring_stays_close_to_float32(tiny_cfg):
-    cfg = tiny_cfg.replace(dropout=0.0)
-    work = load_workload(cfg)
-    model = work.model()
+    cfg, work, model = _workload(tiny_cfg, dropout=0.0)
     state = _perturbed_state(model)
     users = _mixed_users(work.data)
     kw = _kwargs(cfg, clipping_norm=0.0)
