@@ -40,8 +40,9 @@ class _ShortWait:
         return self._event.wait(self._interval if timeout is None else min(timeout, self._interval))
 
 
-def poll_messages_faster(interval: float = FAST_POLL_S) -> bool:
-    """Make Flower's simulation engine pick up new messages every `interval` s, not 0.1 s.
+def poll_messages_faster(interval: float | None = FAST_POLL_S) -> bool:
+    """Make Flower's simulation engine pick up new messages every `interval` s, not 0.1 s
+    (None: Flower's own 0.1 s again, for a later simulation in the same process).
 
     Flower 1.41 hard-codes `f_stop.wait(0.1)` in `vce_api.add_messages_to_queue`, so a
     train message waits 50 ms on average before a worker sees it; with a vectorized round
@@ -56,6 +57,9 @@ def poll_messages_faster(interval: float = FAST_POLL_S) -> bool:
     original = getattr(current, "__wrapped__", current)
     if list(inspect.signature(original).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
         return False
+    if interval is None:
+        vce_api.add_messages_to_queue = original
+        return True
 
     @functools.wraps(original)
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
@@ -121,8 +125,7 @@ def launch(cfg: FedRecConfig, server_app=None) -> None:
     work = load_workload(cfg, log=print)
     os.environ[ENV_OVERRIDES] = json.dumps(cfg.to_dict())
     num_nodes = cfg.num_workers if cfg.placement == "cohort" else len(work.data.private)
-    if num_nodes <= FAST_POLL_MAX_NODES:
-        poll_messages_faster()
+    poll_messages_faster(FAST_POLL_S if num_nodes <= FAST_POLL_MAX_NODES else None)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     run_simulation(

@@ -41,6 +41,8 @@ def test_the_engine_looks_for_messages_every_few_ms_once_patched():
         assert poll_messages_faster(0.005)  # applying twice wraps Flower's function, not our wrapper
         assert vce_api.add_messages_to_queue.__wrapped__ is original
         after = _polls_in(0.3)
+        assert poll_messages_faster(None)  # a later simulation with many nodes: Flower's own again
+        assert vce_api.add_messages_to_queue is original
     finally:
         vce_api.add_messages_to_queue = original
     assert before <= 4  # Flower's own 0.1 s wait
