@@ -17,7 +17,9 @@ busy the server process was meanwhile (it shares the cores with the workers).
 
 (d) is the pure-compute bound: the FLOPs of the same users' local steps (counted by
 torch's FlopCounterMode on the vectorized engine) divided by the rate of a 2048³ fp32
-GEMM measured in this run on all cores. `--quick` runs a smaller population and cohort.
+GEMM measured in this run on all cores. `--quick` runs a smaller population and cohort,
+without the bf16 row, and runs the placements one after another in this process (start-up
+then counts from the simulation's launch, after the imports).
 """
 
 from __future__ import annotations
@@ -107,14 +109,13 @@ def _bench_server_app():
     return app
 
 
-def run_variant(cfg_json: str) -> None:
-    from fedrec.config import FedRecConfig
+def run_variant(cfg, started: float) -> None:
+    """One placement's Flower simulation; start-up is counted from `started`."""
     from fedrec.simulate import launch
 
-    cfg = FedRecConfig.from_mapping(json.loads(cfg_json))
     launch(cfg, _bench_server_app())
     result = json.loads(Path(cfg.output_dir, RESULT_FILE).read_text())
-    result["process_start"] = _T_PROCESS
+    result["process_start"] = started
     Path(cfg.output_dir, RESULT_FILE).write_text(json.dumps(result))
 
 
@@ -167,17 +168,17 @@ def rate(result: dict) -> tuple[float, float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="300 users, cohort 60, no bf16 row (smoke check, ~1 min)")
+    ap.add_argument("--quick", action="store_true", help="300 users, cohort 60, no bf16 row (smoke check, under 1 min; all in this process)")
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these placements")
     ap.add_argument("--variant-config", help=argparse.SUPPRESS)  # internal: run one variant
     args = ap.parse_args()
-    if args.variant_config:
-        run_variant(args.variant_config)
-        return 0
-
     from fedrec.config import FedRecConfig
+
+    if args.variant_config:
+        run_variant(FedRecConfig.from_mapping(json.loads(args.variant_config)), _T_PROCESS)
+        return 0
     from fedrec.privacy.mechanism import make_plan
     from fedrec.workload import load_workload
 
@@ -196,8 +197,11 @@ def main() -> int:
             Path(cfg.output_dir).mkdir(parents=True)
             print(f"{name}: placement={placement}, local-engine={engine}, scoring-dtype={dtype}, {cfg.num_rounds} rounds",
                   flush=True)  # fmt: skip
-            cmd = [sys.executable, __file__, "--variant-config", json.dumps(cfg.to_dict())]
-            subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            if args.quick:  # one simulation after another in this process: no second import of torch, peft, flwr
+                run_variant(cfg, time.time())
+            else:  # its own process, so that start-up to round 1 includes the imports a user waits for
+                cmd = [sys.executable, __file__, "--variant-config", json.dumps(cfg.to_dict())]
+                subprocess.run(cmd, check=True, cwd=ROOT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
             results[name] = json.loads(Path(cfg.output_dir, RESULT_FILE).read_text())
 
     gemm = max(gemm_before, gemm_flops_per_s())  # the machine's rate: the better of two, before and after
