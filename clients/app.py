@@ -17,6 +17,8 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
+from clients.engine_poll import poll_messages_faster
+
 app = ClientApp()
 
 
@@ -50,3 +52,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     from clients import handlers
 
     return handlers.evaluate(msg, context)
+
+
+# Flower's simulation engine (`flwr run`, run_simulation) imports this module before it
+# starts its message loop: give that loop the shorter poll. A no-op on real devices.
+poll_messages_faster(only_if_loaded=True)

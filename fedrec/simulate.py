@@ -7,8 +7,6 @@ before anything is loaded or trained.
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import json
 import logging
 import os
@@ -23,50 +21,6 @@ from fedrec.results import default_output_dir
 # glibc handing the logits buffer back to the OS every step costs 1.6-1.8x on CPU
 # (FLOWER-NOTES.md); Ray workers inherit these from this process.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
-# How often the simulation engine looks for new messages, where it serves few nodes.
-FAST_POLL_S, FAST_POLL_MAX_NODES = 0.005, 64
-
-
-class _ShortWait:
-    """A stop event whose `wait` never sleeps longer than `interval`."""
-
-    def __init__(self, event, interval: float) -> None:
-        self._event, self._interval = event, interval
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(self._interval if timeout is None else min(timeout, self._interval))
-
-
-def poll_messages_faster(interval: float | None = FAST_POLL_S) -> bool:
-    """Make Flower's simulation engine pick up new messages every `interval` s, not 0.1 s
-    (None: Flower's own 0.1 s again, for a later simulation in the same process).
-
-    Flower 1.41 hard-codes `f_stop.wait(0.1)` in `vce_api.add_messages_to_queue`, so a
-    train message waits 50 ms on average before a worker sees it; with a vectorized round
-    of 300-400 ms that was ~15% of the round (experiments/README.md). No setting reaches
-    that literal, so the loop is handed a stop event whose wait is shorter. Done only for
-    a few nodes (cohort placement): the loop asks the state once per node per pass.
-    Returns False, changing nothing, where Flower's function is not the one this expects.
-    """
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    current = vce_api.add_messages_to_queue
-    original = getattr(current, "__wrapped__", current)
-    if list(inspect.signature(original).parameters) != ["state", "queue", "nodes_mapping", "f_stop"]:
-        return False
-    if interval is None:
-        vce_api.add_messages_to_queue = original
-        return True
-
-    @functools.wraps(original)
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop):
-        return original(state, queue, nodes_mapping, _ShortWait(f_stop, interval))
-
-    vce_api.add_messages_to_queue = add_messages_to_queue
-    return True
 
 
 def build_config(argv: list[str] | None = None) -> FedRecConfig:
@@ -116,6 +70,7 @@ def launch(cfg: FedRecConfig, server_app=None) -> None:
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from clients.engine_poll import poll_messages_faster
     from server.app import ENV_OVERRIDES
     from server.app import app as default_server_app
 
@@ -125,7 +80,7 @@ def launch(cfg: FedRecConfig, server_app=None) -> None:
     work = load_workload(cfg, log=print)
     os.environ[ENV_OVERRIDES] = json.dumps(cfg.to_dict())
     num_nodes = cfg.num_workers if cfg.placement == "cohort" else len(work.data.private)
-    poll_messages_faster(FAST_POLL_S if num_nodes <= FAST_POLL_MAX_NODES else None)
+    poll_messages_faster()  # the 5 ms poll, applied only to simulations of few nodes
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     run_simulation(
