@@ -79,6 +79,20 @@ def test_ledger_restores_exactly():
     assert restored.record(nxt) == acc.record(nxt)
 
 
+def test_pld_with_the_cached_round_equals_dp_accountings_own_pld_accountant():
+    import dp_accounting as dpa
+    from dp_accounting import pld
+
+    ledger = _events(5, q=0.06, z=0.55) + _events(7, q=0.03, z=1.2) + _events(3, q=0.06, z=0.55)
+    acc = UserLevelAccountant("pld", "poisson", 1000, 1e-3)
+    for n in (1, 5, 12, 15):  # the later calls reuse the cached one-round PLDs
+        reference = pld.PLDAccountant()
+        for e in ledger[:n]:
+            reference.compose(dpa.PoissonSampledDpEvent(e.q, dpa.GaussianDpEvent(e.noise_multiplier)))
+        assert acc.epsilon(ledger[:n]) == pytest.approx(reference.get_epsilon(1e-3), rel=1e-9)
+    assert acc.epsilon(_events(3, q=0.06, z=0.0)) == math.inf
+
+
 def test_calibration_lands_on_the_target():
     def new():
         return UserLevelAccountant("pld", "poisson", 20_000, 5e-5)
