@@ -106,7 +106,7 @@ class UserLevelAccountant:
 # z ≈ 0.5 (its discretization at 1e-4), against ~0.2 s to self-compose it over 50
 # rounds; PLDAccountant builds it again on every call, and a run asks for ε after every
 # round. So the one-round PLD is kept per (q, z), and composed exactly as
-# PLDAccountant composes (tests/test_privacy.py holds the two equal).
+# PLDAccountant composes (tests/test_dp.py holds the two equal).
 _PLD_INTERVAL = 1e-4  # PLDAccountant's default value_discretization_interval
 
 
