@@ -3,7 +3,8 @@
 The accountant's whole state is its ledger of rounds (q, z, C, cohort size): ε is
 recomposed from the ledger, so restoring a checkpoint's ledger gives exactly the ε an
 uninterrupted run reports. Composition uses well-kept libraries:
-- `pld` (default for Poisson sampling): dp-accounting's privacy-loss-distribution accountant;
+- `pld` (default for Poisson sampling): dp-accounting's privacy loss distributions, composed
+  as its PLDAccountant composes them, with one round's PLD kept per (q, z) (see below);
 - `prv`: Opacus's PRV accountant (Poisson only; agrees with PLD to ~0.01 here);
 - `rdp`: dp-accounting's Rényi accountant, the only one of these that handles fixed-size
   sampling without replacement (Wang, Balle & Kasiviswanathan, AISTATS 2019). That bound
