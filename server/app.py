@@ -81,6 +81,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     # After connect: in device placement the population is the users whose devices answered.
     plan = make_plan(cfg, population, log=console.print)
     strategy.plan = plan
+    if plan.enabled:  # the ε of every planned round, composed while the clients train
+        plan.accountant.compose_ahead([plan.event(r) for r in range(1, cfg.num_rounds + 1)])
 
     if cfg.partition == "silo":
         console.print(

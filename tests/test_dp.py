@@ -186,3 +186,64 @@ def test_server_noise_on_the_mean_has_std_z_c_over_m():
     mean = plan.private_mean({"w": torch.zeros(60_000)}, seed=1, round_=1)["w"].double()
     # The mean's noise is z·C/m per coordinate; √2, m or C mistakes are all far outside 3%.
     assert abs(float(mean.std()) / (z * c / m) - 1) < 0.03
+
+
+def _exact_bisection(target, rounds, new, q, m, lo=0.05, hi=500.0):
+    """The plain bisection on the accountant's own ε that calibration must agree with."""
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        if new().epsilon(_events(rounds, q=q, z=mid, m=m)) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+@pytest.mark.parametrize("target,q", [(0.5, 0.05), (1.5, 0.1)])
+def test_calibration_with_predicted_steps_equals_the_exact_bisection(monkeypatch, target, q):
+    """The bisection on cheaper PLDs, once checked, gives exactly the exact bisection's z;
+    where its check fails (forced here with a useless 0.5 discretization), the exact runs."""
+    from fedrec.privacy import accountant
+
+    made = []
+
+    def new():
+        made.append(1)
+        return UserLevelAccountant("pld", "poisson", 5000, 1e-5)
+
+    exact = _exact_bisection(target, 30, new, q, 100)
+    made.clear()
+    assert calibrate_noise(target, 30, new, q, 100) == exact
+    assert len(made) <= 4  # the bound at hi, the kind, the final bracket's two ends
+    made.clear()
+    monkeypatch.setattr(accountant, "_PREDICT_INTERVAL", 0.5)
+    assert calibrate_noise(target, 30, new, q, 100) == exact
+    assert len(made) > 10  # the check failed and the exact bisection ran
+
+
+def test_epsilon_composed_ahead_equals_epsilon_composed_when_asked():
+    from fedrec.privacy import accountant
+
+    planned = _events(6, q=0.03, z=0.9, m=100)
+    ahead = UserLevelAccountant("pld", "poisson", 4000, 1e-5)
+    ahead.record(planned[0])
+    ahead.compose_ahead(planned[1:])
+    got = [ahead.record(e) for e in planned[1:]]
+    for k, eps in enumerate(got, start=2):  # the same function, so the same float
+        assert eps == accountant._pld_epsilon(((0.03, 0.9, k),), 1e-5)
+        assert (((0.03, 0.9, k),), 1e-5) in accountant._AHEAD._done  # it did come from the thread
+
+
+def test_a_run_stopped_early_does_not_wait_for_the_rounds_composed_ahead():
+    import subprocess
+    import sys
+
+    code = (
+        "from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant\n"
+        "acc = UserLevelAccountant('pld', 'poisson', 4000, 1e-5)\n"
+        "acc.compose_ahead([RoundEvent(r, 0.05, 0.6, 1.0, 200) for r in range(1, 2001)])\n"
+        "print(acc.epsilon([RoundEvent(1, 0.05, 0.6, 1.0, 200)]))\n"
+    )  # 2,000 queued ledgers at ~0.2 s each: joining the thread at exit would take minutes
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) > 0
