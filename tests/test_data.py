@@ -142,3 +142,34 @@ def test_synthetic_data_read_back_from_the_cache_equals_a_fresh_generation(tmp_p
     assert all(np.array_equal(a, b) for a, b in zip(cached.sequences, fresh.sequences, strict=True))
     other = _load_or_generate(cfg.replace(seed=1))  # another seed is another dataset, not a stale hit
     assert not all(np.array_equal(a, b) for a, b in zip(other.sequences, fresh.sequences))
+
+
+def test_the_cached_base_is_keyed_by_file_content_not_path_or_mtime(tmp_path):
+    import os
+    import shutil
+
+    from fedrec.model.base import base_path
+
+    def key(path, dataset="seq-txt"):
+        return base_path(FedRecConfig(dataset=dataset, data_path=str(path), cache_dir=str(tmp_path / "cache")))
+
+    data = tmp_path / "a" / "beauty.txt"
+    data.parent.mkdir()
+    data.write_text("1 1 2 3\n2 2 3 4\n")
+    copy = tmp_path / "b.txt"
+    shutil.copy(data, copy)
+    os.utime(copy, (1, 1))  # a re-sync or a touch: another path and another mtime, same bytes
+    assert key(copy) == key(data)
+    copy.write_text("1 1 2 3\n2 2 3 5\n")  # same size, changed content
+    os.utime(copy, (1, 1))
+    assert key(copy) != key(data)
+    assert key(data, "csv") != key(data)  # read another way: another base
+
+    folder = tmp_path / "ml"  # a MovieLens folder is keyed by the ratings file it reads
+    folder.mkdir()
+    (folder / "u.data").write_text("1\t1\t5\t10\n")
+    before = key(folder, "movielens")
+    (folder / "u.data").write_text("1\t2\t5\t10\n")
+    assert key(folder, "movielens") != before
+    (folder / "u.item").write_text("unrelated\n")
+    assert key(folder, "movielens") == key(folder / "u.data", "movielens")

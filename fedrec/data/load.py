@@ -36,15 +36,19 @@ def load_interactions(cfg: FedRecConfig) -> Interactions:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
-def load_movielens(path: Path, min_user_interactions: int = 3) -> Interactions:
-    """ML-100K `u.data` (tab-separated) or ML-1M `ratings.dat` (`::`), file or folder."""
-    if path.is_dir():
+def source_file(dataset: str, path: Path) -> Path:
+    """The one file a loader reads for `path`: a MovieLens folder names its ratings file."""
+    if dataset == "movielens" and path.is_dir():
         for name in ("ratings.dat", "u.data"):
             if (path / name).exists():
-                path = path / name
-                break
-        else:
-            raise DataError(f"{path}: no MovieLens ratings file (ratings.dat or u.data) in this folder")
+                return path / name
+        raise DataError(f"{path}: no MovieLens ratings file (ratings.dat or u.data) in this folder")
+    return path
+
+
+def load_movielens(path: Path, min_user_interactions: int = 3) -> Interactions:
+    """ML-100K `u.data` (tab-separated) or ML-1M `ratings.dat` (`::`), file or folder."""
+    path = source_file("movielens", path)
     sep = "::" if path.name.endswith(".dat") else "\t"
     events: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     with _open_text(path, encoding="latin-1") as fh:

@@ -6,6 +6,7 @@ pretraining knobs, seed), so a sweep over federated knobs pretrains once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from fedrec.config import FedRecConfig
+from fedrec.data.load import source_file
 from fedrec.data.split import SplitData
 from fedrec.model.sasrec import SASRec
 from fedrec.metrics import metric_means
@@ -49,10 +51,14 @@ def cache_dir(cfg: FedRecConfig) -> Path:
 def base_path(cfg: FedRecConfig) -> Path:
     if cfg.dataset == "synthetic":
         key = cfg.fingerprint(*BASE_KEYS)
-    else:  # the same file under any spelling of its path, and a changed file gets a new key
-        path = Path(cfg.data_path).expanduser().resolve()
-        st = path.stat()
-        key = f"{cfg.replace(data_path=str(path)).fingerprint(*BASE_KEYS)}-{int(st.st_mtime)}-{st.st_size}"
+    else:
+        # Keyed by the file's content, not its path or mtime: a copy, a re-sync or a touch
+        # keeps the base (pretraining Beauty takes ~200 s here), a changed file gets a new
+        # one. Hashing costs less than parsing the file, which every process does anyway.
+        source = source_file(cfg.dataset, Path(cfg.data_path).expanduser().resolve())
+        with open(source, "rb") as fh:
+            digest = hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=8)).hexdigest()
+        key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{digest}"
     return cache_dir(cfg) / f"base-{key}.pt"
 
 
