@@ -56,10 +56,22 @@ def base_path(cfg: FedRecConfig) -> Path:
         # keeps the base (pretraining Beauty takes ~200 s here), a changed file gets a new
         # one. Hashing costs less than parsing the file, which every process does anyway.
         source = source_file(cfg.dataset, Path(cfg.data_path).expanduser().resolve())
-        with open(source, "rb") as fh:
-            digest = hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=8)).hexdigest()
-        key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{digest}"
+        key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{_content_digest(source)}"
     return cache_dir(cfg) / f"base-{key}.pt"
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _content_digest(path: Path) -> str:
+    """blake2b of the file, hashed once per process per (path, mtime, size): workers look
+    the base up on every message."""
+    st = path.stat()
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _DIGESTS:
+        with open(path, "rb") as fh:
+            _DIGESTS[key] = hashlib.file_digest(fh, lambda: hashlib.blake2b(digest_size=8)).hexdigest()
+    return _DIGESTS[key]
 
 
 def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print) -> Path:
