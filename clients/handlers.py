@@ -29,7 +29,7 @@ from fedrec.model.lora import load_adapter_state
 from fedrec.privacy.dpsgd import train_silo
 from fedrec.train import evaluate_users, train_users
 from fedrec.vectorized import train_users_vectorized
-from fedrec.workload import Workload, load_workload, resolve_device
+from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_device
 
 
 def peak_rss_mb() -> float:
@@ -75,10 +75,13 @@ def _node_from(run_config, task, context: Context) -> _Node:
         own = read_own_data(nc, fingerprint, users[0])
         # What never leaves the device (its own B under lora-share=a-only) lives in its state folder.
         cfg = cfg.replace(client_state_dir=str(state_dir(nc) / "client-state"))
-        model = _model((fingerprint, str(device)), lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
+        key = (f"{fingerprint}:{cfg.fingerprint(*ADAPTER_KEYS)}", str(device))
+        model = _model(key, lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
         return _Node(cfg, own.data, model, device, None, own.unknown_items)
     work = load_workload(cfg, pretrain=False)
-    model = _model((str(work.base_path), str(device)), lambda: work.model(device))
+    # Keyed by the adapter's shape too: one simulation may run several configs (run_many).
+    key = (f"{work.base_path}:{cfg.fingerprint(*ADAPTER_KEYS)}", str(device))
+    model = _model(key, lambda: work.model(device))
     return _Node(cfg, work.data, model, device, work)
 
 

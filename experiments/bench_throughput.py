@@ -76,14 +76,14 @@ def _bench_server_app():
     from fedrec.model.lora import adapter_state
     from fedrec.privacy.mechanism import make_plan
     from fedrec.workload import load_workload
-    from server.app import server_config
+    from server.app import server_configs
     from server.strategy import FedRecStrategy
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        cfg = server_config(context.run_config)
+        (cfg,) = server_configs(context.run_config)
         work = load_workload(cfg, pretrain=False)
         initial = adapter_state(work.model())
         strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, "adam", 0.01))

@@ -24,6 +24,9 @@ from fedrec.model.lora import attach_lora, freeze_random_factors
 DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
     k for k in BASE_KEYS if k.startswith("synthetic-")
 )
+# What build_model's adapter depends on (besides the base): a model cached by a worker is
+# reused only for configs that agree on these.
+ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-item-rank", "lora-train")
 _CACHE: dict[str, tuple[Interactions, SplitData]] = {}
 
 

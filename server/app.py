@@ -31,21 +31,28 @@ ENV_OVERRIDES = "FEDREC_RUN_CONFIG"
 app = ServerApp()
 
 
-def server_config(run_config: dict) -> FedRecConfig:
+def server_configs(run_config: dict) -> list[FedRecConfig]:
     """Run-config from Flower (pyproject defaults + --run-config), then the simulate overrides.
 
     `run_simulation` hands the ServerApp an empty run-config, so `fedrec.simulate` passes
-    the resolved config through the environment instead.
+    the resolved config through the environment instead: one mapping, or a list of them
+    for several runs on the same federation (`fedrec.simulate.run_many`).
     """
     cfg = FedRecConfig.from_mapping(dict(run_config))
-    if os.environ.get(ENV_OVERRIDES):
-        cfg = FedRecConfig.from_mapping(json.loads(os.environ[ENV_OVERRIDES]), cfg)
-    return cfg
+    if not os.environ.get(ENV_OVERRIDES):
+        return [cfg]
+    overrides = json.loads(os.environ[ENV_OVERRIDES])
+    return [FedRecConfig.from_mapping(o, cfg) for o in (overrides if isinstance(overrides, list) else [overrides])]
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federated(grid, server_config(context.run_config), context=context)
+    configs = server_configs(context.run_config)
+    console = Console(soft_wrap=True)
+    for i, cfg in enumerate(configs, start=1):
+        if len(configs) > 1:  # one simulation, several runs: Ray and the workers start once
+            console.rule(f"run {i}/{len(configs)}: {cfg.output_dir}")
+        run_federated(grid, cfg, console=console, context=context)
 
 
 def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None, context: Context | None = None) -> dict:

@@ -118,3 +118,45 @@ def test_secagg_with_dp_noise_releases_the_same_adapter_as_plain_central_dp(tmp_
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
     assert secure["epsilon"] == pytest.approx(plain["epsilon"]) and secure["epsilon"] > 0
+
+
+def test_runs_sharing_one_simulation_equal_the_same_runs_on_their_own(tmp_path):
+    """run_many: two configs in one Flower simulation (Ray and workers start once), the
+    second with another adapter (b-only) and DP, so a worker's cached model is not reused
+    for it. Each must give what it gives in a simulation of its own."""
+    common = f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=4 cohort-size=20 eval-every=2 clipping-norm=0.5"
+    second = "lora-train=b-only sampling=poisson target-epsilon=6"
+    code = (
+        "import sys\n"
+        "from fedrec.simulate import build_config, run_many\n"
+        f"a = build_config(['--output-dir', {str(tmp_path / 'shared-a')!r}, '--run-config', {common!r}])\n"
+        f"b = build_config(['--output-dir', {str(tmp_path / 'shared-b')!r}, '--run-config', {common + ' ' + second!r}])\n"
+        "run_many([a, b])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "run 2/2" in proc.stdout
+    alone = simulate(tmp_path, "alone-b", f"num-rounds=4 cohort-size=20 eval-every=2 clipping-norm=0.5 {second}")
+    shared = json.loads((tmp_path / "shared-b" / "summary.json").read_text())
+    for key in ("test", "base_test", "valid", "best_round", "rounds", "epsilon", "noise_multiplier", "adapter_dimension"):
+        assert shared[key] == alone[key], key
+    a = load_file(tmp_path / "shared-b" / "adapter_last_round.safetensors")
+    b = load_file(Path(alone["results_dir"]) / "adapter_last_round.safetensors")
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "shared-a" / "summary.json").read_text())["adapter_dimension"] == 2 * shared["adapter_dimension"]
+
+
+def torch_equal(x, y) -> bool:
+    return bool((x == y).all())
+
+
+def test_run_many_refuses_shared_output_dirs_and_mixed_federations(tmp_path):
+    from fedrec.config import ConfigError, FedRecConfig
+    from fedrec.simulate import launch, run_many
+
+    a = FedRecConfig(output_dir=str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="own output-dir"):
+        run_many([a, a.replace(lora_train="b-only")])
+    with pytest.raises(ConfigError, match="agree on"):
+        launch([a, a.replace(output_dir=str(tmp_path / "b"), num_workers=3)])
+    assert not (tmp_path / "a").exists()  # refused before anything ran
