@@ -7,7 +7,8 @@ Every run is a whole fedrec run with its own results directory (what
 `python -m fedrec.simulate` would write for the same config); the runs share one Flower
 simulation (`fedrec.simulate.run_many`: Ray and the workers start once), or with
 `--separate` each runs in its own `python -m fedrec.simulate` process. The table
-(markdown) is printed and written to OUT/table.md, the rows to OUT/sweep.json.
+(markdown) is printed and written to OUT/table.md, the rows to OUT/sweep.json, and
+test NDCG@10 against ε is plotted to OUT/ndcg_vs_epsilon.png.
 """
 
 from __future__ import annotations
@@ -85,7 +86,42 @@ def main() -> int:
     table = "\n".join(lines)
     (args.out / "table.md").write_text(table + "\n")
     print(table)
+    print(f"plot: {plot(rows, args.out / 'ndcg_vs_epsilon.png')}")
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> Path:
+    """Test NDCG@10 against target ε, one line per lora-train; no-DP runs and the base as
+    horizontal lines (ε on a log axis: the question is usually 1 vs 4 vs 8)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, train in enumerate(dict.fromkeys(r["lora-train"] for r in rows)):
+        color = f"C{i}"
+        mine = [r for r in rows if r["lora-train"] == train]
+        dp = sorted((float(r["target"]), r["test_ndcg10"]) for r in mine if r["target"] != "none")
+        if dp:
+            ax.plot([e for e, _ in dp], [v for _, v in dp], marker="o", color=color, label=f"{train}, DP")
+        for r in mine:
+            if r["target"] == "none":
+                ax.axhline(r["test_ndcg10"], color=color, linestyle=":", label=f"{train}, no DP")
+    ax.axhline(rows[0]["base_ndcg10"], color="gray", linestyle="--", label="base model")
+    ax.set_xscale("log")
+    targets = sorted({float(r["target"]) for r in rows if r["target"] != "none"})
+    ax.set_xticks(targets, [f"{e:g}" for e in targets])
+    ax.minorticks_off()
+    ax.set_xlabel("target ε (δ = 1/N)")
+    ax.set_ylabel("test NDCG@10 (best validated round)")
+    ax.set_title("What ε costs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

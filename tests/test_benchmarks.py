@@ -25,3 +25,21 @@ def test_bench_throughput_quick_writes_every_number(tmp_path):
     assert all(v > 0 for v in rates.values())
     assert rates["cohort_vectorized"] > rates["device"]  # the point of cohort placement
     assert result["startup_s"] > 0 and result["peak_rss_mb"] > 100
+
+
+@pytest.mark.slow
+def test_privacy_sweep_writes_table_rows_and_plot(tmp_path):
+    tiny = (
+        "synthetic-users=150 synthetic-items=80 synthetic-clusters=4 synthetic-mean-length=15 public-fraction=0.2 "
+        f"hidden-size=32 num-blocks=1 max-seq-len=20 pretrain-epochs=8 num-rounds=3 cohort-size=20 "
+        f"clipping-norm=0.5 cache-dir={tmp_path / 'cache'}"
+    )
+    out = tmp_path / "sweep"
+    subprocess.run([sys.executable, "experiments/sweep_privacy.py", "--epsilons", "none,4,8", "--lora-train", "both",
+                    "--run-config", tiny, "--out", str(out)], cwd=ROOT, check=True, timeout=600)  # fmt: skip
+    result = json.loads((out / "sweep.json").read_text())
+    assert [r["target"] for r in result["rows"]] == ["none", "4", "8"]
+    assert result["rows"][1]["epsilon"] == pytest.approx(4, abs=0.01) and result["rows"][0]["epsilon"] is None
+    assert result["total_wall_s"] > 0 and not result["separate"]
+    assert (out / "table.md").read_text().count("\n| both |") == 3
+    assert (out / "ndcg_vs_epsilon.png").stat().st_size > 1000
