@@ -1,7 +1,9 @@
-"""The final table a person reads at the end of a run."""
+"""The final tables a person reads at the end of a run or a sweep."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -25,3 +27,33 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
             str(int(m.get("users", 0))),
         )  # fmt: skip
     console.print(table)
+
+
+def write_sweep_table(points: list[dict[str, Any]], summaries: list[dict[str, Any]], root: Path) -> None:
+    """One row per run of a sweep: its swept values, test NDCG@10 and ε; printed, and
+    written to ROOT/sweep.md and ROOT/sweep.json."""
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    rows = []
+    for point, s in zip(points, summaries):
+        rows.append({**{k: point.get(k) for k in keys}, "test_ndcg10": s["test"]["ndcg@10"], "best_round": s.get("best_round"),
+                     "last_round_ndcg10": (s.get("last_round_test") or {}).get("ndcg@10"),
+                     "base_ndcg10": s["base_test"]["ndcg@10"], "epsilon": s.get("epsilon"), "rounds": s.get("rounds"),
+                     "wall_s": s.get("wall_seconds"), "results_dir": s.get("results_dir")})  # fmt: skip
+    cols = [*keys, "test NDCG@10 (best round)", "last round", "base", "ε", "rounds", "wall s"]
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        last = "–" if r["last_round_ndcg10"] is None else f"{r['last_round_ndcg10']:.4f}"
+        eps = "–" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
+        return [*(str(r[k]) for k in keys), f"{r['test_ndcg10']:.4f} (r{r['best_round']})", last,
+                f"{r['base_ndcg10']:.4f}", eps, str(r["rounds"]), f"{r['wall_s']:.1f}"]  # fmt: skip
+
+    table = Table(title=f"Sweep: {len(rows)} runs under {root}")
+    for col in cols:
+        table.add_column(col, justify="left" if col in keys else "right")
+    for r in rows:
+        table.add_row(*cells(r))
+    Console().print(table)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(cells(r)) + " |" for r in rows]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.md").write_text("\n".join(lines) + "\n")
+    (root / "sweep.json").write_text(json.dumps(rows, indent=2))

@@ -7,6 +7,7 @@ before anything is loaded or trained.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -23,12 +24,24 @@ from fedrec.results import default_output_dir
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
-def build_config(argv: list[str] | None = None) -> FedRecConfig:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fedrec.simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML file with kebab-case keys (top level or [tool.flwr.app.config])")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=10 dataset=movielens"')
     parser.add_argument("--output-dir", help="results directory (default results/<time>-<mode>)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--sweep", default="",
+        help='a grid of runs, e.g. "target-epsilon=1,4,8 lora-train=both,b-only": one results directory per '
+        "point under --output-dir, a table of them at the end; cohort runs share one simulation",
+    )  # fmt: skip
+    return parser
+
+
+def build_config(argv: list[str] | None = None) -> FedRecConfig:
+    return _config_from(_parser().parse_args(argv))
+
+
+def _config_from(args: argparse.Namespace) -> FedRecConfig:
     cfg = FedRecConfig()
     if args.config:
         cfg = FedRecConfig.from_toml(args.config, cfg)
@@ -130,17 +143,46 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None) -> None:
     )
 
 
+def sweep_configs(base: FedRecConfig, spec: str) -> list[tuple[dict, FedRecConfig]]:
+    """The grid `key=v1,v2 key2=a,b` over `base`: (the point's values, its config), one
+    results directory per point under base's output directory."""
+    axes: list[tuple[str, list[str]]] = []
+    for item in spec.split():
+        key, _, values = item.partition("=")
+        if not values:
+            raise ConfigError(f"{item}: expected key=v1,v2,... in --sweep")
+        if key == "lora-targets":
+            raise ConfigError("lora-targets: its values hold commas; sweep it with fedrec.simulate.run_many")
+        if key in ("output-dir", *(k for k, _ in axes)):
+            raise ConfigError(f"--sweep: {key} cannot be swept" if key == "output-dir" else f"--sweep: {key} given twice")
+        axes.append((key, values.split(",")))
+    points = []
+    for combo in itertools.product(*(values for _, values in axes)):
+        point = parse_run_config(" ".join(f"{k}={v}" for (k, _), v in zip(axes, combo)))
+        name = ",".join(f"{k}={v}" for (k, _), v in zip(axes, combo))
+        points.append((point, FedRecConfig.from_mapping(point, base).replace(output_dir=str(Path(base.output_dir) / name))))
+    return points
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = build_config(argv)
+        args = _parser().parse_args(argv)
+        cfg = _config_from(args)
+        points = sweep_configs(cfg, args.sweep) if args.sweep else []
     except ConfigError as e:
         print(f"fedrec: config error: {e}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
+        if not points:
+            run(cfg)
+            return 0
+        summaries = run_many([c for _, c in points])
     except DataError as e:
         print(f"fedrec: data error: {e}", file=sys.stderr)
         return 2
+    from fedrec.report import write_sweep_table
+
+    write_sweep_table([p for p, _ in points], summaries, Path(cfg.output_dir))
     return 0
 
 

@@ -160,3 +160,29 @@ def test_run_many_refuses_shared_output_dirs_and_mixed_federations(tmp_path):
     with pytest.raises(ConfigError, match="agree on"):
         launch([a, a.replace(output_dir=str(tmp_path / "b"), num_workers=3)])
     assert not (tmp_path / "a").exists()  # refused before anything ran
+
+
+def test_cli_sweep_runs_the_grid_and_writes_its_table(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out),
+        "--run-config", f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=2 cohort-size=20 eval-every=0 clipping-norm=0.5",
+        "--sweep", "lora-train=both,b-only",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["lora-train"] for r in rows] == ["both", "b-only"]
+    for r in rows:
+        summary = json.loads((Path(r["results_dir"]) / "summary.json").read_text())
+        assert Path(r["results_dir"]).parent == out and summary["test"]["ndcg@10"] == r["test_ndcg10"]
+    dims = [json.loads((Path(r["results_dir"]) / "summary.json").read_text())["adapter_dimension"] for r in rows]
+    assert dims[0] == 2 * dims[1]  # each point really ran its own config
+    assert len((out / "sweep.md").read_text().splitlines()) == 4 and "run 2/2" in proc.stdout  # head, rule, 2 rows
+
+
+def test_cli_sweep_errors_are_one_line_config_errors():
+    for spec, message in (("num-rounds", "expected key=v1,v2"), ("lora-targets=q_proj,v_proj", "run_many"),
+                          ("seed=1,2 seed=3", "given twice"), ("num-rounds=2,x", "num-rounds")):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--sweep", spec], capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, spec
