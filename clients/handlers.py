@@ -37,7 +37,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+_MODELS: dict[tuple[str, str, str], torch.nn.Module] = {}
 DEVICE_DATA_ERROR = 100  # Error code of a device whose own data is missing or malformed
 
 
@@ -53,7 +53,9 @@ class _Node:
     unknown_items: int = 0  # a device's interactions with items outside the catalogue
 
 
-def _model(key: tuple[str, str], build) -> torch.nn.Module:
+def _model(base: str, cfg: FedRecConfig, device: torch.device, build) -> torch.nn.Module:
+    # Keyed by the adapter's config too: one simulation may run several configs (run_many).
+    key = (base, cfg.fingerprint(*ADAPTER_KEYS), str(device))
     if key not in _MODELS:
         _MODELS[key] = build()
     return _MODELS[key]
@@ -75,13 +77,10 @@ def _node_from(run_config, task, context: Context) -> _Node:
         own = read_own_data(nc, fingerprint, users[0])
         # What never leaves the device (its own B under lora-share=a-only) lives in its state folder.
         cfg = cfg.replace(client_state_dir=str(state_dir(nc) / "client-state"))
-        key = (f"{fingerprint}:{cfg.fingerprint(*ADAPTER_KEYS)}", str(device))
-        model = _model(key, lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
+        model = _model(fingerprint, cfg, device, lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
         return _Node(cfg, own.data, model, device, None, own.unknown_items)
     work = load_workload(cfg, pretrain=False)
-    # Keyed by the adapter's shape too: one simulation may run several configs (run_many).
-    key = (f"{work.base_path}:{cfg.fingerprint(*ADAPTER_KEYS)}", str(device))
-    model = _model(key, lambda: work.model(device))
+    model = _model(str(work.base_path), cfg, device, lambda: work.model(device))
     return _Node(cfg, work.data, model, device, work)
 
 
