@@ -129,12 +129,17 @@ class UserLevelAccountant:
 _PLD_INTERVAL = 1e-4  # PLDAccountant's default value_discretization_interval
 
 
-@functools.lru_cache(maxsize=8)
-def _one_round_pld(q: float, z: float):
+def _gaussian_round_pld(q: float, z: float, interval: float):
+    """PLD of one Poisson-sampled Gaussian round (add/remove-one neighbours)."""
     return pld.privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=z, value_discretization_interval=_PLD_INTERVAL, sampling_prob=q,
+        standard_deviation=z, value_discretization_interval=interval, sampling_prob=q,
         neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _one_round_pld(q: float, z: float):
+    return _gaussian_round_pld(q, z, _PLD_INTERVAL)
 
 
 def _pld_epsilon(groups: tuple[tuple[float, float, int], ...], delta: float) -> float:
@@ -233,11 +238,7 @@ _PREDICT_INTERVAL = 1e-3
 
 
 def _coarse_pld_epsilon(q: float, z: float, rounds: int, delta: float) -> float:
-    one = pld.privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=z, value_discretization_interval=_PREDICT_INTERVAL, sampling_prob=q,
-        neighboring_relation=dpa.NeighboringRelation.ADD_OR_REMOVE_ONE,
-    )  # fmt: skip
-    return float(one.self_compose(rounds).get_epsilon_for_delta(delta))
+    return float(_gaussian_round_pld(q, z, _PREDICT_INTERVAL).self_compose(rounds).get_epsilon_for_delta(delta))
 
 
 def _bisect(enough, lo: float, hi: float) -> tuple[float, float]:
