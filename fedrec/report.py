@@ -29,25 +29,43 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
     console.print(table)
 
 
-def write_sweep_table(points: list[dict[str, Any]], summaries: list[dict[str, Any]], root: Path) -> None:
-    """One row per run of a sweep: its swept values, test NDCG@10 and ε; printed, and
-    written to ROOT/sweep.md and ROOT/sweep.json."""
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+# Shown when any run of the sweep is private: what its ε rests on.
+_PRIVACY_COLUMNS = (
+    ("δ", "delta"), ("z", "noise_multiplier"), ("C", "clipping_norm"), ("q", "sampling_rate"),
+    ("z·√d/m", "noise_to_signal"),
+)  # fmt: skip
+
+
+def write_sweep_table(
+    points: list[dict[str, Any]], summaries: list[dict[str, Any]], root: Path, footer: str = ""
+) -> list[dict[str, Any]]:
+    """One row per run of a sweep: its swept values, test NDCG@10 and ε (and, when any run
+    is private, δ, z, C, q and the noise-to-signal z·√d/m); printed, and written to
+    ROOT/sweep.md and ROOT/sweep.json. Returns the rows."""
     keys = list(dict.fromkeys(k for p in points for k in p))
+    private = any(s.get("epsilon") is not None for s in summaries)
     rows = []
     for point, s in zip(points, summaries):
         rows.append({**{k: point.get(k) for k in keys}, "test_ndcg10": s["test"]["ndcg@10"], "best_round": s.get("best_round"),
                      "last_round_ndcg10": (s.get("last_round_test") or {}).get("ndcg@10"),
-                     "base_ndcg10": s["base_test"]["ndcg@10"], "epsilon": s.get("epsilon"), "rounds": s.get("rounds"),
+                     "base_ndcg10": s["base_test"]["ndcg@10"], "epsilon": s.get("epsilon"),
+                     **({key: s.get(key) for _, key in _PRIVACY_COLUMNS} if private else {}),
+                     "adapter_dimension": s.get("adapter_dimension"), "rounds": s.get("rounds"),
                      "wall_s": s.get("wall_seconds"), "results_dir": s.get("results_dir")})  # fmt: skip
-    cols = [*keys, "test NDCG@10 (best round)", "last round", "base", "ε", "rounds", "wall s"]
+    extra = _PRIVACY_COLUMNS if private else ()
+    cols = [*keys, "test NDCG@10 (best round)", "last round", "base", "ε", *(c for c, _ in extra), "rounds", "wall s"]
 
     def cells(r: dict[str, Any]) -> list[str]:
         last = "–" if r["last_round_ndcg10"] is None else f"{r['last_round_ndcg10']:.4f}"
-        eps = "–" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
         return [*(str(r[k]) for k in keys), f"{r['test_ndcg10']:.4f} (r{r['best_round']})", last,
-                f"{r['base_ndcg10']:.4f}", eps, str(r["rounds"]), f"{r['wall_s']:.1f}"]  # fmt: skip
+                f"{r['base_ndcg10']:.4f}", _num(r["epsilon"]), *(_num(r[key]) for _, key in extra), str(r["rounds"]),
+                "–" if r["wall_s"] is None else f"{r['wall_s']:.1f}"]  # fmt: skip
 
-    table = Table(title=f"Sweep: {len(rows)} runs under {root}")
+    table = Table(title=f"Sweep: {len(rows)} runs under {root}", caption=footer or None)
     for col in cols:
         table.add_column(col, justify="left" if col in keys else "right")
     for r in rows:
@@ -55,5 +73,6 @@ def write_sweep_table(points: list[dict[str, Any]], summaries: list[dict[str, An
     Console().print(table)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(cells(r)) + " |" for r in rows]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "sweep.md").write_text("\n".join(lines) + "\n")
+    (root / "sweep.md").write_text("\n".join(lines) + (f"\n\n{footer}" if footer else "") + "\n")
     (root / "sweep.json").write_text(json.dumps(rows, indent=2))
+    return rows

@@ -171,6 +171,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
         "epsilon": plan.accountant.spent if plan.enabled else None,
         "delta": plan.delta if plan.enabled else None,
         "noise_multiplier": plan.noise_multiplier if plan.enabled else None,
+        "sampling_rate": plan.q if plan.enabled else None,
+        "clipping_norm": cfg.clipping_norm,  # as configured (adaptive clipping moves it: privacy.json)
         "adapter_dimension": n_params,
         # Noise norm over a fully agreeing mean update: z·√d/m (m = expected cohort size;
         # z is the update's own multiplier, z_Δ under adaptive clipping).

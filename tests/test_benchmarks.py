@@ -37,9 +37,10 @@ def test_privacy_sweep_writes_table_rows_and_plot(tmp_path):
     out = tmp_path / "sweep"
     subprocess.run([sys.executable, "experiments/sweep_privacy.py", "--epsilons", "none,4,8", "--lora-train", "both",
                     "--run-config", tiny, "--out", str(out)], cwd=ROOT, check=True, timeout=600)  # fmt: skip
-    result = json.loads((out / "sweep.json").read_text())
-    assert [r["target"] for r in result["rows"]] == ["none", "4", "8"]
-    assert result["rows"][1]["epsilon"] == pytest.approx(4, abs=0.01) and result["rows"][0]["epsilon"] is None
-    assert result["total_wall_s"] > 0 and not result["separate"]
-    assert (out / "table.md").read_text().count("\n| both |") == 3
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["target-epsilon"] for r in rows] == ["none", "4", "8"]
+    assert rows[1]["epsilon"] == pytest.approx(4, abs=0.01) and rows[0]["epsilon"] is None
+    assert rows[0]["noise_multiplier"] is None and rows[2]["noise_multiplier"] < rows[1]["noise_multiplier"]
+    table = (out / "sweep.md").read_text()
+    assert table.count("\n| both |") == 3 and "| z·√d/m |" in table and "one shared simulation" in table
     assert (out / "ndcg_vs_epsilon.png").stat().st_size > 1000
