@@ -60,6 +60,36 @@ def _config_from(args: argparse.Namespace) -> FedRecConfig:
     return cfg.replace(**absolute)
 
 
+def check_resources(cfg: FedRecConfig, log=print) -> None:
+    """Refuse, before anything loads, the worker resources Ray could not place here.
+
+    Flower's simulation would log "ActorPool is empty" and then hang instead of exiting
+    (measured with client-num-gpus=0.5 on this GPU-less machine: Flower 1.41, Ray 2.55).
+    Ray also hides the GPU from a worker that reserves none (CUDA_VISIBLE_DEVICES="",
+    measured), so device=cuda needs client-num-gpus.
+    """
+    if cfg.mode == "centralized":
+        return  # no simulation: trains in this process
+    cores = len(os.sched_getaffinity(0))
+    if cfg.client_num_cpus > cores:
+        raise ConfigError(f"client-num-cpus={cfg.client_num_cpus:g}: this machine has {cores} CPU cores for the workers")
+    if cfg.device == "cpu" and cfg.client_num_gpus == 0:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if cfg.device == "cuda" and not gpus:
+        raise ConfigError("device=cuda but torch sees no CUDA device")
+    if cfg.client_num_gpus > gpus:
+        raise ConfigError(f"client-num-gpus={cfg.client_num_gpus:g}: torch sees {gpus} CUDA device(s) here, "
+                          "so Ray could not place a single worker")  # fmt: skip
+    if cfg.device == "cuda" and cfg.client_num_gpus == 0:
+        raise ConfigError("device=cuda: set client-num-gpus (e.g. 0.5 puts two workers on one GPU); "
+                          "Ray hides the GPU from simulated workers that reserve none")  # fmt: skip
+    if cfg.device == "auto" and gpus and cfg.client_num_gpus == 0:
+        log("device=auto: the workers reserve no GPU (client-num-gpus=0), so Ray hides it and they train on the CPU")
+
+
 def run(cfg: FedRecConfig) -> dict:
     """Run one experiment in this process and return its summary."""
     return run_many([cfg])[0]
@@ -115,6 +145,7 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None) -> None:
     if len(cfgs) > 1 and cfgs[0].placement != "cohort":
         raise ConfigError("several runs share one simulation only with placement=cohort")
     cfg = cfgs[0]
+    check_resources(cfg)
     for k, v in _MALLOC_ENV.items():
         os.environ.setdefault(k, v)
     from flwr.simulation import run_simulation
@@ -170,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         cfg = _config_from(args)
         points = sweep_configs(cfg, args.sweep) if args.sweep else []
+        for c in [c for _, c in points] or [cfg]:
+            check_resources(c, log=lambda _m: None)  # launch() says the note once, beside the run
     except ConfigError as e:
         print(f"fedrec: config error: {e}", file=sys.stderr)
         return 2

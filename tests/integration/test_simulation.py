@@ -186,3 +186,23 @@ def test_cli_sweep_errors_are_one_line_config_errors():
                           ("seed=1,2 seed=3", "given twice"), ("num-rounds=2,x", "num-rounds")):  # fmt: skip
         proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--sweep", spec], capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, spec
+
+
+def test_worker_resources_ray_cannot_place_are_one_line_config_errors(tmp_path):
+    """Flower's simulation would log 'ActorPool is empty' and hang; fedrec refuses first."""
+    import os
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    cases = [(f"client-num-cpus={cores + 1}", "CPU cores"), ("", "client-num-cpus=1,64")]
+    if not torch.cuda.device_count():
+        cases += [("client-num-gpus=0.5", "Ray could not place"), ("device=cuda", "no CUDA device")]
+    for run_config, message in cases:
+        sweep = ["--sweep", message] if not run_config else []  # a grid with one point that cannot run
+        cmd = [sys.executable, "-m", "fedrec.simulate", "--output-dir", str(tmp_path / "out"),
+               "--run-config", f"{TINY} {run_config}", *sweep]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "config error" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert (message if run_config else "client-num-cpus=64") in proc.stderr
+        assert not (tmp_path / "out").exists()  # nothing ran, not even the sweep's first point
