@@ -65,14 +65,30 @@ def write_sweep_table(
                 f"{r['base_ndcg10']:.4f}", _num(r["epsilon"]), *(_num(r[key]) for _, key in extra), str(r["rounds"]),
                 "–" if r["wall_s"] is None else f"{r['wall_s']:.1f}"]  # fmt: skip
 
-    table = Table(title=f"Sweep: {len(rows)} runs under {root}", caption=footer or None)
-    for col in cols:
-        table.add_column(col, justify="left" if col in keys else "right")
-    for r in rows:
-        table.add_row(*cells(r))
-    Console().print(table)
+    _print_sweep(f"Sweep: {len(rows)} runs under {root}", cols, [cells(r) for r in rows], len(keys), footer)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(cells(r)) + " |" for r in rows]
     root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.md").write_text("\n".join(lines) + (f"\n\n{footer}" if footer else "") + "\n")
     (root / "sweep.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def _print_sweep(title: str, cols: list[str], cells: list[list[str]], swept: int, footer: str) -> None:
+    """The sweep table on the console: columns equal in every run (δ, C, the base, ...)
+    go to one line under it, and the console is made as wide as the table, so that no
+    value is cut to "…" (rich's default width off a terminal is 80 columns)."""
+    same = [i for i in range(swept, len(cols)) if len({c[i] for c in cells}) == 1 and len(cells) > 1]
+    keep = [i for i in range(len(cols)) if i not in same]
+    table = Table(title=title)
+    for i in keep:
+        table.add_column(cols[i], justify="left" if i < swept else "right", no_wrap=True)
+    for c in cells:
+        table.add_row(*(c[i] for i in keep))
+    console = Console()
+    natural = console.measure(table, options=console.options.update(max_width=10_000)).maximum
+    console = Console(width=max(console.width, natural))
+    console.print(table)
+    if same:
+        console.print("the same in every run: " + ", ".join(f"{cols[i]} {cells[0][i]}" for i in same))
+    if footer:
+        console.print(footer)
