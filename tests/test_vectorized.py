@@ -141,6 +141,16 @@ def test_dropout_masks_drop_at_the_configured_rate_and_keep_the_mean():
     assert not torch.equal(drop.draw()[0], masks[0])  # each step draws afresh
 
 
+@pytest.mark.parametrize("heads", [2, 3])  # 2 blocks x heads x 7²: a multiple of 4 words or not
+def test_a_users_dropout_bits_do_not_depend_on_the_groups_width(heads):
+    """A user as wide as the group draws straight into their own slabs, a shorter one
+    through scratch into padded slices: the same bits either way."""
+    full = _DropoutMasks(np.array([7]), 7, 8, heads, 2, 0.3, [42], CPU).draw()
+    padded = _DropoutMasks(np.array([7, 10]), 10, 8, heads, 2, 0.3, [42, 43], CPU).draw()
+    for a, b in zip(full, padded):
+        assert torch.equal(a[0], b[0][..., -7:, -7:] if a.dim() == 4 else b[0][-7:])
+
+
 @settings(max_examples=15, deadline=None)
 @given(bound=st.floats(1e-4, 1.0), lr=st.floats(0.01, 2.0), pick=st.integers(0, 50))
 def test_one_users_contribution_never_exceeds_the_bound(vec_workload, bound, lr, pick):
