@@ -84,9 +84,9 @@ class _DropoutMasks:
         for row, (k, (nv, na), g) in enumerate(zip(self.lengths, self.draws, self.gens)):
             if k == 0:
                 continue
-            # nv is a multiple of 4 (d is), so the attention bits start on a 64-bit word of
-            # the user's stream: drawing the two slabs one after the other gives the same bits.
-            if k == self.n and na % 4 == 0:  # full width: the slabs are contiguous, no copy
+            # Full width: the user's slabs are contiguous. With both counts whole 64-bit words,
+            # drawing the slabs one after the other gives the scratch path's bits, no copy.
+            if k == self.n and nv % 4 == 0 and na % 4 == 0:
                 vec[row].view(-1).view(torch.int64).random_(-(2**63), None, generator=g)
                 att[row].view(-1).view(torch.int64).random_(-(2**63), None, generator=g)
                 continue

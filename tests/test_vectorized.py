@@ -141,12 +141,13 @@ def test_dropout_masks_drop_at_the_configured_rate_and_keep_the_mean():
     assert not torch.equal(drop.draw()[0], masks[0])  # each step draws afresh
 
 
-@pytest.mark.parametrize("heads", [2, 3])  # 2 blocks x heads x 7²: a multiple of 4 words or not
-def test_a_users_dropout_bits_do_not_depend_on_the_groups_width(heads):
+# (heads, d): 7·7·d and 2·heads·7² bits, in whole 64-bit words or not
+@pytest.mark.parametrize(("heads", "d"), [(2, 8), (3, 8), (2, 6)])
+def test_a_users_dropout_bits_do_not_depend_on_the_groups_width(heads, d):
     """A user as wide as the group draws straight into their own slabs, a shorter one
     through scratch into padded slices: the same bits either way."""
-    full = _DropoutMasks(np.array([7]), 7, 8, heads, 2, 0.3, [42], CPU).draw()
-    padded = _DropoutMasks(np.array([7, 10]), 10, 8, heads, 2, 0.3, [42, 43], CPU).draw()
+    full = _DropoutMasks(np.array([7]), 7, d, heads, 2, 0.3, [42], CPU).draw()
+    padded = _DropoutMasks(np.array([7, 10]), 10, d, heads, 2, 0.3, [42, 43], CPU).draw()
     for a, b in zip(full, padded):
         assert torch.equal(a[0], b[0][..., -7:, -7:] if a.dim() == 4 else b[0][-7:])
 
