@@ -46,14 +46,14 @@ def main() -> int:
         for train, eps, argv in runs:
             print(f"== {train}-eps{eps}", flush=True)
             subprocess.run([sys.executable, "-m", "fedrec.simulate", *argv], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        summaries = [json.loads((args.out / f"{t}-eps{e}" / "summary.json").read_text()) for t, e, _argv in runs]
     else:
         from fedrec.simulate import build_config, run_many
 
-        run_many([build_config(argv) for _t, _e, argv in runs])
+        summaries = run_many([build_config(argv) for _t, _e, argv in runs])
     total = time.time() - started
     from fedrec.report import write_sweep_table
 
-    summaries = [json.loads((args.out / f"{t}-eps{e}" / "summary.json").read_text()) for t, e, _argv in runs]
     how = "one process per run" if args.separate else "one shared simulation"
     footer = f"wall s: each run's ServerApp, start-up excluded; the whole sweep ({how}) took {total:.1f} s."
     rows = write_sweep_table([{"lora-train": t, "target-epsilon": e} for t, e, _argv in runs], summaries, args.out, footer)
