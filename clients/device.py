@@ -94,8 +94,31 @@ def read_own_data(node_config: dict, fingerprint: str, user: int) -> DeviceData:
     return DeviceData(data, len(mapped), len(raw) - len(mapped))
 
 
-def device_model(cfg: FedRecConfig, node_config: dict, fingerprint: str, num_items: int) -> torch.nn.Module:
-    """The server's base with the run's seeded LoRA, built as on every simulated worker."""
-    from fedrec.workload import build_model
+def _item_side_path(node_config: dict, fingerprint: str, run_config: dict) -> Path:
+    from fedrec.config import FedRecConfig
+    from fedrec.workload import ITEM_KEYS
 
-    return build_model(cfg, num_items, state_dir(node_config) / f"{fingerprint}.pt")
+    key = FedRecConfig.from_mapping(run_config).fingerprint(*ITEM_KEYS)
+    return state_dir(node_config) / f"{fingerprint}.item-side-{key}.json"
+
+
+def store_item_side(node_config: dict, fingerprint: str, run_config: dict, record: dict) -> None:
+    """The item adapter's public inputs (row set or item features), as the server sent them."""
+    path = _item_side_path(node_config, fingerprint, run_config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in record.items()}))
+    os.replace(tmp, path)
+
+
+def device_model(cfg: FedRecConfig, node_config: dict, fingerprint: str, num_items: int) -> torch.nn.Module:
+    """The server's base with the run's seeded LoRA and item adapter, built as on every simulated worker."""
+    from fedrec.workload import ItemSide, build_model
+
+    side = None
+    if cfg.item_adapter in ("rows", "features"):
+        path = _item_side_path(node_config, fingerprint, cfg.to_dict())
+        if not path.exists():
+            raise DataError(f"item-adapter={cfg.item_adapter}: the server's item inputs are missing ({path})")
+        side = ItemSide.from_record(json.loads(path.read_text()))
+    return build_model(cfg, num_items, state_dir(node_config) / f"{fingerprint}.pt", side=side)

@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from clients.device import device_model, is_device, read_own_data, state_dir, store_base
+from clients.device import device_model, is_device, read_own_data, state_dir, store_base, store_item_side
 from fedrec.aggregate import UpdateSum
 from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
@@ -27,7 +27,7 @@ from fedrec.data.split import SplitData
 from fedrec.local_state import client_state_dir, local_store_for
 from fedrec.model.lora import load_adapter_state
 from fedrec.privacy.dpsgd import train_silo
-from fedrec.train import evaluate_users, train_users
+from fedrec.train import rank_sums, rank_users, train_users
 from fedrec.vectorized import train_users_vectorized
 from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_device
 
@@ -118,6 +118,8 @@ def query(msg: Message, context: Context) -> Message:
         if "base" in msg.content:
             item_ids = [str(i) for i in msg.content["catalogue"]["item-ids"]]
             store_base(nc, fingerprint, msg.content["base"].to_torch_state_dict(), item_ids)
+        if "item-side" in msg.content:
+            store_item_side(nc, fingerprint, dict(msg.content["run-config"]), dict(msg.content["item-side"]))
         try:
             node = _node(msg, context)
         except (DataError, OSError) as err:
@@ -214,8 +216,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         return _data_error(msg, context, err)
     users = _users(msg, context, node)
     load_adapter_state(node.model, msg.content["adapter"].to_torch_state_dict())
-    sums = evaluate_users(
+    full, sampled = rank_users(
         node.model, node.data, users, str(msg.content["task"]["split"]), max_seq_len=node.cfg.max_seq_len,
         device=node.device, local_store=local_store_for(node.cfg),
     )  # fmt: skip
-    return Message(RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+    # Each user's rank goes back beside the sums: the server's bootstrap intervals resample users.
+    ranks = ArrayRecord({"users": torch.as_tensor(users, dtype=torch.int64), "ranks": torch.from_numpy(full)})
+    return Message(RecordDict({"metrics": MetricRecord(rank_sums(full, sampled)), "ranks": ranks}), reply_to=msg)

@@ -78,14 +78,15 @@ class ServerOptimizer:
     """Applies the normalized cohort update as a pseudo-gradient (FedOpt, Reddi et al. 2021).
 
     torch.optim does the arithmetic: the negated mean update is the gradient, so `sgd`
-    with server-learning-rate 1 is plain FedAvg and `adam` is FedAdam.
+    with server-learning-rate 1 is plain FedAvg, with `momentum` FedAvgM (Hsu et al. 2019),
+    and `adam` is FedAdam.
     """
 
-    def __init__(self, initial: AdapterState, kind: str, lr: float) -> None:
+    def __init__(self, initial: AdapterState, kind: str, lr: float, momentum: float = 0.0) -> None:
         self.params = {k: torch.nn.Parameter(v.detach().to(torch.float32).clone()) for k, v in initial.items()}
         plist = list(self.params.values())
         if kind == "sgd":
-            self.opt: torch.optim.Optimizer = torch.optim.SGD(plist, lr=lr)
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(plist, lr=lr, momentum=momentum)
         elif kind == "adam":
             self.opt = torch.optim.Adam(plist, lr=lr, betas=(0.9, 0.99), eps=1e-6)
         else:

@@ -35,3 +35,12 @@ def assign_silos(population: Sequence[int] | np.ndarray, num_silos: int, seed: i
     """Seeded split of the private users into `num_silos` near-equal silos (sorted ids each)."""
     pop = np.random.default_rng([seed, 0x5110]).permutation(np.asarray(population, dtype=np.int64))
     return [np.sort(s) for s in np.array_split(pop, min(num_silos, len(pop)))]
+
+
+def validation_users(population: Sequence[int] | np.ndarray, eval_users: int, seed: int) -> np.ndarray:
+    """The users whose validation item picks the best round (or epoch): a seeded sample of
+    `eval_users`, or everyone when that is 0 or covers the population."""
+    pop = np.asarray(population, dtype=np.int64)
+    if not 0 < eval_users < len(pop):
+        return pop
+    return np.sort(np.random.default_rng([seed, 0xE7A1]).choice(pop, eval_users, replace=False))

@@ -25,7 +25,13 @@ ACCOUNTANTS = ("auto", "pld", "prv", "rdp")
 SERVER_OPTIMIZERS = ("sgd", "adam")
 USER_WEIGHTINGS = ("uniform", "examples")
 DEVICES = ("auto", "cpu", "cuda")
+ITEM_ADAPTERS = ("none", "lowrank", "rows", "table", "features")
+CEILINGS = ("scratch", "full", "same")
 LORA_TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+# Keys that existed once, with what replaced them.
+RENAMED = {"lora-item-rank": "replaced by item-adapter=lowrank with item-rank=R"}
 
 
 class ConfigError(ValueError):
@@ -76,7 +82,11 @@ class FedRecConfig:
     lora_rank: int = field(default=8, metadata=_range(1))
     lora_alpha: float = field(default=16.0, metadata=_range(0.0, lo_open=True))
     lora_targets: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"
-    lora_item_rank: int = field(default=0, metadata=_range(0))
+    # item-side adapter: a trainable delta on the tied item table, federated with the LoRA
+    item_adapter: str = field(default="none", metadata=_choice(*ITEM_ADAPTERS))
+    item_rank: int = field(default=8, metadata=_range(1))
+    item_rows: int = field(default=1000, metadata=_range(1))
+    item_features: str = ""
     lora_train: str = field(default="both", metadata=_choice("both", "b-only"))
     lora_share: str = field(default="both", metadata=_choice("both", "a-only"))
     client_state_dir: str = ""
@@ -89,6 +99,7 @@ class FedRecConfig:
     learning_rate: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     server_optimizer: str = field(default="adam", metadata=_choice(*SERVER_OPTIMIZERS))
     server_learning_rate: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
+    server_momentum: float = field(default=0.0, metadata=_range(0.0, 0.999))
     user_weighting: str = field(default="uniform", metadata=_choice(*USER_WEIGHTINGS))
     clipping_norm: float = field(default=0.0, metadata=_range(0.0))
 
@@ -120,8 +131,12 @@ class FedRecConfig:
     eval_every: int = field(default=5, metadata=_range(0))
     eval_users: int = field(default=0, metadata=_range(0))
 
-    # centralized baseline (mode=centralized)
-    centralized_epochs: int = field(default=10, metadata=_range(1))
+    # centralized ceilings (mode=centralized), each early-stopped on validation NDCG@10
+    ceilings: str = "scratch,full,same"
+    centralized_epochs: int = field(default=100, metadata=_range(1))
+    centralized_patience: int = field(default=3, metadata=_range(1))
+    centralized_learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    bootstrap_samples: int = field(default=1000, metadata=_range(0))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -133,6 +148,11 @@ class FedRecConfig:
                 f"lora-targets: unknown module(s) {bad or '(none given)'}; "
                 f"choose from {','.join(LORA_TARGET_CHOICES)}"
             )
+        bad = [c for c in self.ceiling_list() if c not in CEILINGS]
+        if bad or not self.ceiling_list():
+            raise ConfigError(f"ceilings: unknown {bad or '(none given)'}; choose from {','.join(CEILINGS)}")
+        if self.server_momentum and self.server_optimizer != "sgd":
+            raise ConfigError("server-momentum: only server-optimizer=sgd has momentum (adam keeps its own moments)")
         if self.dp_enabled:
             if self.noise_multiplier > 0 and self.target_epsilon > 0:
                 raise ConfigError("target-epsilon: give noise-multiplier or target-epsilon, not both")
@@ -154,11 +174,9 @@ class FedRecConfig:
             )
         if self.partition == "silo":
             clash = [k for k, on in (("placement=device", self.placement == "device"), ("lora-share=a-only", self.lora_share == "a-only"),
-                                     ("lora-item-rank", self.lora_item_rank > 0), ("user-level DP", self.dp_enabled)) if on]  # fmt: skip
+                                     ("item-adapter", self.item_adapter != "none"), ("user-level DP", self.dp_enabled)) if on]  # fmt: skip
             if clash:
                 raise ConfigError(f"partition: silo (sample-level DP-SGD) does not combine with {', '.join(clash)} yet")
-        if self.local_engine == "vectorized" and self.lora_item_rank > 0:
-            raise ConfigError("local-engine: vectorized does not train lora-item-rank; use auto or loop")
         if self.scoring_dtype != "float32" and not self.vectorized:
             raise ConfigError("scoring-dtype: only the vectorized engine (local-engine=auto|vectorized) has a bfloat16 path")
         if self.secure_aggregation == "secagg+":
@@ -180,6 +198,10 @@ class FedRecConfig:
             raise ConfigError(f"data-path: dataset={self.dataset} needs data-path=<file or folder>")
         if self.data_path and self.dataset != "synthetic" and not Path(self.data_path).exists():
             raise ConfigError(f"data-path: '{self.data_path}' does not exist")
+        if self.item_features and not Path(self.item_features).exists():
+            raise ConfigError(f"item-features: '{self.item_features}' does not exist")
+        if self.item_adapter == "features" and not self.item_features and self.dataset in ("seq-txt", "csv"):
+            raise ConfigError(f"item-features: item-adapter=features needs item-features=PATH for dataset={self.dataset}")
 
     # ------------------------------------------------------------------ views
     @property
@@ -189,10 +211,13 @@ class FedRecConfig:
     @property
     def vectorized(self) -> bool:
         """Whether clients train their users together (fedrec.vectorized) or one by one."""
-        return self.local_engine == "vectorized" or (self.local_engine == "auto" and self.lora_item_rank == 0)
+        return self.local_engine in ("vectorized", "auto")
 
     def lora_target_list(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def ceiling_list(self) -> list[str]:
+        return [c.strip() for c in self.ceilings.split(",") if c.strip()]
 
     def to_dict(self) -> dict[str, Any]:
         """Kebab-case mapping: the form of TOML, run-config and ConfigRecord."""
@@ -220,6 +245,8 @@ class FedRecConfig:
         known = {_kebab(f.name): f for f in fields(cls)}
         values = base.to_dict() if base is not None else {}
         for key, raw in mapping.items():
+            if key in RENAMED:
+                raise ConfigError(f"{key}: {RENAMED[key]}")
             if key not in known:
                 hint = _closest(key, known)
                 raise ConfigError(f"{key}: unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))

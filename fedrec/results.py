@@ -65,28 +65,45 @@ class ResultsDir:
         return path
 
 
-def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
-    """(label, test metrics) for every model the summary holds, base first."""
-    labels = [
-        ("most_popular_test", "most popular"),
-        ("base_test", "base model"),
-        ("test", "federated LoRA"),
-        ("last_round_test", "federated LoRA, last round"),
-        ("centralized_full_test", "centralized full fine-tune"),
-        ("centralized_lora_test", "centralized LoRA"),
-    ]
+_ROWS = (
+    ("most_popular_test", "most popular"),
+    ("base_test", "base model"),
+    ("test", "federated"),
+    ("last_round_test", "federated, last round"),
+    ("ceiling_scratch_test", "ceiling: from scratch"),
+    ("ceiling_full_test", "ceiling: full fine-tune"),
+    ("ceiling_same_test", "ceiling: same parameters"),
+)
+
+
+def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float], dict[str, list[float]]]]:
+    """(label, test metrics, their 95% intervals) for every model the summary holds, base first."""
+    labels = list(_ROWS)
     if summary.get("best_round") == summary.get("rounds"):
-        labels.remove(("last_round_test", "federated LoRA, last round"))  # the same adapter
-    return [(label, summary[key]) for key, label in labels if summary.get(key)]
+        labels.remove(("last_round_test", "federated, last round"))  # the same adapter
+    return [(label, summary[key], summary.get(f"{key}_ci") or {}) for key, label in labels if summary.get(key)]
+
+
+def interval_text(value: float, ci: list[float] | None, digits: int = 4) -> str:
+    """`0.0452 [0.0431, 0.0474]`, or the value alone without an interval."""
+    if not ci:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def summary_text(summary: dict[str, Any]) -> str:
-    lines = [f"fedrec {summary.get('mode', 'federated')} run", ""]
-    lines.append(f"{'model':<28} {'HR@10':>8} {'NDCG@10':>8} {'HR@20':>8} {'NDCG@20':>8}")
-    for label, m in comparison_rows(summary):
-        lines.append(f"{label:<28} {m['hr@10']:8.4f} {m['ndcg@10']:8.4f} {m['hr@20']:8.4f} {m['ndcg@20']:8.4f}")
+    lines = [f"fedrec {summary.get('mode', 'federated')} run", "", "test split, full ranking; [95% bootstrap interval over users]"]
+    lines.append(f"{'model':<28} {'HR@10':>26} {'NDCG@10':>26} {'HR@20':>8} {'NDCG@20':>8}")
+    for label, m, ci in comparison_rows(summary):
+        lines.append(f"{label:<28} {interval_text(m['hr@10'], ci.get('hr@10')):>26} "
+                     f"{interval_text(m['ndcg@10'], ci.get('ndcg@10')):>26} {m['hr@20']:8.4f} {m['ndcg@20']:8.4f}")  # fmt: skip
+    gain = summary.get("test_gain_ci", {}).get("ndcg@10")
+    if gain:
+        lines.append(f"federated − base, NDCG@10 (paired by user): [{gain[0]:+.4f}, {gain[1]:+.4f}]")
     lines.append("")
-    for key in ("rounds", "best_round", "epsilon", "delta", "noise_multiplier", "noise_to_signal", "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters"):
+    for key in ("rounds", "best_round", "epsilon", "delta", "noise_multiplier", "noise_to_signal", "adapter_dimension",
+                "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters", "ceiling_scratch_epoch",
+                "ceiling_full_epoch", "ceiling_same_epoch"):  # fmt: skip
         if key in summary:
             lines.append(f"{key}: {summary[key]}")
     return "\n".join(lines) + "\n"

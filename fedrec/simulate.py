@@ -57,6 +57,8 @@ def _config_from(args: argparse.Namespace) -> FedRecConfig:
         absolute["data_path"] = str(Path(cfg.data_path).expanduser().resolve())
     if cfg.cache_dir:
         absolute["cache_dir"] = str(Path(cfg.cache_dir).expanduser().resolve())
+    if cfg.item_features:
+        absolute["item_features"] = str(Path(cfg.item_features).expanduser().resolve())
     return cfg.replace(**absolute)
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
 from fedrec.local_state import UserStateStore, is_local
-from fedrec.metrics import KS, SAMPLED_PREFIX, add_sums, metric_sums, sample_negatives, target_ranks
+from fedrec.metrics import KS, SAMPLED_PREFIX, metric_sums, sample_negatives, target_ranks
 from fedrec.model.lora import AdapterState, adapter_parameters
 from fedrec.privacy.clipping import clip_update
 
@@ -102,7 +102,7 @@ def train_users(
 
 
 @torch.no_grad()
-def evaluate_users(
+def rank_users(
     model: nn.Module,
     data: SplitData,
     users: Sequence[int],
@@ -111,17 +111,17 @@ def evaluate_users(
     max_seq_len: int,
     device: torch.device,
     batch_size: int = 256,
-    ks: tuple[int, ...] = KS,
     local_store: UserStateStore | None = None,
-) -> dict[str, float]:
-    """Sums of HR@K / NDCG@K over `users`, ranking the target against all items.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's 0-based rank of their target among all items, and among 100 sampled
+    unseen items (both aligned with `users`).
 
     Items already in the user's history are excluded from the ranking (RecBole's
-    full-sort protocol); the target itself always stays in. The `sampled100-` metrics
-    rank the target among 100 sampled unseen items instead, for older papers only.
+    full-sort protocol); the target itself always stays in. The sampled ranks are for
+    the `sampled100-` metrics of older papers only.
     """
     if local_store is not None and model.get_base_model().item_delta is not None:
-        return _evaluate_with_own_state(model, data, users, split, local_store, max_seq_len=max_seq_len, device=device, ks=ks)
+        return _rank_with_own_state(model, data, users, split, local_store, max_seq_len=max_seq_len, device=device)
     if local_store is not None:  # each user's own B, many users per batch (vectorized imports this module)
         from fedrec.vectorized import own_state_hidden
 
@@ -150,35 +150,60 @@ def evaluate_users(
         for row, (u, h) in enumerate(zip(chunk, hists)):
             negatives = torch.as_tensor(sample_negatives(u, h, data.target(u, split), data.num_items), device=device)
             sampled_ranks.append(int((scores[row, negatives - 1].cpu() > target_scores[row]).sum()))
-    if not ranks:
+    full = torch.cat(ranks).numpy().astype(np.int64) if ranks else np.zeros(0, dtype=np.int64)
+    return full, np.asarray(sampled_ranks, dtype=np.int64)
+
+
+def rank_sums(ranks: np.ndarray, sampled: np.ndarray, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """The summable metrics of `rank_users`' ranks (what a worker replies with)."""
+    if not len(ranks):
         return {"count": 0.0}
-    return metric_sums(torch.cat(ranks).numpy(), ks) | metric_sums(
-        np.asarray(sampled_ranks), ks, prefix=SAMPLED_PREFIX
-    )
+    return metric_sums(ranks, ks) | metric_sums(sampled, ks, prefix=SAMPLED_PREFIX)
 
 
-def _evaluate_with_own_state(
-    model: nn.Module, data: SplitData, users: Sequence[int], split: str, store: UserStateStore, **kwargs
+def evaluate_users(
+    model: nn.Module,
+    data: SplitData,
+    users: Sequence[int],
+    split: str,
+    *,
+    max_seq_len: int,
+    device: torch.device,
+    batch_size: int = 256,
+    ks: tuple[int, ...] = KS,
+    local_store: UserStateStore | None = None,
 ) -> dict[str, float]:
+    """Sums of HR@K / NDCG@K over `users`, ranking the target against all items (`rank_users`)."""
+    full, sampled = rank_users(model, data, users, split, max_seq_len=max_seq_len, device=device,
+                               batch_size=batch_size, local_store=local_store)  # fmt: skip
+    return rank_sums(full, sampled, ks)
+
+
+def _rank_with_own_state(
+    model: nn.Module, data: SplitData, users: Sequence[int], split: str, store: UserStateStore, **kwargs
+) -> tuple[np.ndarray, np.ndarray]:
     """One user at a time, each with their own B (the global B where they never trained).
 
     Only for models with an item-table delta, which the batched path does not cover.
     """
     params = {k: p for k, p in adapter_parameters(model).items() if is_local(k)}
     global_b = {k: p.detach().clone() for k, p in params.items()}
-    sums: dict[str, float] = {}
+    full, sampled = [], []
     try:
         for u in users:
             own = store.load(u) or global_b
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(own[k])
-            sums = add_sums(sums, evaluate_users(model, data, [u], split, **kwargs))
+            f, s = rank_users(model, data, [u], split, **kwargs)
+            full.append(f)
+            sampled.append(s)
     finally:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(global_b[k])
-    return sums or {"count": 0.0}
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return cat(full), cat(sampled)
 
 
 def fit_sequences(
@@ -192,7 +217,7 @@ def fit_sequences(
     max_seq_len: int,
     seed: int,
     device: torch.device,
-    on_epoch: Callable[[int, float], None] | None = None,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
     validate: Callable[[], float] | None = None,
     patience: int = 0,
 ) -> int:
@@ -200,7 +225,8 @@ def fit_sequences(
 
     With `validate` (higher is better) and `patience` > 0, stops after `patience`
     epochs without improvement and restores the best epoch's weights; returns the
-    epoch whose weights the model ends with.
+    epoch whose weights the model ends with. `on_epoch` gets (epoch, mean loss,
+    validation score or None).
     """
     usable = [s for s in seqs if len(s) >= 2]
     if not usable or epochs == 0:
@@ -225,7 +251,7 @@ def fit_sequences(
             n += 1
         score = validate() if validate is not None and patience > 0 else None
         if on_epoch:
-            on_epoch(epoch + 1, total / max(n, 1))
+            on_epoch(epoch + 1, total / max(n, 1), score)
         if score is not None:
             if score > best_score:
                 best_score, best_epoch = score, epoch + 1

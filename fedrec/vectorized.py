@@ -33,10 +33,17 @@ from peft.tuners.lora import LoraLayer
 from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
 from fedrec.local_state import UserStateStore, is_local
-from fedrec.model.lora import AdapterState, adapter_parameters, adapter_state
+from fedrec.model.item_adapters import ItemAdapter, ScoringExtra
+from fedrec.model.lora import ITEM_DELTA, AdapterState, adapter_parameters, adapter_state
 from fedrec.model.sasrec import SASRec
 from fedrec.privacy.clipping import CLIP_SHAVE
 from fedrec.train import next_item_batch, user_seed
+
+
+ITEM_PREFIX = "base_model.model." + ITEM_DELTA  # the item adapter's keys in an adapter state
+# Bytes of per-user item-adapter stacks one group may hold (the tensors, their gradients and
+# the deltas): `table` holds a whole N×d table per user.
+ITEM_GROUP_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -107,9 +114,8 @@ class FrozenBase:
 
     def __init__(self, model: PeftModel) -> None:
         sasrec: SASRec = model.get_base_model()
-        if sasrec.item_delta is not None:
-            raise ValueError("the vectorized engine does not train lora-item-rank; use local-engine=loop")
         self.model = sasrec
+        self.item: ItemAdapter | None = sasrec.item_delta
         self.heads = sasrec.blocks[0].attn.heads
         self.dropout = float(sasrec.emb_drop.p)
         # The scoring table as its own contiguous copy: GEMMs against the row-offset view
@@ -124,6 +130,10 @@ class FrozenBase:
             }
             lin |= {name: self._linear(getattr(block, name), prefix + f"{name}.") for name in ("fc1", "fc2")}
             self.blocks.append((block.ln1, block.ln2, lin))
+
+    def item_tensors(self, stack: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The item adapter's per-user stacks, by the adapter's own tensor names."""
+        return {k[len(ITEM_PREFIX) :]: v for k, v in stack.items() if k.startswith(ITEM_PREFIX)}
 
     @staticmethod
     def _linear(module: torch.nn.Module, key: str) -> _Linear:
@@ -146,7 +156,10 @@ class FrozenBase:
         def dropped(t: torch.Tensor) -> torch.Tensor:
             return t * next(masks) if drop is not None else t
 
-        x = dropped(F.embedding(seqs, m.item_emb.weight) * m.scale + m.pos_emb.weight[pos]) * valid.unsqueeze(-1)
+        emb = F.embedding(seqs, m.item_emb.weight)
+        if self.item is not None:  # user u's own item delta on the lookups
+            emb = emb + self.item.lookup(self.item_tensors(stack), seqs)
+        x = dropped(emb * m.scale + m.pos_emb.weight[pos]) * valid.unsqueeze(-1)
         causal = torch.ones(n, n, dtype=torch.bool, device=seqs.device).tril()
         eye = torch.eye(n, dtype=torch.bool, device=seqs.device)
         mask = ((causal & valid[:, None, :]) | eye).unsqueeze(1)
@@ -226,8 +239,8 @@ class _LoraLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
-class _FrozenTableCrossEntropy(torch.autograd.Function):
-    """Σ_t w_t · CE(h_t · Eᵀ, y_t) with E frozen, in row chunks that stay in cache.
+class _ScoringCrossEntropy(torch.autograd.Function):
+    """Σ_t w_t · CE(h_t · Eᵀ + extra_t, y_t) with E frozen, in row chunks that stay in cache.
 
     Written here because no maintained CPU kernel does this (Liger's fused linear
     cross-entropy is Triton/GPU-only): the (positions × items) logits are never held
@@ -240,38 +253,106 @@ class _FrozenTableCrossEntropy(torch.autograd.Function):
     loss and, not differentiable, each row's cross-entropy. With a `dtype` of bfloat16 the
     GEMMs run in it (4x the fp32 rate on CPUs with AVX512-BF16, measured); the softmax
     accumulates in fp32.
+
+    `extra` (an item adapter's `ScoringExtra`, else None) adds z·Lᵀ to the logits, so each
+    user scores against their own E + Δ_u without a per-user table ever being built; the
+    gradients of its `z` and, per user, of its `lstack` are formed in the same pass from
+    the chunk's softmax: ∂/∂z_t = w_t (softmax_t·L − L[y_t]) and
+    ∂/∂L_u = Σ_{t of u} w_t (softmax_t − onehot(y_t))ᵀ z_t.
     """
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, chunk: int,
-                dtype: torch.dtype):  # fmt: skip
+                dtype: torch.dtype, extra: ScoringExtra | None, z: torch.Tensor | None,
+                lstack: torch.Tensor | None):  # fmt: skip
         rows, items = h.shape[0], table.shape[0]
         ce = torch.empty(rows, dtype=h.dtype, device=h.device)
         grad = torch.empty_like(h)
+        grad_z = torch.empty_like(z) if z is not None else None
+        grad_l = torch.zeros_like(lstack) if lstack is not None else None
         table_c = table.to(dtype)
         logits = torch.empty(min(chunk, rows), items, dtype=dtype, device=h.device)
         probs = torch.empty_like(logits)
+        spans = _user_spans(extra.row_user, lstack.shape[0]) if lstack is not None else None
         for s in range(0, rows, chunk):
-            yc = targets[s : s + chunk]
-            lc, pc = logits[: len(yc)], probs[: len(yc)]
-            torch.mm(h[s : s + chunk].to(dtype), table_c.T, out=lc)
+            e = min(s + chunk, rows)
+            yc = targets[s:e]
+            lc, pc = logits[: e - s], probs[: e - s]
+            torch.mm(h[s:e].to(dtype), table_c.T, out=lc)
+            if extra is not None:
+                _add_extra_logits(extra, lc, s, e, spans)
             torch.softmax(lc, dim=1, out=pc)
             picked = pc.gather(1, yc[:, None])[:, 0].to(h.dtype)
-            ce[s : s + chunk] = -picked.log()
+            ce[s:e] = -picked.log()
             tiny = (picked < 1e-30).nonzero()[:, 0]  # p_y underflowed: the loss from the logits themselves
             if len(tiny):
                 lt = lc[tiny].to(h.dtype)
                 ce[s + tiny] = lt.logsumexp(1) - lt.gather(1, yc[tiny, None])[:, 0]
             expected = torch.mm(pc, table_c).to(h.dtype)  # softmax · E
-            grad[s : s + chunk] = (expected - table[yc]) * w[s : s + chunk, None]
-        ctx.save_for_backward(grad)
+            wc = w[s:e, None]
+            grad[s:e] = (expected - table[yc]) * wc
+            if extra is not None:
+                _extra_grads(extra, pc, yc, wc, s, e, spans, grad_z, grad_l)
+        ctx.save_for_backward(grad, grad_z, grad_l)
         ctx.mark_non_differentiable(ce)
         return (ce * w).sum(), ce
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_ce: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
+        grad, grad_z, grad_l = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss for g in (grad_z, grad_l)]
+        return grad * grad_loss, None, None, None, None, None, None, *scaled
+
+
+
+
+def _user_spans(row_user: torch.Tensor, users: int) -> list[tuple[int, int, int]]:
+    """(user, first row, end row) of each user's rows; rows are grouped by user."""
+    ends = torch.bincount(row_user, minlength=users).cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    return [(u, a, b) for u, (a, b) in enumerate(zip(starts, ends)) if b > a]
+
+
+def _in_chunk(spans: list[tuple[int, int, int]], s: int, e: int):
+    """Each user's part of rows [s, e): (user, first, end)."""
+    for u, a, b in spans:
+        if b > s and a < e:
+            yield u, max(a, s), min(b, e)
+
+
+def _add_extra_logits(extra: ScoringExtra, lc: torch.Tensor, s: int, e: int, spans) -> None:
+    z = extra.z
+    if extra.kind == "cols":
+        lc.index_add_(1, extra.cols, z[s:e].to(lc.dtype))
+    elif extra.kind == "sparse":
+        lc.add_(torch.sparse.mm(extra.L, z[s:e].T).T.to(lc.dtype))
+    else:
+        for u, a, b in _in_chunk(spans, s, e):
+            lc[a - s : b - s].addmm_(z[a:b].to(lc.dtype), extra.lstack[u].T.to(lc.dtype))
+
+
+def _extra_grads(extra: ScoringExtra, pc: torch.Tensor, yc: torch.Tensor, wc: torch.Tensor, s: int, e: int,
+                 spans, grad_z: torch.Tensor, grad_l: torch.Tensor | None) -> None:  # fmt: skip
+    z = extra.z
+    if extra.kind == "cols":
+        gz = pc.index_select(1, extra.cols).to(z.dtype)
+        pos = extra.col_pos[yc]
+        hit = (pos >= 0).nonzero()[:, 0]
+        gz[hit, pos[hit]] -= 1.0
+        grad_z[s:e] = gz * wc
+    elif extra.kind == "sparse":
+        k = z.shape[1]
+        expected = torch.sparse.mm(extra.LT, pc.T.to(z.dtype)).T  # softmax · L
+        at_target = torch.zeros(e - s, k + 1, dtype=z.dtype, device=z.device)
+        at_target.scatter_add_(1, extra.pad_idx[yc], extra.pad_w[yc].to(z.dtype))
+        grad_z[s:e] = (expected - at_target[:, :k]) * wc
+    else:
+        for u, a, b in _in_chunk(spans, s, e):
+            lu, p_u, y_u = extra.lstack[u], pc[a - s : b - s].to(z.dtype), yc[a - s : b - s]
+            w_u = wc[a - s : b - s]
+            grad_z[a:b] = (p_u @ lu - lu[y_u]) * w_u
+            wz = z[a:b].detach() * w_u
+            grad_l[u].addmm_(p_u.T, wz).index_add_(0, y_u, wz, alpha=-1.0)
 
 
 def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: torch.dtype, drop: _DropoutMasks | None):
@@ -280,8 +361,11 @@ def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: 
     keep = targets > 0
     rows = keep.nonzero()[:, 0]
     inv_count = 1.0 / keep.sum(dim=1).clamp(min=1).to(torch.float32)
-    table = base.table
-    loss, ce = _FrozenTableCrossEntropy.apply(hidden[keep], table, targets[keep] - 1, inv_count[rows], chunk, dtype)
+    extra = base.item.scoring(base.item_tensors(stack), hidden, keep) if base.item is not None else None
+    loss, ce = _ScoringCrossEntropy.apply(
+        hidden[keep], base.table, targets[keep] - 1, inv_count[rows], chunk, dtype, extra,
+        None if extra is None else extra.z, None if extra is None else extra.lstack,
+    )  # fmt: skip
     per_user = torch.zeros(len(inputs), device=ce.device).index_add_(0, rows, ce) * inv_count
     return loss, per_user
 
@@ -308,14 +392,15 @@ def own_state_hidden(model: PeftModel, store: UserStateStore):
     return last_hidden
 
 
-def length_groups(lengths: Sequence[int], max_len: int, tokens: int) -> list[np.ndarray]:
-    """Indices grouped by similar length, each group padded to at most `tokens` tokens."""
+def length_groups(lengths: Sequence[int], max_len: int, tokens: int, max_users: int | None = None) -> list[np.ndarray]:
+    """Indices grouped by similar length, each group padded to at most `tokens` tokens
+    (and holding at most `max_users` users)."""
     clipped = np.minimum(np.asarray(lengths), max_len)
     order = np.argsort(-clipped, kind="stable")
     groups, start = [], 0
     while start < len(order):
         width = max(1, int(clipped[order[start]]))
-        size = max(1, tokens // width)
+        size = max(1, tokens // width if max_users is None else min(tokens // width, max_users))
         groups.append(order[start : start + size])
         start += size
     return groups
@@ -356,7 +441,11 @@ def train_users_vectorized(
     total = UpdateSum()
     sums = {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in shared}
     lengths = [len(data.train[u]) - 1 for u in users]
-    for idx in length_groups(lengths, max_seq_len, group_tokens):
+    max_users = None
+    if base.item is not None:  # each user holds their own copy of the item tensors (and grads, deltas)
+        per_user = 4 * sum(v.numel() * 4 for k, v in global_state.items() if k.startswith(ITEM_PREFIX))
+        max_users = max(1, ITEM_GROUP_BYTES // per_user)
+    for idx in length_groups(lengths, max_seq_len, group_tokens, max_users):
         group = [users[i] for i in idx]
         inputs, targets = next_item_batch([data.train[u] for u in group], max_seq_len)
         inputs, targets = inputs.to(device), targets.to(device)

@@ -19,6 +19,11 @@ from fedrec.config import FedRecConfig
 from fedrec.data import SplitData, load_interactions, split_users
 from fedrec.data.interactions import Interactions
 from fedrec.model.base import BASE_KEYS, base_path, cache_dir, ensure_base, load_base
+from fedrec.data.item_features import (
+    ItemFeatures, cluster_features, load_item_features, load_movielens_genres, movielens_item_file, public_top_items,
+)  # fmt: skip
+from fedrec.data.synthetic import synthetic_item_clusters
+from fedrec.model.item_adapters import make_item_adapter
 from fedrec.model.lora import attach_lora, freeze_random_factors
 
 DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
@@ -26,8 +31,69 @@ DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fr
 )
 # What build_model's adapter depends on (besides the base): a model cached by a worker is
 # reused only for configs that agree on these.
-ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-item-rank", "lora-train")
+ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features")
+ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-train", *ITEM_KEYS)
 _CACHE: dict[str, tuple[Interactions, SplitData]] = {}
+
+
+@dataclass(frozen=True)
+class ItemSide:
+    """The public inputs an item-side adapter is built from: the row set (`rows`) or the
+    item features (`features`). The same on the server, every worker and every device."""
+
+    rows: np.ndarray | None = None
+    features: ItemFeatures | None = None
+
+    def to_record(self) -> dict:
+        """Plain lists, for a ConfigRecord (what a real device receives in `setup`)."""
+        out: dict = {}
+        if self.rows is not None:
+            out["rows"] = [int(r) for r in self.rows]
+        if self.features is not None:
+            f = self.features
+            out |= {"feature-indptr": [int(i) for i in f.indptr], "feature-indices": [int(i) for i in f.indices],
+                    "feature-count": f.num_attrs, "feature-source": f.source}  # fmt: skip
+        return out
+
+    @classmethod
+    def from_record(cls, rec: dict) -> ItemSide:
+        rows = np.asarray(rec["rows"], dtype=np.int64) if "rows" in rec else None
+        features = None
+        if "feature-indptr" in rec:
+            features = ItemFeatures(np.asarray(rec["feature-indptr"], dtype=np.int64),
+                                    np.asarray(rec["feature-indices"], dtype=np.int64),
+                                    int(rec["feature-count"]), str(rec["feature-source"]))  # fmt: skip
+        return cls(rows, features)
+
+
+_ITEM_SIDE: dict[str, ItemSide] = {}
+
+
+def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
+    """The row set or item features the config's item adapter needs (memoized per process).
+
+    Rows are the `item-rows` items most frequent among the public users; features come
+    from `item-features`, or the dataset's own item file (MovieLens genres, the synthetic
+    clusters).
+    """
+    if cfg.item_adapter not in ("rows", "features"):
+        return ItemSide()
+    key = cfg.fingerprint(*DATA_KEYS, *ITEM_KEYS)
+    if key not in _ITEM_SIDE:
+        if cfg.item_adapter == "rows":
+            public = [data.full_sequence(int(u)) for u in data.public]
+            _ITEM_SIDE[key] = ItemSide(rows=public_top_items(public, data.num_items, cfg.item_rows))
+        elif cfg.item_features:
+            _ITEM_SIDE[key] = ItemSide(features=load_item_features(Path(cfg.item_features), data.item_ids))
+        elif cfg.dataset == "synthetic":
+            clusters = synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.seed)
+            _ITEM_SIDE[key] = ItemSide(features=cluster_features(clusters))
+        elif cfg.dataset == "movielens":
+            path = movielens_item_file(Path(cfg.data_path))
+            _ITEM_SIDE[key] = ItemSide(features=load_movielens_genres(path, data.item_ids))
+        else:
+            raise ValueError(f"item-adapter=features: no item features for dataset={cfg.dataset}; set item-features")
+    return _ITEM_SIDE[key]
 
 
 @dataclass
@@ -39,15 +105,29 @@ class Workload:
 
     def model(self, device: torch.device | None = None) -> PeftModel:
         """A fresh base+LoRA model; the LoRA init is seeded, B = 0."""
-        return build_model(self.cfg, self.data.num_items, self.base_path, device)
+        return build_model(self.cfg, self.data.num_items, self.base_path, device, self.item_side)
+
+    @property
+    def item_side(self) -> ItemSide:
+        return item_side(self.cfg, self.data)
 
 
-def build_model(cfg: FedRecConfig, num_items: int, path: Path, device: torch.device | None = None) -> PeftModel:
-    """The frozen base at `path` with the run's seeded LoRA: the same on server, workers and devices."""
+def build_model(
+    cfg: FedRecConfig, num_items: int, path: Path, device: torch.device | None = None, side: ItemSide | None = None
+) -> PeftModel:
+    """The frozen base at `path` with the run's seeded LoRA and item adapter: the same on
+    server, workers and devices (`side` holds the item adapter's public inputs)."""
     base = load_base(cfg, num_items, path)
-    model = attach_lora(
-        base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list(), cfg.seed, item_rank=cfg.lora_item_rank
-    )
+    item = None
+    if cfg.item_adapter != "none":
+        side = side or ItemSide()
+        d = base.item_emb.embedding_dim
+
+        def item():
+            return make_item_adapter(cfg.item_adapter, num_items, d, rank=cfg.item_rank, alpha=cfg.lora_alpha,
+                                     rows=side.rows, features=side.features)  # fmt: skip
+
+    model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list(), cfg.seed, item_adapter=item)
     if cfg.lora_train == "b-only":
         freeze_random_factors(model)
     return model.to(device or torch.device("cpu"))

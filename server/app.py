@@ -19,7 +19,9 @@ from rich.console import Console
 from fedrec.aggregate import ServerOptimizer
 from fedrec.config import FedRecConfig
 from fedrec.local_state import is_local
-from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state
+from fedrec.metrics import user_intervals
+from fedrec.model.item_adapters import describe_item_adapter
+from fedrec.model.lora import ITEM_DELTA, adapter_bytes, adapter_parameters, adapter_state
 from fedrec.privacy.mechanism import make_plan
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
@@ -66,12 +68,19 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     initial = adapter_state(model)
     n_total = sum(t.numel() for t in initial.values())
     n_params = sum(p.numel() for p in adapter_parameters(model).values())  # trained and sent: d
+    item = describe_item_adapter(cfg, work.item_side, sum(v.numel() for k, v in initial.items() if ITEM_DELTA in k))
     console.print(
-        f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}: {n_total:,} parameters, "
+        f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}{item}: {n_total:,} parameters, "
         f"{adapter_bytes(initial):,} bytes; {n_params:,} trained and sent per user ({cfg.lora_train})"
     )
-    optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate)
-    base = BaseShipment(work.base_path.stem, work.base_path, work.data.item_ids, work.data.user_ids)
+    if cfg.item_adapter != "none" and not cfg.dp_enabled:
+        console.print(
+            f"note: item-adapter={cfg.item_adapter} sends an image of the item table's gradient, which shows which "
+            "items a user touched; without DP noise only the sum protects it (cohort placement sums inside the "
+            "worker; device placement needs secure-aggregation=secagg+)"
+        )
+    optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum)
+    base = BaseShipment(work.base_path.stem, work.base_path, work.data.item_ids, work.data.user_ids, work.item_side)
     update_keys = [k for k in adapter_parameters(model) if not (cfg.lora_share == "a-only" and is_local(k))]
     strategy = FedRecStrategy(cfg, work.data.private, optimizer, base=base, log=console.print, context=context,
                               update_keys=update_keys)  # fmt: skip
@@ -100,6 +109,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     arrays = ArrayRecord(initial)
     base_valid = strategy.evaluate_round(grid, 0, arrays, "valid")
     base_test = strategy.evaluate_round(grid, 0, arrays, "test")
+    base_ranks = strategy.last_ranks
     rows = [{"round": 0, "valid": base_valid, "seconds": round(time.time() - t0, 3)}]
     out.append_metrics(rows[0])
     console.print(f"round   0/{cfg.num_rounds} | base model            | val NDCG@10 {base_valid['ndcg@10']:.4f}")
@@ -148,7 +158,17 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
         # Users' own B cannot be rolled back to an earlier round: the result is the last round.
         best_round, best_arrays, best_valid = rounds_run, arrays, rows[-1].get("valid", best_valid)
     test = strategy.evaluate_round(grid, best_round, best_arrays, "test")
+    test_ranks = strategy.last_ranks
     last_test = test if best_round == rounds_run else strategy.evaluate_round(grid, rounds_run, arrays, "test")
+    last_ranks = strategy.last_ranks
+    # 95% bootstrap intervals over test users; the gain over the base is paired by user.
+    boot = dict(samples=cfg.bootstrap_samples, seed=cfg.seed)
+    intervals = {
+        "base_test_ci": user_intervals(base_ranks, **boot),
+        "test_ci": user_intervals(test_ranks, **boot),
+        "last_round_test_ci": user_intervals(last_ranks, **boot),
+        "test_gain_ci": user_intervals(test_ranks, base_ranks, **boot),
+    }
     if cfg.lora_share == "a-only":
         console.print("lora-share=a-only: the last round (with each user's own B) is the run's result")
     else:
@@ -167,6 +187,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
         "valid": best_valid,
         "best_round": best_round,
         "last_round_test": last_test,
+        **intervals,
         "rounds": rounds_run,
         "epsilon": plan.accountant.spent if plan.enabled else None,
         "delta": plan.delta if plan.enabled else None,

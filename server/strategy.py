@@ -19,10 +19,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedrec.aggregate import ServerOptimizer, UpdateSum, mean_update
-from fedrec.cohort import assign_silos, split_among
+from fedrec.cohort import assign_silos, split_among, validation_users
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means
 from fedrec.privacy.mechanism import PrivacyPlan
+from fedrec.workload import ItemSide
 
 NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005
@@ -37,6 +38,7 @@ class BaseShipment:
     path: Path
     item_ids: list[str]
     user_ids: list[str]  # raw user id of every user index, to resolve a device's `user-id`
+    item_side: ItemSide | None = None  # the item adapter's public inputs (row set, item features)
 
 
 class FedRecStrategy(Strategy):
@@ -63,16 +65,12 @@ class FedRecStrategy(Strategy):
         self.workers: list[int] = []
         self.user_node: dict[int, int] = {}
         self.failed_users: list[int] = []  # device placement: users whose device failed the last exchange
+        self.last_ranks: dict[int, int] = {}  # user → rank of their target in the last evaluation
         self._run_config = ConfigRecord(cfg.to_dict())
         self._choose_valid_users()
 
     def _choose_valid_users(self) -> None:
-        valid_rng = np.random.default_rng([self.cfg.seed, 0xE7A1])
-        self.valid_users = (
-            np.sort(valid_rng.choice(self.population, self.cfg.eval_users, replace=False))
-            if 0 < self.cfg.eval_users < len(self.population)
-            else self.population
-        )
+        self.valid_users = validation_users(self.population, self.cfg.eval_users, self.cfg.seed)
 
     # ------------------------------------------------------------ node routing
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
@@ -149,7 +147,10 @@ class FedRecStrategy(Strategy):
                 "base": ArrayRecord(torch.load(self.base.path, map_location="cpu", weights_only=True)),
                 "catalogue": ConfigRecord({"item-ids": self.base.item_ids}),
             }
-        msgs = [self._query(node, "setup", user, shipment if ship else None) for node, user, ship in to_setup]
+        # The item adapter's public inputs go to every device: they depend on the run, not the base.
+        side = self.base.item_side.to_record() if self.base is not None and self.base.item_side is not None else {}
+        items = {"item-side": ConfigRecord(side)} if side else {}
+        msgs = [self._query(node, "setup", user, (shipment if ship else {}) | items) for node, user, ship in to_setup]
         shipped = sum(ship for _n, _u, ship in to_setup)
         self.log(f"devices: {len(to_setup)} real devices; base model and catalogue sent to {shipped}")
         by_node = {node: user for node, user, _ship in to_setup}
@@ -268,9 +269,15 @@ class FedRecStrategy(Strategy):
         return self._messages(arrays, self.eval_target, {"round": server_round, "split": split}, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Means over the evaluated users; each user's rank is kept in `last_ranks` (user → rank)."""
         sums: dict[str, float] = {}
+        self.last_ranks: dict[int, int] = {}
         for reply in replies:
             sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
+            ranks = reply.content.array_records.get("ranks")
+            if ranks is not None:
+                got = ranks.to_torch_state_dict()
+                self.last_ranks.update(zip(got["users"].tolist(), got["ranks"].tolist()))
         expected = len(self.eval_target) - len(self.failed_users)
         if int(sums.get("count", 0)) != expected:
             raise RuntimeError(f"evaluation: {sums.get('count', 0):.0f} of {expected} users reported")

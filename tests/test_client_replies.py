@@ -50,6 +50,11 @@ def _records(cfg, task: dict, **extra) -> dict:
 def assert_only_adapter_and_scalars(reply: Message, shapes: dict[str, torch.Size], sequences: list[list[int]]) -> None:
     assert not reply.has_error(), reply.error
     for name, record in reply.content.items():
+        if name == "ranks":  # evaluation: each evaluated user's id and their target's rank, nothing else
+            arrays = record.to_torch_state_dict()
+            assert set(arrays) == {"users", "ranks"} and arrays["users"].shape == arrays["ranks"].shape
+            assert arrays["ranks"].dtype == torch.int64 and arrays["ranks"].ndim == 1
+            continue
         if isinstance(record, ArrayRecord):
             arrays = record.to_torch_state_dict()
             assert set(arrays) <= set(shapes), f"{name}: tensors that are not adapter tensors"
@@ -96,6 +101,7 @@ def test_a_real_devices_replies_carry_only_adapters_and_scalars(run):
     assert sorted(update) == sorted(trained) and any(v.abs().sum() > 0 for v in update.values())
     evaluated = _send(_records(cfg, {"split": "test", "base": fp, "user-ids": [user]}, adapter=ArrayRecord(state)), "evaluate", nc)
     assert evaluated.content["metrics"]["count"] == 1
+    assert evaluated.content["ranks"].to_torch_state_dict()["users"].tolist() == [user]
     for reply in (identify, setup, trained_reply, evaluated):
         assert_only_adapter_and_scalars(reply, shapes, [seq, seq[:-2]])
     assert _send(_records(cfg, {"kind": "identify", "base": fp}), "query", nc).content["identity"]["needs-base"] == 0

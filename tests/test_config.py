@@ -39,7 +39,10 @@ def test_run_config_parsing_takes_toml_and_bare_words():
         ({"secure-aggregation": "secagg+"}, "secure-aggregation"),  # cohort placement, no clipping
         ({"secure-aggregation": "secagg+", "placement": "device", "clipping-norm": 1.0, "secagg-shares": 4},
          "secure-aggregation"),  # fmt: skip
-        ({"local-engine": "vectorized", "lora-item-rank": 4}, "local-engine"),
+        ({"lora-item-rank": 4}, "lora-item-rank"),
+        ({"ceilings": "scratch,best"}, "ceilings"),
+        ({"server-momentum": 0.9}, "server-momentum"),
+        ({"item-adapter": "rows,table"}, "item-adapter"),
         ({"local-engine": "loop", "scoring-dtype": "bfloat16"}, "scoring-dtype"),
         ({"scoring-dtype": "float16"}, "scoring-dtype"),
     ],

@@ -71,7 +71,7 @@ def test_evaluation_counts_every_user_once(tiny_cfg):
 
 
 def test_item_table_delta_starts_neutral_reaches_tied_scores_and_round_trips(tiny_cfg):
-    cfg = tiny_cfg.replace(lora_item_rank=4)
+    cfg = tiny_cfg.replace(item_adapter="lowrank", item_rank=4)
     work = load_workload(cfg)
     base = load_base(cfg, work.data.num_items, work.base_path).eval()
     model = work.model().eval()
@@ -96,7 +96,7 @@ def test_item_table_delta_starts_neutral_reaches_tied_scores_and_round_trips(tin
 def test_b_only_trains_and_sends_only_b_and_leaves_a_bit_identical(tiny_cfg):
     from fedrec.aggregate import ServerOptimizer, mean_update
 
-    cfg = tiny_cfg.replace(lora_train="b-only", lora_item_rank=2)
+    cfg = tiny_cfg.replace(lora_train="b-only", item_adapter="lowrank", item_rank=2)
     work = load_workload(cfg)
     model = work.model()
     init = adapter_state(model)
@@ -157,3 +157,25 @@ def test_a_only_keeps_each_users_b_local_and_shares_only_a(tiny_cfg, tmp_path):
     load_adapter_state(model, init)
     base_scores = model.item_scores(model(pad_left([work.data.history(users[0], "test")], cfg.max_seq_len))[:, -1])
     assert ranks_differ or not torch.allclose(scores[users[0]], base_scores)
+
+
+def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
+    from fedrec.model.base import new_model
+    from fedrec.train import fit_sequences
+
+    work = load_workload(tiny_cfg)
+    torch.manual_seed(0)
+    model = new_model(tiny_cfg, work.data.num_items)
+    scores = iter([0.10, 0.30, 0.20, 0.25, 0.05, 0.99])  # best at epoch 2; patience 2 stops after epoch 4
+    snapshots, seen = {}, []
+
+    def on_epoch(epoch, loss, score):
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        seen.append((epoch, score))
+
+    best = fit_sequences(model, [work.data.train[int(u)] for u in work.data.private], list(model.parameters()),
+                         epochs=6, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
+                         validate=lambda: next(scores), patience=2, on_epoch=on_epoch)  # fmt: skip
+    assert best == 2 and [e for e, _ in seen] == [1, 2, 3, 4] and seen[1][1] == 0.30
+    assert all(torch.equal(v, snapshots[2][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, snapshots[4][k]) for k, v in model.state_dict().items())

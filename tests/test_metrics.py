@@ -49,3 +49,31 @@ def test_sampled_negatives_are_unseen_distinct_and_seeded(user, history, target)
     assert len(set(neg.tolist())) == len(neg) == min(100, 150 - len(set(history) | {target}))
     assert not (set(neg.tolist()) & (set(history) | {target}))
     assert neg.min(initial=1) >= 1 and neg.max(initial=150) <= 150
+
+
+def test_a_bootstrap_interval_contains_its_estimate_and_narrows_as_users_are_added():
+    from fedrec.metrics import bootstrap_intervals, per_user_values
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (200, 2000, 20000):
+        ranks = rng.geometric(0.05, size=n) - 1
+        names, values = per_user_values(ranks)
+        ci = bootstrap_intervals(ranks, samples=400, seed=1)
+        for name, mean in zip(names, values.mean(axis=0)):
+            lo, hi = ci[name]
+            assert lo <= mean <= hi, name
+        widths.append(ci["ndcg@10"][1] - ci["ndcg@10"][0])
+    assert widths[0] > 2 * widths[1] > 4 * widths[2] > 0  # ~1/sqrt(n): 10x users, ~3x narrower
+
+
+def test_a_paired_interval_sees_a_gain_that_marginal_intervals_cannot():
+    from fedrec.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(3)
+    base = rng.geometric(0.05, size=3000) - 1
+    better = np.where(rng.random(3000) < 0.1, np.maximum(base - 3, 0), base)  # 10% of users move up a little
+    paired = bootstrap_intervals(better, baseline=base, samples=400)["ndcg@10"]
+    a, b = bootstrap_intervals(better, samples=400)["ndcg@10"], bootstrap_intervals(base, samples=400)["ndcg@10"]
+    assert paired[0] > 0  # the gain is a statement
+    assert a[0] < b[1]  # while the two marginal intervals overlap

@@ -22,6 +22,20 @@ _ZIPF_EXPONENT = 1.1
 _DIRICHLET_CONCENTRATION = 0.3
 
 
+def _rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, 0x5EED])
+
+
+def _clusters(rng: np.random.Generator, num_items: int, num_clusters: int) -> np.ndarray:
+    return rng.permutation(num_items) % min(num_clusters, num_items)
+
+
+def synthetic_item_clusters(num_items: int, num_clusters: int, seed: int) -> np.ndarray:
+    """Each item's cluster (item i+1 → entry i), exactly as `generate_synthetic` draws it:
+    the synthetic data's public item metadata (item-adapter=features)."""
+    return _clusters(_rng(seed), num_items, num_clusters)
+
+
 def generate_synthetic(
     num_users: int,
     num_items: int,
@@ -30,9 +44,9 @@ def generate_synthetic(
     seed: int,
     min_length: int = 5,
 ) -> Interactions:
-    rng = np.random.default_rng([seed, 0x5EED])
+    rng = _rng(seed)
     num_clusters = min(num_clusters, num_items)
-    cluster_of = rng.permutation(num_items) % num_clusters
+    cluster_of = _clusters(rng, num_items, num_clusters)
     members = [np.flatnonzero(cluster_of == c) for c in range(num_clusters)]
     # Zipf popularity inside each cluster, with a random rank order.
     popularity = []

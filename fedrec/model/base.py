@@ -88,12 +88,10 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     public = [int(u) for u in data.public]
     seqs = [data.history(u, "test") for u in public]
     log(f"base model: pretraining on {len(seqs):,} public users, up to {cfg.pretrain_epochs} epochs")
-    last = {"ndcg@10": 0.0}
 
     def validate() -> float:
         sums = evaluate_users(model, data, public, "test", max_seq_len=cfg.max_seq_len, device=torch.device("cpu"))
-        last.update(metric_means(sums))
-        return last["ndcg@10"]
+        return metric_means(sums)["ndcg@10"]
 
     best = fit_sequences(
         model,
@@ -107,8 +105,8 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         device=torch.device("cpu"),
         validate=validate,
         patience=cfg.pretrain_patience,
-        on_epoch=lambda e, loss: log(
-            f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {last['ndcg@10']:.4f}"
+        on_epoch=lambda e, loss, score: log(
+            f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}"
         ),
     )
     log(f"base model: keeping epoch {best}")

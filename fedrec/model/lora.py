@@ -10,7 +10,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from fedrec.model.sasrec import ItemTableDelta, SASRec
+from collections.abc import Callable
+
+from fedrec.model.item_adapters import ItemAdapter
+from fedrec.model.sasrec import SASRec
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -19,20 +22,22 @@ ITEM_DELTA = "item_delta."
 
 
 def attach_lora(
-    base: SASRec, rank: int, alpha: float, targets: list[str], seed: int, item_rank: int = 0
-) -> PeftModel:
+    base: SASRec, rank: int, alpha: float, targets: list[str], seed: int,
+    item_adapter: Callable[[], ItemAdapter] | None = None,
+) -> PeftModel:  # fmt: skip
     """Wrap `base` with fresh LoRA adapters; base weights are frozen by peft.
 
     A is seeded (kaiming, peft's default) and B is zero, so the untrained adapter leaves
-    the base model's outputs unchanged. `item_rank` > 0 adds our own low-rank delta on
-    the (tied) item-embedding table, which travels with the adapter.
+    the base model's outputs unchanged. `item_adapter` builds our own delta on the (tied)
+    item-embedding table (fedrec.model.item_adapters), under the same seed; it travels
+    with the adapter.
     """
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
-        if item_rank:
-            base.item_delta = ItemTableDelta(base.item_emb.num_embeddings, base.item_emb.embedding_dim, item_rank, alpha)
+        if item_adapter is not None:
+            base.item_delta = item_adapter().to(base.item_emb.weight.device)
     return model
 
 

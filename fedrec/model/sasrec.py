@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedrec.model.item_adapters import ItemAdapter
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, dropout: float) -> None:
@@ -57,25 +59,6 @@ class Block(nn.Module):
         return x + self.drop(self.fc2(self.drop(F.gelu(self.fc1(self.ln2(x))))))
 
 
-class ItemTableDelta(nn.Module):
-    """A low-rank additive delta A·B on the item-embedding table, seen by input and output.
-
-    Written here rather than with peft's `lora.Embedding` because that layer only
-    changes lookups: with the table tied to the output scores (SASRec), its delta never
-    reaches the scores (measured; FLOWER-NOTES.md). A starts at zero, so an untrained
-    delta leaves the model unchanged.
-    """
-
-    def __init__(self, num_rows: int, hidden: int, rank: int, alpha: float) -> None:
-        super().__init__()
-        self.A = nn.Parameter(torch.zeros(num_rows, rank))
-        self.B = nn.Parameter(torch.randn(rank, hidden) / math.sqrt(hidden))
-        self.scale = alpha / rank
-
-    def forward(self) -> torch.Tensor:
-        return (self.A @ self.B) * self.scale
-
-
 class SASRec(nn.Module):
     """Input: left-padded item ids (0 = padding), shape (B, L). Output: hidden (B, L, d)."""
 
@@ -97,14 +80,14 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, dropout) for _ in range(num_blocks))
         self.ln_out = nn.LayerNorm(hidden_size)
         self.scale = math.sqrt(hidden_size)
-        self.item_delta: ItemTableDelta | None = None
+        self.item_delta: ItemAdapter | None = None  # an item-side adapter (fedrec.model.item_adapters)
         nn.init.normal_(self.item_emb.weight, std=hidden_size**-0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
     def item_table(self) -> torch.Tensor:
         table = self.item_emb.weight
-        return table if self.item_delta is None else table + self.item_delta()
+        return table if self.item_delta is None else table + self.item_delta.delta()
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         b, n = seqs.shape

@@ -42,7 +42,13 @@ def test_federated_run_beats_base_and_writes_results(tmp_path):
     assert [r["round"] for r in rows] == list(range(41))
     assert "valid" in rows[0] and "valid" in rows[10] and "valid" in rows[40] and "valid" not in rows[5]
     assert sum(t.numel() * 4 for t in load_file(out / "adapter.safetensors").values()) == s["adapter_bytes"]
-    assert "round  40/40" in s["_stdout"] and "federated LoRA" in s["_stdout"]
+    assert "round  40/40" in s["_stdout"] and "federated" in s["_stdout"]
+    for key in ("test", "base_test"):  # every test metric with its 95% interval over users
+        ci = s[f"{key}_ci"]
+        assert set(ci) == {f"{m}@{k}" for m in ("hr", "ndcg") for k in (5, 10, 20)}
+        assert all(lo <= s[key][m] <= hi for m, (lo, hi) in ci.items())
+    gain = s["test_gain_ci"]["ndcg@10"]
+    assert gain[0] <= s["test"]["ndcg@10"] - s["base_test"]["ndcg@10"] <= gain[1]
 
 
 def test_cohort_and_device_placement_give_the_same_aggregate(tmp_path):
@@ -68,10 +74,19 @@ def test_cohort_and_device_placement_give_the_same_aggregate(tmp_path):
     assert cohort["last_round_test"]["ndcg@10"] == pytest.approx(device["last_round_test"]["ndcg@10"], abs=1e-6)
 
 
-def test_centralized_baseline_has_full_and_lora_ceilings(tmp_path):
-    s = simulate(tmp_path, "central", "mode=centralized centralized-epochs=5")
-    assert s["centralized_full_test"]["ndcg@10"] > s["base_test"]["ndcg@10"]
-    assert s["centralized_lora_test"]["users"] == s["private_users"]
+def test_centralized_mode_reports_every_ceiling_early_stopped(tmp_path):
+    s = simulate(tmp_path, "central", "mode=centralized centralized-epochs=30 centralized-patience=2 item-adapter=rows "
+                 "item-rows=20")  # fmt: skip
+    for name in ("scratch", "full", "same"):
+        m, ci, epoch = s[f"ceiling_{name}_test"], s[f"ceiling_{name}_test_ci"], s[f"ceiling_{name}_epoch"]
+        assert m["users"] == s["private_users"] and ci["ndcg@10"][0] <= m["ndcg@10"] <= ci["ndcg@10"][1]
+        assert 1 <= epoch <= 30
+    assert s["ceiling_full_test"]["ndcg@10"] > s["base_test"]["ndcg@10"]
+    assert s["adapter_dimension"] == 20 * 32 + 2 * 8 * 32 * 6  # item rows + LoRA r=8 on six 32x32 projections
+    rows = [json.loads(line) for line in (Path(s["results_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    for name in ("scratch", "full", "same"):  # each stopped `patience` epochs after its best
+        epochs = [r["epoch"] for r in rows if r["variant"] == name]
+        assert epochs[-1] == 30 or epochs[-1] == s[f"ceiling_{name}_epoch"] + 2, name
 
 
 def test_dp_run_writes_ledger_and_stops_at_max_epsilon(tmp_path):

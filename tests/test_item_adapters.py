@@ -1,0 +1,184 @@
+"""Item-side adapters (real peft model, real autograd): neutral at init, reach lookups and
+tied scores, clipped jointly with LoRA, the same in both engines, built from public inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.data.interactions import DataError
+from fedrec.data.item_features import load_item_features, load_item_features_json, public_top_items
+from fedrec.model.base import load_base
+from fedrec.model.lora import adapter_parameters, adapter_state, load_adapter_state
+from fedrec.privacy.clipping import update_norm
+from fedrec.train import pad_left, train_users
+from fedrec.vectorized import train_users_vectorized
+from fedrec.workload import ItemSide, item_side, load_workload
+
+from tests.conftest import shared_file
+
+CPU = torch.device("cpu")
+KINDS = ("lowrank", "rows", "table", "features")
+
+
+def _setup(tiny_cfg, kind, **over):
+    cfg = tiny_cfg.replace(item_adapter=kind, item_rows=20, dropout=0.0, max_seq_len=12, **over)
+    work = load_workload(cfg)
+    return cfg, work, work.model()
+
+
+def _kw(cfg, **over):
+    kw = dict(local_epochs=2, learning_rate=0.5, clipping_norm=0.7, user_weighting="uniform",
+              max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=3, device=CPU)  # fmt: skip
+    return kw | over
+
+
+def _item_keys(state):
+    return [k for k in state if "item_delta." in k]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_item_adapter_is_neutral_at_init_and_counted_in_d(tiny_cfg, kind):
+    cfg, work, model = _setup(tiny_cfg, kind)
+    base = load_base(cfg, work.data.num_items, work.base_path).eval()
+    model.eval()
+    x = pad_left([work.data.train[int(u)] for u in work.data.private[:8]], cfg.max_seq_len)
+    torch.testing.assert_close(model.item_scores(model(x)[:, -1]), base.item_scores(base(x)[:, -1]), rtol=0, atol=0)
+    d, n = cfg.hidden_size, work.data.num_items
+    expected = {"lowrank": n * cfg.item_rank + cfg.item_rank * d, "rows": 20 * d, "table": n * d,
+                "features": 4 * d}[kind]  # tiny_cfg: 4 synthetic clusters = 4 attributes  # fmt: skip
+    trained = adapter_parameters(model)
+    assert sum(trained[k].numel() for k in _item_keys(trained)) == expected
+    assert set(_item_keys(adapter_state(model))) == set(_item_keys(trained))  # they travel
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_item_delta_reaches_the_input_lookup_and_the_tied_scores(tiny_cfg, kind):
+    cfg, work, model = _setup(tiny_cfg, kind)
+    model.eval()
+    sasrec = model.get_base_model()
+    item = int(work.item_side.rows[0]) if kind == "rows" else 3
+    x = pad_left([np.array([5, item, 7])], cfg.max_seq_len)
+    before_hidden = model(x)[:, -1].detach()
+    h = torch.randn(4, cfg.hidden_size)
+    before_scores = model.item_scores(h).detach()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sasrec.item_delta.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    delta = sasrec.item_delta.delta().detach()
+    assert float(delta[0].abs().sum()) == 0.0 and float(delta[item].abs().sum()) > 0  # padding stays zero
+    assert not torch.allclose(model(x)[:, -1], before_hidden)  # the lookup of `item` moved
+    moved = (model.item_scores(h) - before_scores).abs().sum(0)
+    assert float(moved[item - 1]) > 0  # the tied output score of `item` moved
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_engines_agree_and_clip_lora_and_item_tensors_jointly(tiny_cfg, kind):
+    cfg, work, model = _setup(tiny_cfg, kind)
+    g = torch.Generator().manual_seed(0)
+    trained = adapter_parameters(model)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v for k, v in adapter_state(model).items()}
+    users = [int(u) for u in work.data.private[:24]]
+    loop = train_users(model, state, work.data, users, **_kw(cfg))
+    vec = train_users_vectorized(model, state, work.data, users, group_tokens=40, **_kw(cfg))  # several groups
+    assert loop.delta.keys() == vec.delta.keys() and _item_keys(vec.delta)
+    for k in loop.delta:
+        torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert (loop.num_users, loop.num_clipped) == (vec.num_users, vec.num_clipped)
+    assert loop.loss_sum == pytest.approx(vec.loss_sum, rel=1e-5)
+    assert loop.norm_sum == pytest.approx(vec.norm_sum, rel=1e-5)
+    # One user: the bound holds over LoRA and item tensors together, and both parts are in it.
+    for engine in (train_users, train_users_vectorized):
+        one = engine(model, state, work.data, users[:1], **_kw(cfg, clipping_norm=0.05))
+        lora_part = {k: v for k, v in one.delta.items() if k not in _item_keys(one.delta)}
+        item_part = {k: one.delta[k] for k in _item_keys(one.delta)}
+        assert update_norm(one.delta) <= 0.05 and update_norm(lora_part) > 0 and update_norm(item_part) > 0
+
+
+def test_vectorized_item_groups_stay_within_their_memory_budget(tiny_cfg, monkeypatch):
+    """`table` holds a whole N×d table per user: groups are cut by users, results unchanged."""
+    import fedrec.vectorized as vec
+
+    cfg, work, model = _setup(tiny_cfg, "table")
+    state = adapter_state(model)
+    users = [int(u) for u in work.data.private[:12]]
+    whole = train_users_vectorized(model, state, work.data, users, **_kw(cfg))
+    per_user = 4 * 4 * work.data.num_items * cfg.hidden_size
+    monkeypatch.setattr(vec, "ITEM_GROUP_BYTES", 3 * per_user)  # three users per group
+    cut = train_users_vectorized(model, state, work.data, users, **_kw(cfg))
+    for k in whole.delta:
+        torch.testing.assert_close(cut.delta[k], whole.delta[k], rtol=1e-5, atol=1e-7)
+
+
+def test_the_row_set_depends_on_public_users_only(tiny_cfg):
+    cfg, work, _model = _setup(tiny_cfg, "rows")
+    rows = item_side(cfg, work.data).rows
+    data = work.data
+    assert len(rows) == 20 and len(set(rows.tolist())) == 20
+    changed = [s.copy() for s in data.train]
+    rng = np.random.default_rng(5)
+    for u in data.private:  # every private user's training data replaced
+        changed[int(u)] = rng.integers(1, data.num_items + 1, len(changed[int(u)]))
+    public = [np.append(changed[int(u)], [data.valid[int(u)], data.test[int(u)]]) for u in data.public]
+    assert np.array_equal(public_top_items(public, data.num_items, 20), public_top_items(
+        [data.full_sequence(int(u)) for u in data.public], data.num_items, 20))  # fmt: skip
+    # and the choice is the most frequent public items: a public-only count decides it
+    counts = np.bincount(np.concatenate([data.full_sequence(int(u)) for u in data.public]), minlength=data.num_items + 1)
+    assert counts[rows].min() >= np.delete(counts[1:], rows - 1).max()
+
+
+def test_a_features_adapter_moves_an_untrained_item_that_shares_an_attribute(tiny_cfg):
+    cfg, work, model = _setup(tiny_cfg, "features")
+    data, feats = work.data, work.item_side.features
+    attr_of = {i + 1: int(feats.indices[feats.indptr[i]]) for i in range(data.num_items)}
+    users = [int(u) for u in data.private[:6]]
+    touched = set(np.concatenate([data.train[u] for u in users]).tolist())
+    untouched = [i for i in range(1, data.num_items + 1) if i not in touched and attr_of[i] in {attr_of[t] for t in touched}]
+    assert untouched  # an item nobody here trained on, sharing a cluster with one they did
+    state = adapter_state(model)
+    total = train_users_vectorized(model, state, data, users, **_kw(cfg, clipping_norm=0.0))
+    h = torch.randn(3, cfg.hidden_size)
+    model.eval()
+    before = model.item_scores(h).detach()
+    load_adapter_state(model, {k: v + total.delta.get(k, 0) for k, v in state.items()})
+    after = model.item_scores(h).detach()
+    assert float((after - before)[:, untouched[0] - 1].abs().sum()) > 0
+
+
+def test_item_features_errors_name_the_file_and_line(tmp_path):
+    ids = ["1", "2", "3"]
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{\n  "1": [1, 2],\n  "2": [3,\n}\n')
+    with pytest.raises(DataError, match=r"bad\.json:4: not valid JSON"):
+        load_item_features_json(bad_json, ids)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text('{\n  "1": [1],\n  "99": [2]\n}\n')
+    with pytest.raises(DataError, match=r"unknown\.json:3: item '99' is not in"):
+        load_item_features_json(unknown, ids)
+    not_list = tmp_path / "notlist.json"
+    not_list.write_text('{"1": [1],\n"2": 5}')
+    with pytest.raises(DataError, match=r"notlist\.json:2: item '2': expected a list"):
+        load_item_features_json(not_list, ids)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"1": [10, 20], "3": ["x"]}))
+    f = load_item_features(good, ids)
+    assert f.num_attrs == 3 and np.diff(f.indptr).tolist() == [2, 0, 1]  # item 2 has none
+    assert ItemSide.from_record(ItemSide(rows=np.array([2, 3]), features=f).to_record()).features.indices.tolist() == f.indices.tolist()
+    uitem = tmp_path / "u.item"
+    uitem.write_text("1|Toy Story (1995)|01-Jan-1995||url|0|0|0|1|1|1|0|0|0|0|0|0|0|0|0|0|0|0|0\n2|bad|line\n")
+    with pytest.raises(DataError, match=r"u\.item:2: expected id\|title"):
+        load_item_features(uitem, ids)
+
+
+def test_movielens_genres_and_beauty_attributes_load_from_shared_data():
+    from fedrec.data.item_features import load_movielens_genres
+
+    f = load_movielens_genres(shared_file("ml-100k", "u.item"), [str(i) for i in range(1, 1683)])
+    assert f.num_items == 1682 and f.num_attrs == 19 and np.diff(f.indptr).min() >= 1
+    beauty = load_item_features_json(shared_file("amazon-s3rec", "Beauty_item2attributes.json"),
+                                     [str(i) for i in range(1, 12102)])  # fmt: skip
+    assert beauty.num_attrs == 637 and abs(np.diff(beauty.indptr).mean() - 3.72) < 0.01
