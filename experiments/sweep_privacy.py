@@ -1,15 +1,20 @@
-"""What does ε cost? Runs one config at several target ε (and no DP), for each lora-train.
+"""What does ε cost? Runs one config at several target ε (and without DP), for each value of
+one varied key (the item adapter, by default).
 
-    .venv/bin/python experiments/sweep_privacy.py --config experiments/beauty.toml \\
-        --epsilons none,8,4,1 --lora-train both,b-only --run-config "clipping-norm=0.5"
+    .venv/bin/python experiments/sweep_privacy.py --config experiments/beauty-dp.toml \\
+        --epsilons none,8,4,2,1 --vary "item-adapter=none,rows,features,lowrank,table" \\
+        --ceilings results/beauty-ceilings/summary.json
 
 Every run is a whole fedrec run with its own results directory (what
 `python -m fedrec.simulate` would write for the same config); the runs share one Flower
 simulation (`fedrec.simulate.run_many`: Ray and the workers start once), or with
-`--separate` each runs in its own `python -m fedrec.simulate` process. The table is the
-one `python -m fedrec.simulate --sweep` ends with (`fedrec.report.write_sweep_table`:
-printed, OUT/sweep.md, rows in OUT/sweep.json), and test NDCG@10 against ε is plotted to
-OUT/ndcg_vs_epsilon.png.
+`--separate` each runs in its own `python -m fedrec.simulate` process. The ε = none runs
+keep the config's sampling and clipping and drop only the noise. The table is the one
+`python -m fedrec.simulate --sweep` ends with (`fedrec.report.write_sweep_table`: printed,
+OUT/sweep.md, rows in OUT/sweep.json), followed by the share of each value's non-private
+gain over the base that each ε keeps (OUT/gain_kept.md). Test NDCG@10 against ε is plotted
+to OUT/ndcg_vs_epsilon.png, with the base and, from a `mode=centralized` summary
+(`--ceilings`), the ceilings as horizontal lines.
 """
 
 from __future__ import annotations
@@ -29,57 +34,92 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", type=Path)
     ap.add_argument("--epsilons", default="none,8,4,1")
-    ap.add_argument("--lora-train", default="both,b-only")
-    ap.add_argument("--run-config", default="", help="applied to every run (set clipping-norm here)")
+    ap.add_argument("--vary", default="item-adapter=none", help="KEY=v1,v2,...: one line of the plot per value")
+    ap.add_argument("--run-config", default="", help="applied to every run")
+    ap.add_argument("--dp", default="sampling=poisson", help="added to the runs with a target ε")
+    ap.add_argument("--ceilings", type=Path, help="summary.json of a mode=centralized run, drawn as horizontal lines")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "sweep-privacy")
     ap.add_argument("--separate", action="store_true", help="one `python -m fedrec.simulate` process per run")
     args = ap.parse_args()
+    key, _, values = args.vary.partition("=")
+    if not values:
+        ap.error("--vary: expected KEY=v1,v2,...")
     runs = []
-    for train in args.lora_train.split(","):
+    for value in values.split(","):
         for eps in args.epsilons.split(","):
-            dp = "" if eps == "none" else f"sampling=poisson target-epsilon={eps}"
-            argv = ["--output-dir", str(args.out / f"{train}-eps{eps}"),
-                    "--run-config", f"{args.run_config} lora-train={train} {dp}"]  # fmt: skip
-            runs.append((train, eps, (["--config", str(args.config)] if args.config else []) + argv))
+            dp = "" if eps == "none" else f"{args.dp} target-epsilon={eps}"
+            argv = ["--output-dir", str(args.out / f"{key}={value}" / f"eps{eps}"),
+                    "--run-config", f"{args.run_config} {key}={value} {dp}"]  # fmt: skip
+            runs.append((value, eps, (["--config", str(args.config)] if args.config else []) + argv))
     started = time.time()
     if args.separate:
-        for train, eps, argv in runs:
-            print(f"== {train}-eps{eps}", flush=True)
+        for value, eps, argv in runs:
+            print(f"== {key}={value} eps{eps}", flush=True)
             subprocess.run([sys.executable, "-m", "fedrec.simulate", *argv], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        summaries = [json.loads((args.out / f"{t}-eps{e}" / "summary.json").read_text()) for t, e, _argv in runs]
+        summaries = [json.loads((Path(argv[argv.index("--output-dir") + 1]) / "summary.json").read_text())
+                     for _v, _e, argv in runs]  # fmt: skip
     else:
         from fedrec.simulate import build_config, run_many
 
-        summaries = run_many([build_config(argv) for _t, _e, argv in runs])
+        summaries = run_many([build_config(argv) for _v, _e, argv in runs])
     total = time.time() - started
     from fedrec.report import write_sweep_table
 
     how = "one process per run" if args.separate else "one shared simulation"
     footer = f"wall s: each run's ServerApp, start-up excluded; the whole sweep ({how}) took {total:.1f} s."
-    rows = write_sweep_table([{"lora-train": t, "target-epsilon": e} for t, e, _argv in runs], summaries, args.out, footer)
-    print(f"plot: {plot(rows, args.out / 'ndcg_vs_epsilon.png')}")
+    rows = write_sweep_table([{key: v, "target-epsilon": e} for v, e, _argv in runs], summaries, args.out, footer)
+    print(gain_kept(rows, key, args.out / "gain_kept.md"))
+    ceilings = json.loads(args.ceilings.read_text()) if args.ceilings else None
+    print(f"plot: {plot(rows, key, args.out / 'ndcg_vs_epsilon.png', ceilings)}")
     return 0
 
 
-def plot(rows: list[dict], path: Path) -> Path:
-    """Test NDCG@10 against target ε, one line per lora-train; no-DP runs and the base as
-    horizontal lines (ε on a log axis: the question is usually 1 vs 4 vs 8)."""
+def gain_kept(rows: list[dict], key: str, path: Path) -> str:
+    """Share of each value's non-private gain over the base kept at each ε, as a table."""
+    epsilons = [e for e in dict.fromkeys(r["target-epsilon"] for r in rows) if e != "none"]
+    lines = [f"| {key} | non-private gain | " + " | ".join(f"kept at ε = {e}" for e in epsilons) + " |",
+             "|---|---:|" + "---:|" * len(epsilons)]  # fmt: skip
+    for value in dict.fromkeys(r[key] for r in rows):
+        mine = {r["target-epsilon"]: r for r in rows if r[key] == value}
+        if "none" not in mine:
+            continue
+        base = mine["none"]["base_ndcg10"]
+        gain = mine["none"]["test_ndcg10"] - base
+        cells = [f"{(mine[e]['test_ndcg10'] - base) / gain:.0%}" if e in mine and gain > 0 else "–" for e in epsilons]
+        lines.append(f"| {value} | {gain:+.4f} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot(rows: list[dict], key: str, path: Path, ceilings: dict | None = None) -> Path:
+    """Test NDCG@10 against target ε, one line per value of the varied key (with its 95%
+    interval as a band); the no-DP runs, the base and the ceilings as horizontal lines
+    (ε on a log axis: the question is usually 1 vs 4 vs 8)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for i, train in enumerate(dict.fromkeys(r["lora-train"] for r in rows)):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, value in enumerate(dict.fromkeys(r[key] for r in rows)):
         color = f"C{i}"
-        mine = [r for r in rows if r["lora-train"] == train]
-        dp = sorted((float(r["target-epsilon"]), r["test_ndcg10"]) for r in mine if r["target-epsilon"] != "none")
+        mine = [r for r in rows if r[key] == value]
+        dp = sorted((float(r["target-epsilon"]), r["test_ndcg10"], r.get("test_ndcg10_ci")) for r in mine
+                    if r["target-epsilon"] != "none")  # fmt: skip
         if dp:
-            ax.plot([e for e, _ in dp], [v for _, v in dp], marker="o", color=color, label=f"{train}, DP")
+            ax.plot([e for e, _, _ in dp], [v for _, v, _ in dp], marker="o", color=color, label=f"{value}, DP")
+            if all(ci for _, _, ci in dp):
+                ax.fill_between([e for e, _, _ in dp], [ci[0] for _, _, ci in dp], [ci[1] for _, _, ci in dp],
+                                color=color, alpha=0.12, linewidth=0)  # fmt: skip
         for r in mine:
             if r["target-epsilon"] == "none":
-                ax.axhline(r["test_ndcg10"], color=color, linestyle=":", label=f"{train}, no DP")
+                ax.axhline(r["test_ndcg10"], color=color, linestyle=":", label=f"{value}, no DP")
     ax.axhline(rows[0]["base_ndcg10"], color="gray", linestyle="--", label="base model")
+    for name, style in (("scratch", "-"), ("full", "-."), ("same", (0, (1, 3)))):
+        m = (ceilings or {}).get(f"ceiling_{name}_test")
+        if m:
+            ax.axhline(m["ndcg@10"], color="black", linestyle=style, linewidth=1, label=f"ceiling: {name}")
     ax.set_xscale("log")
     targets = sorted({float(r["target-epsilon"]) for r in rows if r["target-epsilon"] != "none"})
     ax.set_xticks(targets, [f"{e:g}" for e in targets])
@@ -88,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("test NDCG@10 (best validated round)")
     ax.set_title("What ε costs")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

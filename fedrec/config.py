@@ -87,7 +87,7 @@ class FedRecConfig:
     item_rank: int = field(default=8, metadata=_range(1))
     item_rows: int = field(default=1000, metadata=_range(1))
     item_features: str = ""
-    lora_train: str = field(default="both", metadata=_choice("both", "b-only"))
+    lora_train: str = field(default="both", metadata=_choice("both", "b-only", "none"))
     lora_share: str = field(default="both", metadata=_choice("both", "a-only"))
     client_state_dir: str = ""
 
@@ -192,6 +192,8 @@ class FedRecConfig:
                 raise ConfigError(f"secure-aggregation: secagg+ needs {'; '.join(problems)}")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
+        if self.lora_train == "none" and (self.item_adapter == "none" or self.lora_share == "a-only"):
+            raise ConfigError("lora-train: none freezes the LoRA adapter, so it needs an item-adapter (and lora-share=both)")
         if self.adaptive_clipping and self.clipping_norm <= 0:
             raise ConfigError("clipping-norm: adaptive clipping starts from clipping-norm, which must be > 0")
         if self.dataset != "synthetic" and not self.data_path:

@@ -144,9 +144,11 @@ class FrozenBase:
         return _Linear(module.weight, module.bias, None)
 
     def hidden(
-        self, seqs: torch.Tensor, stack: dict[str, torch.Tensor], drop: _DropoutMasks | None = None
-    ) -> torch.Tensor:
-        """SASRec's forward with user u's adapter taken from row u of `stack`; dropout from `drop`."""
+        self, seqs: torch.Tensor, stack: dict[str, torch.Tensor], drop: _DropoutMasks | None = None,
+        item_lookup: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """SASRec's forward with user u's adapter taken from row u of `stack`; dropout from `drop`.
+        `item_lookup` (U, n, d), when given, is the item delta of the lookups."""
         m = self.model
         u, n = seqs.shape
         valid = seqs > 0
@@ -157,7 +159,9 @@ class FrozenBase:
             return t * next(masks) if drop is not None else t
 
         emb = F.embedding(seqs, m.item_emb.weight)
-        if self.item is not None:  # user u's own item delta on the lookups
+        if item_lookup is not None:
+            emb = emb + item_lookup
+        elif self.item is not None:  # user u's own item delta on the lookups
             emb = emb + self.item.lookup(self.item_tensors(stack), seqs)
         x = dropped(emb * m.scale + m.pos_emb.weight[pos]) * valid.unsqueeze(-1)
         causal = torch.ones(n, n, dtype=torch.bool, device=seqs.device).tril()
@@ -370,6 +374,96 @@ def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: 
     return loss, per_user
 
 
+class _SharedTableStep:
+    """One local step of `item-adapter=table` for a whole group, without a per-user table.
+
+    Why: in its only local step every user starts from the same global table T, so all
+    of them score against one table E + T, as cheap as no item adapter. What differs per
+    user is only the gradient G_u of their loss with respect to T, a dense N×d matrix of
+    rank ≤ their positions: G_u = Σ_t w_t (p_t − e_{y_t}) h_tᵀ from the scores, plus the
+    rows of their own input items from the lookups. Clipping needs only ‖G_u‖, which a few
+    Gram matrices give (`user_norms2`), and the round needs only the clipped sum
+    Σ_u c_u G_u, which one more pass over the scores forms as a single GEMM
+    (`clipped_sum`). The general path instead held a whole N×d table per user (64 vs
+    several hundred users/s on one core on Beauty, experiments/README.md). Tested equal to
+    the per-user loop.
+    """
+
+    def __init__(self, base: FrozenBase, table_delta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
+                 chunk: int, dtype: torch.dtype) -> None:  # fmt: skip
+        self.base, self.inputs, self.chunk, self.dtype = base, inputs, chunk, dtype
+        self.keep = targets > 0
+        self.row_user = self.keep.nonzero()[:, 0]
+        self.y = targets[self.keep] - 1
+        self.inv_count = 1.0 / self.keep.sum(dim=1).clamp(min=1).to(torch.float32)
+        self.w = self.inv_count[self.row_user]
+        self.table = (base.table + table_delta).contiguous()  # everyone's E + T in this step
+        self.lookup = table_delta[(inputs - 1).clamp(min=0)].requires_grad_()  # padding is masked by the model
+        users = inputs.shape[0]
+        self.spans = _user_spans(self.row_user, users)
+        self.in_items = [inputs[u][inputs[u] > 0] - 1 for u in range(users)]  # each user's input items, 0-based
+
+    def loss(self, stack: dict[str, torch.Tensor], drop: _DropoutMasks | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.base.hidden(self.inputs, stack, drop, item_lookup=self.lookup)
+        h = hidden[self.keep]
+        self.h = h.detach()
+        loss, ce = _ScoringCrossEntropy.apply(h, self.table, self.y, self.w, self.chunk, self.dtype, None, None, None)
+        per_user = torch.zeros(len(self.inputs), device=ce.device).index_add_(0, self.row_user, ce) * self.inv_count
+        return loss, per_user
+
+    def _probs(self):
+        """(first row, end row, softmax) over chunks that hold whole users only."""
+        table_c = self.table.to(self.dtype)
+        start = 0
+        while start < len(self.h):
+            end = start
+            for _u, a, b in _in_chunk(self.spans, start, len(self.h)):  # whole users, up to `chunk` rows
+                if b - start > self.chunk and end > start:
+                    break
+                end = b
+            logits = self.h[start:end].to(self.dtype) @ table_c.T
+            yield start, end, torch.softmax(logits, dim=1)
+            start = end
+
+    @torch.no_grad()
+    def user_norms2(self, grad_lookup: torch.Tensor) -> torch.Tensor:
+        """‖G_u‖² per user, G_u the gradient of user u's loss with respect to T."""
+        out = torch.zeros(len(self.inputs), dtype=torch.float64, device=self.h.device)
+        for s, e, probs in self._probs():
+            for u, a, b in _in_chunk(self.spans, s, e):
+                p = probs[a - s : b - s].to(self.h.dtype)
+                y, wh = self.y[a:b], self.h[a:b] * self.w[a:b, None]
+                # scores: Σ_{t,t'} w_t w_t' (p_t − e_t)·(p_t' − e_t') h_t·h_t'
+                py = p[:, y]
+                k = p @ p.T - py - py.T + (y[:, None] == y[None, :]).to(p.dtype)
+                total = (k * (wh @ wh.T)).sum(dtype=torch.float64)
+                # lookups: the rows of the user's input items, and their cross term with the scores
+                x = self.in_items[u]
+                g = grad_lookup[u][self.inputs[u] > 0]
+                px = p[:, x] - (y[:, None] == x[None, :]).to(p.dtype)
+                total += 2 * ((px * (wh @ g.T)).sum(dtype=torch.float64))
+                total += ((x[:, None] == x[None, :]) * (g @ g.T)).sum(dtype=torch.float64)
+                out[u] = total
+        for u in range(len(self.inputs)):  # users without a target: only their lookups (none: no loss)
+            if not any(su == u for su, _a, _b in self.spans):
+                g = grad_lookup[u][self.inputs[u] > 0]
+                x = self.in_items[u]
+                out[u] = ((x[:, None] == x[None, :]) * (g @ g.T)).sum(dtype=torch.float64)
+        return out
+
+    @torch.no_grad()
+    def clipped_sum(self, coef: torch.Tensor, grad_lookup: torch.Tensor) -> torch.Tensor:
+        """Σ_u coef_u · G_u."""
+        acc = torch.zeros_like(self.table)
+        cwh = self.h * (coef[self.row_user] * self.w)[:, None]
+        for s, e, probs in self._probs():
+            acc.addmm_(probs.T.to(acc.dtype), cwh[s:e])
+        acc.index_add_(0, self.y, cwh, alpha=-1.0)
+        for u, x in enumerate(self.in_items):
+            acc.index_add_(0, x, grad_lookup[u][self.inputs[u] > 0] * coef[u])
+        return acc
+
+
 def own_state_hidden(model: PeftModel, store: UserStateStore):
     """Last hidden state of many users at once, each with their own B (lora-share=a-only).
 
@@ -441,8 +535,10 @@ def train_users_vectorized(
     total = UpdateSum()
     sums = {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in shared}
     lengths = [len(data.train[u]) - 1 for u in users]
+    table_key = ITEM_PREFIX + "T"
+    shared_table = base.item is not None and base.item.kind == "table" and local_epochs == 1 and table_key in shared
     max_users = None
-    if base.item is not None:  # each user holds their own copy of the item tensors (and grads, deltas)
+    if base.item is not None and not shared_table:  # each user holds own item tensors (and grads, deltas)
         per_user = 4 * sum(v.numel() * 4 for k, v in global_state.items() if k.startswith(ITEM_PREFIX))
         max_users = max(1, ITEM_GROUP_BYTES // per_user)
     for idx in length_groups(lengths, max_seq_len, group_tokens, max_users):
@@ -450,6 +546,12 @@ def train_users_vectorized(
         inputs, targets = next_item_batch([data.train[u] for u in group], max_seq_len)
         inputs, targets = inputs.to(device), targets.to(device)
         n_targets = (targets > 0).sum(dim=1)
+        if shared_table:
+            total.merge(_shared_table_group(base, global_state, trainable, group, inputs, targets, n_targets,
+                                            learning_rate=learning_rate, clipping_norm=clipping_norm,
+                                            user_weighting=user_weighting, seed=seed, round_=round_, chunk=chunk,
+                                            dtype=scoring_dtype, device=device))  # fmt: skip
+            continue
         stack = {k: v.expand(len(group), *v.shape).clone() for k, v in global_state.items()}
         for row, u in enumerate(group if local_keys else []):
             own = local_store.load(u)
@@ -488,5 +590,54 @@ def train_users_vectorized(
         total.loss_sum += float(first_loss.sum())
         total.norm_sum += float(norm.sum())
         total.num_clipped += int(clipped.sum())
+    if shared_table:  # every group's sum is already in `total`
+        total.delta = {k: v.cpu() for k, v in total.delta.items()} if users else {}
+        return total
     total.delta = {k: v.cpu() for k, v in sums.items()} if users else {}
     return total
+
+
+def _dropout_for(base: FrozenBase, group: list[int], inputs: torch.Tensor, seed: int, round_: int,
+                 device: torch.device) -> _DropoutMasks | None:  # fmt: skip
+    if base.dropout <= 0:
+        return None
+    seeds = [user_seed(seed, round_, u) for u in group]
+    real = (inputs > 0).sum(dim=1).cpu().numpy()
+    d = base.model.item_emb.embedding_dim
+    return _DropoutMasks(real, inputs.shape[1], d, base.heads, len(base.blocks), base.dropout, seeds, device)
+
+
+def _shared_table_group(base: FrozenBase, global_state: AdapterState, trainable: list[str], group: list[int],
+                        inputs: torch.Tensor, targets: torch.Tensor, n_targets: torch.Tensor, *, learning_rate: float,
+                        clipping_norm: float, user_weighting: str, seed: int, round_: int, chunk: int,
+                        dtype: torch.dtype, device: torch.device) -> UpdateSum:  # fmt: skip
+    """One group's clipped, weighted update sum for item-adapter=table with one local step."""
+    table_key = ITEM_PREFIX + "T"
+    others = [k for k in trainable if k != table_key]
+    stack = {k: v.expand(len(group), *v.shape).clone() for k, v in global_state.items() if k != table_key}
+    params = [stack[k].requires_grad_() for k in others]
+    step = _SharedTableStep(base, global_state[table_key], inputs, targets, chunk, dtype)
+    drop = _dropout_for(base, group, inputs, seed, round_, device)
+    first_loss = torch.zeros(len(group), device=device)
+    grads = [torch.zeros_like(p) for p in params]
+    grad_lookup = torch.zeros_like(step.lookup)
+    if int(n_targets.sum()):
+        loss, first_loss = step.loss(stack, drop)
+        *grads, grad_lookup = torch.autograd.grad(loss, [*params, step.lookup], allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    with torch.no_grad():
+        lr2 = learning_rate**2
+        norm2 = lr2 * step.user_norms2(grad_lookup) if int(n_targets.sum()) else torch.zeros(len(group), dtype=torch.float64)
+        for g in grads:
+            norm2 = norm2 + lr2 * (g.double() ** 2).flatten(1).sum(1)
+        norm = torch.sqrt(norm2)
+        clipped = (norm > clipping_norm) if clipping_norm > 0 else torch.zeros_like(norm, dtype=torch.bool)
+        scale = torch.where(clipped, clipping_norm / norm * CLIP_SHAVE, torch.ones_like(norm))
+        weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
+        coef = (scale * weight).to(torch.float32)
+        delta = {k: torch.einsum("u,u...->...", coef, g) * -learning_rate for k, g in zip(others, grads)}
+        delta[table_key] = step.clipped_sum(coef, grad_lookup) * -learning_rate if int(n_targets.sum()) else \
+            torch.zeros_like(global_state[table_key])
+    out = UpdateSum(delta={k: delta[k] for k in trainable}, num_users=len(group), weight=float(weight.sum()),
+                    loss_sum=float(first_loss.sum()), norm_sum=float(norm.sum()), num_clipped=int(clipped.sum()))  # fmt: skip
+    return out

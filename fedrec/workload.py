@@ -24,7 +24,7 @@ from fedrec.data.item_features import (
 )  # fmt: skip
 from fedrec.data.synthetic import synthetic_item_clusters
 from fedrec.model.item_adapters import make_item_adapter
-from fedrec.model.lora import attach_lora, freeze_random_factors
+from fedrec.model.lora import attach_lora, freeze_lora, freeze_random_factors
 
 DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
     k for k in BASE_KEYS if k.startswith("synthetic-")
@@ -130,6 +130,8 @@ def build_model(
     model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list(), cfg.seed, item_adapter=item)
     if cfg.lora_train == "b-only":
         freeze_random_factors(model)
+    elif cfg.lora_train == "none":
+        freeze_lora(model)
     return model.to(device or torch.device("cpu"))
 
 

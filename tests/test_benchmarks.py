@@ -35,12 +35,16 @@ def test_privacy_sweep_writes_table_rows_and_plot(tmp_path):
         f"clipping-norm=0.5 cache-dir={tmp_path / 'cache'}"
     )
     out = tmp_path / "sweep"
-    subprocess.run([sys.executable, "experiments/sweep_privacy.py", "--epsilons", "none,4,8", "--lora-train", "both",
-                    "--run-config", tiny, "--out", str(out)], cwd=ROOT, check=True, timeout=600)  # fmt: skip
+    subprocess.run([sys.executable, "experiments/sweep_privacy.py", "--epsilons", "none,4,8", "--vary",
+                    "item-adapter=none,features", "--run-config", tiny, "--out", str(out)], cwd=ROOT, check=True,
+                   timeout=600)  # fmt: skip
     rows = json.loads((out / "sweep.json").read_text())
-    assert [r["target-epsilon"] for r in rows] == ["none", "4", "8"]
+    assert [(r["item-adapter"], r["target-epsilon"]) for r in rows] == [
+        (a, e) for a in ("none", "features") for e in ("none", "4", "8")]  # fmt: skip
     assert rows[1]["epsilon"] == pytest.approx(4, abs=0.01) and rows[0]["epsilon"] is None
     assert rows[0]["noise_multiplier"] is None and rows[2]["noise_multiplier"] < rows[1]["noise_multiplier"]
+    assert rows[3]["adapter_dimension"] == rows[0]["adapter_dimension"] + 4 * 32  # 4 clusters x d: counted in d
     table = (out / "sweep.md").read_text()
-    assert table.count("\n| both |") == 3 and "| z·√d/m |" in table and "one shared simulation" in table
+    assert table.count("\n| features |") == 3 and "| z·√d/m |" in table and "one shared simulation" in table
+    assert "kept at ε = 4" in (out / "gain_kept.md").read_text()
     assert (out / "ndcg_vs_epsilon.png").stat().st_size > 1000

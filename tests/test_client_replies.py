@@ -134,3 +134,35 @@ def test_a_cohort_workers_reply_is_one_sum_and_scalars(run):
     sequences = [work.data.train[u].tolist() for u in users if len(work.data.train[u]) > 2]
     assert_only_adapter_and_scalars(reply, {k: v.shape for k, v in state.items()}, sequences)
     assert np.isfinite(reply.content["counts"]["loss-sum"])
+
+
+def test_a_real_device_builds_the_item_adapter_from_what_the_server_sends(run):
+    """Rows are chosen from public data the device never sees: they arrive in `setup`."""
+    cfg, work, _state, _trained, tmp = run
+    cfg = cfg.replace(item_adapter="rows", item_rows=10)
+    work = load_workload(cfg)
+    model = work.model()
+    state = adapter_state(model)
+    user = int(work.data.private[2])
+    (nc,) = device_files(tmp / "data.csv", [work.data.user_ids[user]], tmp / "device-rows")
+    fp = work.base_path.stem
+    base = {"base": ArrayRecord(torch.load(work.base_path, weights_only=True)),
+            "catalogue": ConfigRecord({"item-ids": work.data.item_ids})}  # fmt: skip
+    task = {"round": 1, "clipping-norm": cfg.clipping_norm, "base": fp, "user-ids": [user]}
+    setup = _send(_records(cfg, {"kind": "setup", "base": fp, "user-ids": [user]}, **base), "query", nc)
+    assert setup.has_error() and "item inputs are missing" in setup.error.reason  # without them it refuses
+    side = {"item-side": ConfigRecord(work.item_side.to_record())}
+    setup = _send(_records(cfg, {"kind": "setup", "base": fp, "user-ids": [user]}, **side), "query", nc)
+    assert not setup.has_error(), setup.error
+    reply = _send(_records(cfg, task, adapter=ArrayRecord(state)), "train", nc)
+    update = reply.content["update"].to_torch_state_dict()
+    assert update["base_model.model.item_delta.R"].shape == (10, cfg.hidden_size)
+    # and it equals what a simulated worker computes for the same user from the server's own data
+    from fedrec.vectorized import train_users_vectorized
+
+    ref = train_users_vectorized(model, state, work.data, [user], local_epochs=cfg.local_epochs,
+                                 learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm,
+                                 user_weighting="uniform", max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1,
+                                 device=torch.device("cpu"))  # fmt: skip
+    for k, v in ref.delta.items():
+        torch.testing.assert_close(update[k], v, rtol=1e-4, atol=1e-6)

@@ -182,3 +182,50 @@ def test_movielens_genres_and_beauty_attributes_load_from_shared_data():
     beauty = load_item_features_json(shared_file("amazon-s3rec", "Beauty_item2attributes.json"),
                                      [str(i) for i in range(1, 12102)])  # fmt: skip
     assert beauty.num_attrs == 637 and abs(np.diff(beauty.indptr).mean() - 3.72) < 0.01
+
+
+def test_lora_train_none_trains_and_sends_only_the_item_adapter(tiny_cfg):
+    from fedrec.aggregate import ServerOptimizer, mean_update
+
+    cfg, work, model = _setup(tiny_cfg, "features", lora_train="none")
+    init = adapter_state(model)
+    assert set(adapter_parameters(model)) == set(_item_keys(init))  # d counts the item adapter only
+    users = [int(u) for u in work.data.private[:10]]
+    loop = train_users(model, init, work.data, users, **_kw(cfg))
+    vec = train_users_vectorized(model, init, work.data, users, **_kw(cfg))
+    assert set(vec.delta) == set(loop.delta) == set(_item_keys(init))
+    for k in vec.delta:
+        torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6)
+    new = ServerOptimizer(init, "adam", 0.01).step(mean_update(vec))
+    assert all(torch.equal(new[k], init[k]) for k in init if k not in vec.delta)  # LoRA stays a no-op (B = 0)
+
+
+@pytest.mark.parametrize("lora_train,clip", [("both", 0.7), ("none", 0.05), ("none", 0.0)])
+def test_one_step_table_without_per_user_tables_equals_the_loop(tiny_cfg, lora_train, clip):
+    """local-epochs=1: every user scores against the one global table; only ‖G_u‖ and Σ c_u G_u are formed."""
+    cfg, work, model = _setup(tiny_cfg, "table", lora_train=lora_train)
+    g = torch.Generator().manual_seed(0)
+    trained = adapter_parameters(model)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v for k, v in adapter_state(model).items()}
+    users = [int(u) for u in work.data.private[:24]]
+    kw = _kw(cfg, local_epochs=1, clipping_norm=clip)
+    loop = train_users(model, state, work.data, users, **kw)
+    vec = train_users_vectorized(model, state, work.data, users, group_tokens=40, chunk=7, **kw)  # chunks cut users
+    for k in loop.delta:
+        torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert (loop.num_clipped, loop.weight) == (vec.num_clipped, vec.weight)
+    assert vec.norm_sum == pytest.approx(loop.norm_sum, rel=1e-5) and vec.loss_sum == pytest.approx(loop.loss_sum, rel=1e-5)
+    if clip == 0.05:
+        assert vec.num_clipped == len(users)
+
+
+def test_one_step_table_with_dropout_does_not_depend_on_grouping(tiny_cfg):
+    cfg, work, model = _setup(tiny_cfg, "table", dropout=0.3)
+    state = adapter_state(model)
+    users = [int(u) for u in work.data.private[:20]]
+    kw = _kw(cfg, local_epochs=1, clipping_norm=0.1)
+    small = train_users_vectorized(model, state, work.data, users, group_tokens=30, **kw)
+    whole = train_users_vectorized(model, state, work.data, users, group_tokens=10_000, **kw)
+    for k in whole.delta:
+        torch.testing.assert_close(small.delta[k], whole.delta[k], rtol=1e-5, atol=1e-7)
+    assert small.loss_sum == pytest.approx(whole.loss_sum, rel=1e-6)

@@ -166,7 +166,7 @@ def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
     work = load_workload(tiny_cfg)
     torch.manual_seed(0)
     model = new_model(tiny_cfg, work.data.num_items)
-    scores = iter([0.10, 0.30, 0.20, 0.25, 0.05, 0.99])  # best at epoch 2; patience 2 stops after epoch 4
+    scores = iter([0.0, 0.10, 0.30, 0.20, 0.25, 0.05, 0.99])  # epoch 0 first; best at epoch 2; patience 2 stops after 4
     snapshots, seen = {}, []
 
     def on_epoch(epoch, loss, score):
@@ -179,3 +179,10 @@ def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
     assert best == 2 and [e for e, _ in seen] == [1, 2, 3, 4] and seen[1][1] == 0.30
     assert all(torch.equal(v, snapshots[2][k]) for k, v in model.state_dict().items())
     assert not all(torch.equal(v, snapshots[4][k]) for k, v in model.state_dict().items())
+    # A run that never beats its starting point returns it: epoch 0, the weights it started from.
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = iter([0.5, 0.4, 0.3])
+    assert fit_sequences(model, [work.data.train[int(u)] for u in work.data.private], list(model.parameters()),
+                         epochs=5, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
+                         validate=lambda: next(scores), patience=2) == 0  # fmt: skip
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())

@@ -48,15 +48,20 @@ def cache_dir(cfg: FedRecConfig) -> Path:
     return Path.home() / ".cache" / "fedrec"
 
 
+# Bumped when pretraining itself changes (2: random batches each epoch), so no cached base
+# of an older recipe is reused.
+PRETRAIN_RECIPE = 2
+
+
 def base_path(cfg: FedRecConfig) -> Path:
     if cfg.dataset == "synthetic":
-        key = cfg.fingerprint(*BASE_KEYS)
+        key = f"{cfg.fingerprint(*BASE_KEYS)}-r{PRETRAIN_RECIPE}"
     else:
         # Keyed by the file's content, not its path or mtime: a copy, a re-sync or a touch
         # keeps the base (pretraining Beauty takes ~200 s here), a changed file gets a new
         # one. Hashing costs less than parsing the file, which every process does anyway.
         source = source_file(cfg.dataset, Path(cfg.data_path).expanduser().resolve())
-        key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{_content_digest(source)}"
+        key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{_content_digest(source)}-r{PRETRAIN_RECIPE}"
     return cache_dir(cfg) / f"base-{key}.pt"
 
 

@@ -50,6 +50,14 @@ def freeze_random_factors(model: PeftModel) -> None:
             p.requires_grad_(False)
 
 
+def freeze_lora(model: PeftModel) -> None:
+    """lora-train=none: the projection adapters stay at init (B = 0, a no-op) and only the
+    item-side adapter trains and travels."""
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.requires_grad_(False)
+
+
 def _item_delta_params(model: PeftModel) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if ITEM_DELTA in n}
 

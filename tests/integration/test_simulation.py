@@ -54,12 +54,13 @@ def test_federated_run_beats_base_and_writes_results(tmp_path):
 def test_cohort_and_device_placement_give_the_same_aggregate(tmp_path):
     # FedAvg with server lr 1: the final adapter is init + the two rounds' mean updates,
     # so equal adapters mean equal aggregates. Clipping on, so it is exercised too.
-    common = "num-rounds=2 cohort-size=12 eval-every=0 server-optimizer=sgd server-learning-rate=1.0 clipping-norm=0.05"
+    common = ("num-rounds=2 cohort-size=12 eval-every=0 server-optimizer=sgd server-learning-rate=1.0 clipping-norm=0.05 "
+              "item-adapter=rows item-rows=16")  # an item adapter on both paths too
     cohort = simulate(tmp_path, "cohort", f"{common} placement=cohort num-workers=2")
     device = simulate(tmp_path, "device", f"{common} placement=device client-num-cpus=0.25")
     a = load_file(Path(cohort["results_dir"]) / "adapter_last_round.safetensors")
     b = load_file(Path(device["results_dir"]) / "adapter_last_round.safetensors")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and "base_model.model.item_delta.R" in a
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
     rows = [
