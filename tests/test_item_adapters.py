@@ -25,7 +25,7 @@ KINDS = ("lowrank", "rows", "table", "features")
 
 
 def _setup(tiny_cfg, kind, **over):
-    cfg = tiny_cfg.replace(item_adapter=kind, item_rows=20, dropout=0.0, max_seq_len=12, **over)
+    cfg = tiny_cfg.replace(**{"item_adapter": kind, "item_rows": 20, "dropout": 0.0, "max_seq_len": 12} | over)
     work = load_workload(cfg)
     return cfg, work, work.model()
 
