@@ -2,7 +2,7 @@
 one varied key (the item adapter, by default).
 
     .venv/bin/python experiments/sweep_privacy.py --config experiments/beauty-dp.toml \\
-        --epsilons none,8,4,2,1 --vary "item-adapter=none,rows,features,lowrank,table" \\
+        --epsilons none,8,4,2,1 --vary "item-adapter=none+lora-train=both,rows,features,lowrank,table" \\
         --ceilings results/beauty-ceilings/summary.json
 
 Every run is a whole fedrec run with its own results directory (what
@@ -34,7 +34,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", type=Path)
     ap.add_argument("--epsilons", default="none,8,4,1")
-    ap.add_argument("--vary", default="item-adapter=none", help="KEY=v1,v2,...: one line of the plot per value")
+    ap.add_argument("--vary", default="item-adapter=none",
+                    help="KEY=v1,v2,...: one line of the plot per value; a value may carry its own settings, "
+                         "e.g. none+lora-train=both")  # fmt: skip
     ap.add_argument("--run-config", default="", help="applied to every run")
     ap.add_argument("--dp", default="sampling=poisson", help="added to the runs with a target ε")
     ap.add_argument("--ceilings", type=Path, help="summary.json of a mode=centralized run, drawn as horizontal lines")
@@ -45,11 +47,13 @@ def main() -> int:
     if not values:
         ap.error("--vary: expected KEY=v1,v2,...")
     runs = []
-    for value in values.split(","):
+    for spec in values.split(","):
+        value, *own = spec.split("+")
         for eps in args.epsilons.split(","):
-            dp = "" if eps == "none" else f"{args.dp} target-epsilon={eps}"
+            # ε = none: the config's sampling and clipping, without noise
+            dp = "target-epsilon=0 noise-multiplier=0" if eps == "none" else f"{args.dp} target-epsilon={eps}"
             argv = ["--output-dir", str(args.out / f"{key}={value}" / f"eps{eps}"),
-                    "--run-config", f"{args.run_config} {key}={value} {dp}"]  # fmt: skip
+                    "--run-config", f"{args.run_config} {key}={value} {' '.join(own)} {dp}"]  # fmt: skip
             runs.append((value, eps, (["--config", str(args.config)] if args.config else []) + argv))
     started = time.time()
     if args.separate:
