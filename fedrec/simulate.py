@@ -160,7 +160,10 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None) -> None:
     # The base model is pretrained here, before Ray starts, so that no worker races it.
     from fedrec.workload import load_workload
 
-    work = [load_workload(c, log=print) for c in cfgs][0]
+    works = [load_workload(c, log=print) for c in cfgs]
+    for w in works:  # the item adapter's public inputs: a bad features file stops here, in one line
+        w.item_side
+    work = works[0]
     os.environ[ENV_OVERRIDES] = json.dumps(cfg.to_dict() if len(cfgs) == 1 else [c.to_dict() for c in cfgs])
     num_nodes = cfg.num_workers if cfg.placement == "cohort" else len(work.data.private)
     poll_messages_faster()  # the 5 ms poll, applied only to simulations of few nodes

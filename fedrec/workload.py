@@ -66,6 +66,18 @@ class ItemSide:
         return cls(rows, features)
 
 
+def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
+    """A phrase for the run's adapter line, e.g. ' + item rows (K=1,000 from public data): 64,000'."""
+    what = {
+        "none": "",
+        "lowrank": f"low-rank item delta (r={cfg.item_rank})",
+        "rows": f"item rows (K={0 if side.rows is None else len(side.rows):,}, most frequent among public users)",
+        "table": "dense item-table delta",
+        "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
+    }[cfg.item_adapter]
+    return f" + {what}: {numel:,}" if what else ""
+
+
 _ITEM_SIDE: dict[str, ItemSide] = {}
 
 

@@ -20,12 +20,11 @@ from fedrec.aggregate import ServerOptimizer
 from fedrec.config import FedRecConfig
 from fedrec.local_state import is_local
 from fedrec.metrics import user_intervals
-from fedrec.model.item_adapters import describe_item_adapter
 from fedrec.model.lora import ITEM_DELTA, adapter_bytes, adapter_parameters, adapter_state
 from fedrec.privacy.mechanism import make_plan
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
-from fedrec.workload import load_workload
+from fedrec.workload import describe_item_adapter, load_workload
 from server.strategy import BaseShipment, FedRecStrategy
 
 ENV_OVERRIDES = "FEDREC_RUN_CONFIG"

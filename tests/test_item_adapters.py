@@ -229,3 +229,18 @@ def test_one_step_table_with_dropout_does_not_depend_on_grouping(tiny_cfg):
     for k in whole.delta:
         torch.testing.assert_close(small.delta[k], whole.delta[k], rtol=1e-5, atol=1e-7)
     assert small.loss_sum == pytest.approx(whole.loss_sum, rel=1e-6)
+
+
+def test_the_cli_stops_on_a_bad_features_file_with_its_line(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "features.json"
+    bad.write_text('{\n  "1": [1],\n  "9999": [2]\n}\n')
+    tiny = ("synthetic-users=60 synthetic-items=30 synthetic-clusters=3 hidden-size=16 num-blocks=1 max-seq-len=10 "
+            f"pretrain-epochs=1 cache-dir={tmp_path / 'cache'}")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(tmp_path / "o"), "--run-config",
+                           f"{tiny} item-adapter=features item-features={bad}"], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == f"fedrec: data error: {bad}:3: item '9999' is not in the interaction data's catalogue"

@@ -218,18 +218,6 @@ class FeatureItems(ItemAdapter):
         return ScoringExtra("sparse", z, L=f, LT=ft, pad_idx=self.pad_idx[1:], pad_w=self.pad_w[1:])
 
 
-def describe_item_adapter(cfg, side, numel: int) -> str:
-    """A phrase for the run's adapter line, e.g. ' + item rows (K=1,000 from public data): 64,000'."""
-    what = {
-        "none": "",
-        "lowrank": f"low-rank item delta (r={cfg.item_rank})",
-        "rows": f"item rows (K={0 if side.rows is None else len(side.rows):,}, most frequent among public users)",
-        "table": "dense item-table delta",
-        "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
-    }[cfg.item_adapter]
-    return f" + {what}: {numel:,}" if what else ""
-
-
 def make_item_adapter(
     kind: str, num_items: int, hidden: int, *, rank: int = 8, alpha: float = 16.0,
     rows: np.ndarray | None = None, features: ItemFeatures | None = None,
