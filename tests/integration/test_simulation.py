@@ -81,7 +81,8 @@ def test_centralized_mode_reports_every_ceiling_early_stopped(tmp_path):
     for name in ("scratch", "full", "same"):
         m, ci, epoch = s[f"ceiling_{name}_test"], s[f"ceiling_{name}_test_ci"], s[f"ceiling_{name}_epoch"]
         assert m["users"] == s["private_users"] and ci["ndcg@10"][0] <= m["ndcg@10"] <= ci["ndcg@10"][1]
-        assert 1 <= epoch <= 30
+        # epoch 0 (the starting weights) may win for full/same; a random start never beats training
+        assert (1 if name == "scratch" else 0) <= epoch <= 30, name
     assert s["ceiling_full_test"]["ndcg@10"] > s["base_test"]["ndcg@10"]
     assert s["adapter_dimension"] == 20 * 32 + 2 * 8 * 32 * 6  # item rows + LoRA r=8 on six 32x32 projections
     rows = [json.loads(line) for line in (Path(s["results_dir"]) / "metrics.jsonl").read_text().splitlines()]
