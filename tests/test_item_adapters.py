@@ -72,7 +72,7 @@ def test_item_delta_reaches_the_input_lookup_and_the_tied_scores(tiny_cfg, kind)
     delta = sasrec.item_delta.delta().detach()
     assert float(delta[0].abs().sum()) == 0.0 and float(delta[item].abs().sum()) > 0  # padding stays zero
     assert not torch.allclose(model(x)[:, -1], before_hidden)  # the lookup of `item` moved
-    moved = (model.item_scores(h) - before_scores).abs().sum(0)
+    moved = (model.item_scores(h) - before_scores).abs().sum(0).detach()
     assert float(moved[item - 1]) > 0  # the tied output score of `item` moved
 
 
