@@ -536,7 +536,9 @@ def train_users_vectorized(
     sums = {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in shared}
     lengths = [len(data.train[u]) - 1 for u in users]
     table_key = ITEM_PREFIX + "T"
-    shared_table = base.item is not None and base.item.kind == "table" and local_epochs == 1 and table_key in shared
+    # Users who keep their own tensors (lora-share=a-only) train them on the general path.
+    shared_table = (base.item is not None and base.item.kind == "table" and local_epochs == 1 and not local_keys
+                    and table_key in shared)  # fmt: skip
     max_users = None
     if base.item is not None and not shared_table:  # each user holds own item tensors (and grads, deltas)
         per_user = 4 * sum(v.numel() * 4 for k, v in global_state.items() if k.startswith(ITEM_PREFIX))

@@ -244,3 +244,25 @@ def test_the_cli_stops_on_a_bad_features_file_with_its_line(tmp_path):
                           timeout=120)  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"fedrec: data error: {bad}:3: item '9999' is not in the interaction data's catalogue"
+
+
+def test_one_step_table_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path):
+    """lora-share=a-only: the one-step table path must not stand in the global B for a user's own."""
+    from fedrec.local_state import UserStateStore
+
+    cfg, work, model = _setup(tiny_cfg, "table", lora_share="a-only")
+    state = adapter_state(model)
+    users = [int(u) for u in work.data.private[:12]]
+    stores = {name: UserStateStore(tmp_path / name) for name in ("loop", "vec")}
+    for rnd in (1, 2):  # the second round starts from the B each user kept
+        kw = _kw(cfg, local_epochs=1, round_=rnd)
+        loop = train_users(model, state, work.data, users, local_store=stores["loop"], **kw)
+        vec = train_users_vectorized(model, state, work.data, users, local_store=stores["vec"], **kw)
+        assert set(vec.delta) == set(loop.delta) and not any(".lora_B." in k for k in vec.delta)
+        for k in loop.delta:
+            torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
+    for u in users:
+        own_loop, own_vec = stores["loop"].load(u), stores["vec"].load(u)
+        assert own_loop and own_vec is not None
+        for k in own_loop:
+            torch.testing.assert_close(own_vec[k], own_loop[k], rtol=1e-4, atol=1e-6)
