@@ -374,6 +374,9 @@ def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: 
     return loss, per_user
 
 
+_TABLE_KEY = ITEM_PREFIX + "T"  # the `table` adapter's one tensor
+
+
 class _SharedTableStep:
     """One local step of `item-adapter=table` for a whole group, without a per-user table.
 
@@ -444,8 +447,9 @@ class _SharedTableStep:
                 total += 2 * ((px * (wh @ g.T)).sum(dtype=torch.float64))
                 total += ((x[:, None] == x[None, :]) * (g @ g.T)).sum(dtype=torch.float64)
                 out[u] = total
+        with_targets = {su for su, _a, _b in self.spans}
         for u in range(len(self.inputs)):  # users without a target: only their lookups (none: no loss)
-            if not any(su == u for su, _a, _b in self.spans):
+            if u not in with_targets:
                 g = grad_lookup[u][self.inputs[u] > 0]
                 x = self.in_items[u]
                 out[u] = ((x[:, None] == x[None, :]) * (g @ g.T)).sum(dtype=torch.float64)
@@ -535,10 +539,9 @@ def train_users_vectorized(
     total = UpdateSum()
     sums = {k: torch.zeros_like(global_state[k], dtype=torch.float32) for k in shared}
     lengths = [len(data.train[u]) - 1 for u in users]
-    table_key = ITEM_PREFIX + "T"
     # Users who keep their own tensors (lora-share=a-only) train them on the general path.
     shared_table = (base.item is not None and base.item.kind == "table" and local_epochs == 1 and not local_keys
-                    and table_key in shared)  # fmt: skip
+                    and _TABLE_KEY in shared)  # fmt: skip
     max_users = None
     if base.item is not None and not shared_table:  # each user holds own item tensors (and grads, deltas)
         per_user = 4 * sum(v.numel() * 4 for k, v in global_state.items() if k.startswith(ITEM_PREFIX))
@@ -561,12 +564,7 @@ def train_users_vectorized(
                 stack[k][row] = own[k].to(device)
         params = [stack[k].requires_grad_() for k in trainable]
         first_loss = torch.zeros(len(group), device=device)
-        drop = None
-        if base.dropout > 0:
-            seeds = [user_seed(seed, round_, u) for u in group]
-            d = base.model.item_emb.embedding_dim
-            real = (inputs > 0).sum(dim=1).cpu().numpy()
-            drop = _DropoutMasks(real, inputs.shape[1], d, base.heads, len(base.blocks), base.dropout, seeds, device)
+        drop = _dropout_for(base, group, inputs, seed, round_, device)
         if int(n_targets.sum()):
             for epoch in range(local_epochs):
                 loss, per_user = _loss_per_user(base, stack, inputs, targets, chunk, scoring_dtype, drop)
@@ -579,10 +577,7 @@ def train_users_vectorized(
         with torch.no_grad():
             delta = {k: stack[k] - global_state[k] for k in shared}  # shared tensors all start global
             norm = torch.sqrt(sum((d.double() ** 2).flatten(1).sum(1) for d in delta.values()))
-            clipped = (norm > clipping_norm) if clipping_norm > 0 else torch.zeros_like(norm, dtype=torch.bool)
-            scale = torch.where(clipped, clipping_norm / norm * CLIP_SHAVE, torch.ones_like(norm))
-            weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
-            coef = (scale * weight).to(torch.float32)
+            clipped, weight, coef = _clip_coefficients(norm, n_targets, clipping_norm, user_weighting)
             for k in shared:
                 sums[k] += torch.einsum("u,u...->...", coef, delta[k])
             for row, u in enumerate(group if local_keys else []):
@@ -592,11 +587,20 @@ def train_users_vectorized(
         total.loss_sum += float(first_loss.sum())
         total.norm_sum += float(norm.sum())
         total.num_clipped += int(clipped.sum())
-    if shared_table:  # every group's sum is already in `total`
-        total.delta = {k: v.cpu() for k, v in total.delta.items()} if users else {}
-        return total
-    total.delta = {k: v.cpu() for k, v in sums.items()} if users else {}
+    if not shared_table:  # the shared-table groups merged their sums into `total` already
+        total.delta = sums
+    total.delta = {k: v.cpu() for k, v in total.delta.items()} if users else {}
     return total
+
+
+def _clip_coefficients(norm: torch.Tensor, n_targets: torch.Tensor, clipping_norm: float,
+                       user_weighting: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(clipped?, weight, coefficient) per user: each user's update enters the sum times
+    its coefficient, the clip scale (as `fedrec.privacy.clipping.clip_update`) times its weight."""
+    clipped = (norm > clipping_norm) if clipping_norm > 0 else torch.zeros_like(norm, dtype=torch.bool)
+    scale = torch.where(clipped, clipping_norm / norm * CLIP_SHAVE, torch.ones_like(norm))
+    weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
+    return clipped, weight, (scale * weight).to(torch.float32)
 
 
 def _dropout_for(base: FrozenBase, group: list[int], inputs: torch.Tensor, seed: int, round_: int,
@@ -614,32 +618,28 @@ def _shared_table_group(base: FrozenBase, global_state: AdapterState, trainable:
                         clipping_norm: float, user_weighting: str, seed: int, round_: int, chunk: int,
                         dtype: torch.dtype, device: torch.device) -> UpdateSum:  # fmt: skip
     """One group's clipped, weighted update sum for item-adapter=table with one local step."""
-    table_key = ITEM_PREFIX + "T"
-    others = [k for k in trainable if k != table_key]
-    stack = {k: v.expand(len(group), *v.shape).clone() for k, v in global_state.items() if k != table_key}
+    others = [k for k in trainable if k != _TABLE_KEY]
+    stack = {k: v.expand(len(group), *v.shape).clone() for k, v in global_state.items() if k != _TABLE_KEY}
     params = [stack[k].requires_grad_() for k in others]
-    step = _SharedTableStep(base, global_state[table_key], inputs, targets, chunk, dtype)
+    step = _SharedTableStep(base, global_state[_TABLE_KEY], inputs, targets, chunk, dtype)
     drop = _dropout_for(base, group, inputs, seed, round_, device)
     first_loss = torch.zeros(len(group), device=device)
     grads = [torch.zeros_like(p) for p in params]
     grad_lookup = torch.zeros_like(step.lookup)
-    if int(n_targets.sum()):
+    has_targets = bool(n_targets.sum())
+    if has_targets:
         loss, first_loss = step.loss(stack, drop)
         *grads, grad_lookup = torch.autograd.grad(loss, [*params, step.lookup], allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     with torch.no_grad():
         lr2 = learning_rate**2
-        norm2 = lr2 * step.user_norms2(grad_lookup) if int(n_targets.sum()) else torch.zeros(len(group), dtype=torch.float64)
+        norm2 = lr2 * step.user_norms2(grad_lookup) if has_targets else torch.zeros(len(group), dtype=torch.float64)
         for g in grads:
             norm2 = norm2 + lr2 * (g.double() ** 2).flatten(1).sum(1)
         norm = torch.sqrt(norm2)
-        clipped = (norm > clipping_norm) if clipping_norm > 0 else torch.zeros_like(norm, dtype=torch.bool)
-        scale = torch.where(clipped, clipping_norm / norm * CLIP_SHAVE, torch.ones_like(norm))
-        weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
-        coef = (scale * weight).to(torch.float32)
+        clipped, weight, coef = _clip_coefficients(norm, n_targets, clipping_norm, user_weighting)
         delta = {k: torch.einsum("u,u...->...", coef, g) * -learning_rate for k, g in zip(others, grads)}
-        delta[table_key] = step.clipped_sum(coef, grad_lookup) * -learning_rate if int(n_targets.sum()) else \
-            torch.zeros_like(global_state[table_key])
-    out = UpdateSum(delta={k: delta[k] for k in trainable}, num_users=len(group), weight=float(weight.sum()),
-                    loss_sum=float(first_loss.sum()), norm_sum=float(norm.sum()), num_clipped=int(clipped.sum()))  # fmt: skip
-    return out
+        delta[_TABLE_KEY] = step.clipped_sum(coef, grad_lookup) * -learning_rate if has_targets else \
+            torch.zeros_like(global_state[_TABLE_KEY])
+    return UpdateSum(delta={k: delta[k] for k in trainable}, num_users=len(group), weight=float(weight.sum()),
+                     loss_sum=float(first_loss.sum()), norm_sum=float(norm.sum()), num_clipped=int(clipped.sum()))  # fmt: skip
