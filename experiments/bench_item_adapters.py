@@ -3,8 +3,8 @@
     .venv/bin/python experiments/bench_item_adapters.py [--config experiments/beauty.toml] [--users 256]
 
 For each `item-adapter`, the vectorized engine trains the same users from the same
-global adapter (`--repeats` times, best kept), with the config's local epochs, dropout
-and clipping; printed with the adapter's dimension d. Reads Beauty from ../shared/data
+global adapter (`--repeats` times, best kept), with the config's local epochs, dropout,
+clipping and `lora-train` (`none` always trains LoRA: it has nothing else); printed with the adapter's dimension d. Reads Beauty from ../shared/data
 (skips with a message where it is absent) unless `--config` names another dataset.
 """
 
@@ -43,7 +43,8 @@ def main() -> int:
         return 0
     results = {}
     for kind in args.kinds.split(","):
-        cfg = base.replace(item_adapter=kind)
+        # `none` is projection LoRA alone, so it trains LoRA even where the config freezes it
+        cfg = base.replace(item_adapter=kind, **({"lora_train": "both"} if kind == "none" else {}))
         work = load_workload(cfg, log=print)
         model = work.model()
         state = adapter_state(model)
