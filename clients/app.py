@@ -6,8 +6,9 @@ A cohort worker trains whatever users it is sent; a device node holds exactly on
 real device (node config `data-path`) reads only its own data (clients/device.py).
 
 The handlers live in `clients.handlers` and are imported on first use: Flower's deployment
-runtime starts a fresh ClientApp process per message, importing torch and peft costs ~5 s
-there, and the SecAgg+ key-exchange and unmasking stages never touch them.
+runtime starts a fresh ClientApp process per message, importing torch and peft was most of
+each such process's cost (experiments/README.md, section "Deployment on loopback"), and
+the SecAgg+ key-exchange and unmasking stages never touch them.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def _item_side_path(node_config: dict, fingerprint: str, run_config: dict) -> Pa
     from fedrec.config import FedRecConfig
     from fedrec.workload import ITEM_KEYS
 
-    key = FedRecConfig.from_mapping(run_config).fingerprint(*ITEM_KEYS)
+    key = FedRecConfig.resolved(run_config).fingerprint(*ITEM_KEYS)
     return state_dir(node_config) / f"{fingerprint}.item-side-{key}.json"
 
 

@@ -26,9 +26,9 @@ from fedrec.data.interactions import DataError
 from fedrec.data.split import SplitData
 from fedrec.local_state import client_state_dir, local_store_for
 from fedrec.model.lora import load_adapter_state
-from fedrec.privacy.dpsgd import train_silo
-from fedrec.train import rank_sums, rank_users, train_users
-from fedrec.vectorized import train_users_vectorized
+from fedrec.train.dpsgd import train_silo
+from fedrec.train.engine import train_cohort
+from fedrec.train.evaluate import rank_sums, rank_users
 from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_device
 
 
@@ -66,7 +66,7 @@ def _node(msg: Message, context: Context) -> _Node:
 
 
 def _node_from(run_config, task, context: Context) -> _Node:
-    cfg = FedRecConfig.from_mapping(dict(run_config))
+    cfg = FedRecConfig.resolved(dict(run_config))  # validated once, by the server
     torch.set_num_threads(max(1, int(cfg.client_num_cpus)))
     device = resolve_device(cfg.device)
     nc = context.node_config
@@ -171,26 +171,10 @@ def _train_secagg(msg: Message, context: Context) -> Message:
 
 
 def _train_users(node: _Node, users: list[int], global_state: dict, task) -> UpdateSum:
-    cfg, model, device = node.cfg, node.model, node.device
-    global_state = {k: v.to(device) for k, v in global_state.items()}
-    common = dict(
-        local_epochs=cfg.local_epochs,
-        learning_rate=cfg.learning_rate,
-        clipping_norm=float(task.get("clipping-norm", cfg.clipping_norm)),
-        user_weighting=cfg.user_weighting,
-        max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed,
-        round_=int(task["round"]),
-        device=device,
-        local_store=local_store_for(cfg),
-    )
-    if cfg.vectorized:
-        return train_users_vectorized(
-            model, global_state, node.data, users, group_tokens=cfg.vector_tokens,
-            scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
-        )  # fmt: skip
-    return train_users(model, global_state, node.data, users, **common)
-
+    cfg = node.cfg
+    clip = float(task.get("clipping-norm", cfg.clipping_norm))
+    return train_cohort(cfg, node.model, global_state, node.data, users, round_=int(task["round"]),
+                        clipping_norm=clip, device=node.device)  # fmt: skip
 
 def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
     """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""

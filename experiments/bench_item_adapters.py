@@ -33,7 +33,7 @@ def main() -> int:
 
     from fedrec.config import FedRecConfig, parse_run_config
     from fedrec.model.lora import adapter_parameters, adapter_state
-    from fedrec.vectorized import train_users_vectorized
+    from fedrec.train.vectorized import train_users_vectorized
     from fedrec.workload import load_workload
 
     torch.set_num_threads(1)

@@ -69,13 +69,12 @@ def workload(quick: bool, device: str, cache_dir: str) -> dict:
 
 # ---------------------------------------------------------------- one variant, in its own process
 def _bench_server_app():
-    from flwr.app import ArrayRecord, Context
+    """The run's own builder and round, training rounds only (no evaluation)."""
+    from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
 
-    from fedrec.aggregate import ServerOptimizer
-    from fedrec.model.lora import adapter_state
-    from fedrec.privacy.mechanism import make_plan
-    from fedrec.workload import load_workload
+    from fedrec.run import FederatedRun
+    from fedrec.workload import describe_adapter, load_workload, update_keys
     from server.app import server_configs
     from server.strategy import FedRecStrategy
 
@@ -85,18 +84,19 @@ def _bench_server_app():
     def main(grid: Grid, context: Context) -> None:
         (cfg,) = server_configs(context.run_config)
         work = load_workload(cfg, pretrain=False)
-        initial = adapter_state(work.model())
-        strategy = FedRecStrategy(cfg, work.data.private, ServerOptimizer(initial, "adam", 0.01))
+        model = work.model()
+        adapter = describe_adapter(cfg, model, work.item_side, log=lambda _m: None)
+        strategy = FedRecStrategy(cfg, work.data.private, update_keys=update_keys(cfg, model), log=lambda _m: None)
         strategy.connect(grid)  # also warms every node: data, base model, torch
-        strategy.plan = make_plan(cfg, len(strategy.population), log=lambda _m: None)
+        run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, log=lambda _m: None)
         ready_at, cpu_at = time.time(), time.process_time()
-        arrays, rounds = ArrayRecord(initial), []
+        rounds = []
         for rnd in range(1, cfg.num_rounds + 1):
             t = time.time()
-            arrays, metrics = strategy.train_round(grid, rnd, arrays)
+            metrics = run.train_round(strategy, rnd)
             rounds.append({"round": rnd, "start": t, "seconds": time.time() - t, "users": int(metrics["users"]),
-                           "worker_peak_rss_mb": float(metrics["worker-peak-rss-mb"]),
-                           "worker_train_s": float(metrics["worker-train-seconds"])})  # fmt: skip
+                           "worker_peak_rss_mb": metrics["worker-peak-rss-mb"],
+                           "worker_train_s": metrics["worker-train-seconds"]})  # fmt: skip
             r = rounds[-1]
             print(f"  round {rnd}: {r['users']} users in {r['seconds']:.2f} s (slowest worker trained {r['worker_train_s']:.2f} s)",
                   flush=True)  # fmt: skip
@@ -142,7 +142,7 @@ def local_step_flops(cfg, users) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedrec.model.lora import adapter_state
-    from fedrec.vectorized import train_users_vectorized
+    from fedrec.train.engine import train_cohort
     from fedrec.workload import load_workload
 
     work = load_workload(cfg, pretrain=False)
@@ -151,11 +151,8 @@ def local_step_flops(cfg, users) -> float:
     # (it would count 0); the same FLOPs as the out-of-place op.
     inplace = {torch.ops.aten.baddbmm_: _baddbmm_flops}
     with FlopCounterMode(display=False, custom_mapping=inplace) as counter:
-        train_users_vectorized(
-            model, adapter_state(model), work.data, [int(u) for u in users], local_epochs=cfg.local_epochs,
-            learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm, user_weighting=cfg.user_weighting,
-            max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1, device=torch.device("cpu"),
-        )  # fmt: skip
+        train_cohort(cfg.replace(local_engine="vectorized"), model, adapter_state(model), work.data,
+                     [int(u) for u in users], round_=1, clipping_norm=cfg.clipping_norm, device=torch.device("cpu"))
     return float(counter.get_total_flops())
 
 
@@ -180,13 +177,13 @@ def main() -> int:
     if args.variant_config:
         run_variant(FedRecConfig.from_mapping(json.loads(args.variant_config)), _T_PROCESS)
         return 0
-    from fedrec.privacy.mechanism import make_plan
+    from fedrec.run import make_sampler
     from fedrec.workload import load_workload
 
     cache = os.environ.get("FEDREC_CACHE_DIR") or str(Path.home() / ".cache" / "fedrec")
     base = FedRecConfig.from_mapping(workload(args.quick, args.device, cache))
     work = load_workload(base, log=print)  # pretrains (and caches) the base before any timing
-    cohort = make_plan(base, len(work.data.private), log=lambda _m: None).draw(work.data.private, base.seed, 1)
+    cohort = make_sampler(base, work.data.private).draw(1)
     # The machine's GEMM rate is the best of samples taken before, between and after the
     # placements: one sample can land on a slow moment, which would flatter (d)/(c).
     gemm_samples = [gemm_flops_per_s()]

@@ -21,8 +21,9 @@ from torch.func import functional_call, grad, vmap
 
 from fedrec.config import FedRecConfig
 from fedrec.model.lora import adapter_state
-from fedrec.train import next_item_batch, train_users
-from fedrec.vectorized import train_users_vectorized
+from fedrec.train.batches import next_item_batch
+from fedrec.train.loop import train_users
+from fedrec.train.vectorized import train_users_vectorized
 from fedrec.workload import load_workload
 
 
@@ -59,7 +60,7 @@ def main() -> None:
     runs = {
         "loop (peft model, autograd per user)": lambda: train_users(model, state, work.data, users, **kw).delta,
         "torch.func vmap(grad(functional_call))": lambda: vmap_step(model, state, work.data, users, cfg.max_seq_len, 0.5),
-        "stacked batched matmuls (fedrec.vectorized)": lambda: train_users_vectorized(
+        "stacked batched matmuls (fedrec.train.vectorized)": lambda: train_users_vectorized(
             model, state, work.data, users, **kw
         ).delta,
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedrec.model.lora import AdapterState
+from fedrec.model.types import AdapterState
 
 
 @dataclass
@@ -105,6 +105,18 @@ class ServerOptimizer:
 
     def state(self) -> AdapterState:
         return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def state_dict(self) -> dict:
+        """The parameters and torch's optimizer state (Adam's moments, SGD's momentum buffer)."""
+        return {"params": self.state(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["params"]) != set(self.params):
+            raise ValueError("checkpoint: the server optimizer's tensors differ from this run's adapter")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["params"][k])
+        self.opt.load_state_dict(state["optimizer"])
 
 
 def mean_update(total: UpdateSum) -> AdapterState:

@@ -30,7 +30,8 @@ from fedrec.model.base import load_base, new_model
 from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir
-from fedrec.train import evaluate_users, fit_sequences, rank_sums, rank_users
+from fedrec.train.evaluate import evaluate_users, rank_sums, rank_users
+from fedrec.train.pretrain import fit_sequences
 from fedrec.workload import load_workload, resolve_device
 
 CEILING_LABELS = {

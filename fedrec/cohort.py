@@ -7,8 +7,11 @@ sampling is not reproducible and knows nothing of privacy amplification.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+SAMPLERS = ("fixed", "poisson", "all")
 
 
 def sample_cohort(population: Sequence[int] | np.ndarray, size: int, seed: int, round_: int) -> np.ndarray:
@@ -17,6 +20,46 @@ def sample_cohort(population: Sequence[int] | np.ndarray, size: int, seed: int, 
     rng = np.random.default_rng([seed, round_, 0xC0407])
     k = min(size, len(pop))
     return np.sort(rng.choice(pop, size=k, replace=False))
+
+
+@dataclass
+class CohortSampler:
+    """Who trains in each round: `fixed` (m users without replacement), `poisson` (each user
+    with probability q = m/N, what privacy amplification assumes) or `all` (cross-silo).
+
+    Its RNG is counter-based, seeded by (seed, round): a round's draw needs no state but
+    the seed, so a resumed run draws exactly the cohorts an uninterrupted one would.
+    """
+
+    kind: str
+    population: np.ndarray
+    size: int  # the cohort size m (Poisson: its expectation)
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SAMPLERS:
+            raise ValueError(f"sampling: unknown {self.kind!r}; choose from {', '.join(SAMPLERS)}")
+        self.population = np.asarray(self.population, dtype=np.int64)
+        self.size = len(self.population) if self.kind == "all" else min(self.size, len(self.population))
+
+    @property
+    def q(self) -> float:
+        return min(1.0, self.size / len(self.population)) if len(self.population) else 0.0
+
+    def draw(self, round_: int) -> np.ndarray:
+        if self.kind == "poisson":
+            return sample_poisson(self.population, self.q, self.seed, round_)
+        if self.kind == "fixed":
+            return sample_cohort(self.population, self.size, self.seed, round_)
+        return self.population.copy()
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "population": self.population.tolist(), "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["kind"] != self.kind or state["seed"] != self.seed or state["population"] != self.population.tolist():
+            raise ValueError("checkpoint: the cohort sampler's population, kind or seed differ from this run's")
+        self.size = int(state["size"])
 
 
 def split_among(users: Sequence[int] | np.ndarray, num_workers: int) -> list[np.ndarray]:

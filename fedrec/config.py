@@ -212,7 +212,7 @@ class FedRecConfig:
 
     @property
     def vectorized(self) -> bool:
-        """Whether clients train their users together (fedrec.vectorized) or one by one."""
+        """Whether clients train their users together (fedrec.train.vectorized) or one by one."""
         return self.local_engine in ("vectorized", "auto")
 
     def lora_target_list(self) -> list[str]:
@@ -256,6 +256,24 @@ class FedRecConfig:
         return cls(**{known[k].name: v for k, v in values.items()})
 
     @classmethod
+    def resolved(cls, mapping: Mapping[str, Any]) -> FedRecConfig:
+        """A whole config that was validated where it was resolved (the server's, as it travels
+        with every message): rebuilt without checking it again, once per distinct content in
+        a process. Its checks may not hold where it arrives (a device lacks the server's
+        `data-path`), and they cost a worker time on every message."""
+        key = json.dumps(dict(mapping), sort_keys=True, default=str)
+        if key not in _RESOLVED:
+            known = {_kebab(f.name): f for f in fields(cls)}
+            if set(mapping) != set(known):
+                odd = sorted(set(mapping) ^ set(known))
+                raise ConfigError(f"resolved config: keys {odd[:3]} differ from this version's; was it resolved by another?")
+            cfg = object.__new__(cls)
+            for k, raw in mapping.items():
+                object.__setattr__(cfg, known[k].name, _coerce(k, known[k], raw))
+            _RESOLVED[key] = cfg
+        return _RESOLVED[key]
+
+    @classmethod
     def from_toml(cls, path: str | Path, base: FedRecConfig | None = None) -> FedRecConfig:
         """Read a TOML file; keys at top level or under [tool.flwr.app.config]."""
         try:
@@ -266,6 +284,9 @@ class FedRecConfig:
             raise ConfigError(f"--config: '{path}' is not valid TOML ({e})") from None
         data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
         return cls.from_mapping(data, base)
+
+
+_RESOLVED: dict[str, FedRecConfig] = {}
 
 
 def parse_run_config(text: str) -> dict[str, Any]:

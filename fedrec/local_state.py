@@ -13,13 +13,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from fedrec.config import FedRecConfig
-from fedrec.model.lora import AdapterState
+from fedrec.model.types import AdapterState, is_local
 
-LOCAL_MARK = ".lora_B."
-
-
-def is_local(key: str) -> bool:
-    return LOCAL_MARK in key
+__all__ = ["UserStateStore", "client_state_dir", "is_local", "local_store_for"]
 
 
 class UserStateStore:

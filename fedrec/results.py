@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.config import FedRecConfig
-from fedrec.model.lora import AdapterState
+from fedrec.model.types import AdapterState
 
 
 def default_output_dir(mode: str) -> str:

@@ -20,8 +20,10 @@ from fedrec.config import ConfigError, FedRecConfig, parse_run_config
 from fedrec.data.interactions import DataError
 from fedrec.results import default_output_dir
 
-# glibc handing the logits buffer back to the OS every step costs 1.6-1.8x on CPU
-# (FLOWER-NOTES.md); Ray workers inherit these from this process.
+# Otherwise glibc hands the large logits buffer back to the OS after every step and maps
+# it afresh on the next, a large slowdown on CPU (experiments/README.md, section
+# "Measurements behind design choices in the code"); Ray workers inherit these from this
+# process.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
@@ -66,9 +68,9 @@ def check_resources(cfg: FedRecConfig, log=print) -> None:
     """Refuse, before anything loads, the worker resources Ray could not place here.
 
     Flower's simulation would log "ActorPool is empty" and then hang instead of exiting
-    (measured with client-num-gpus=0.5 on this GPU-less machine: Flower 1.41, Ray 2.55).
+    (seen with client-num-gpus=0.5 on a machine without a GPU: Flower 1.41, Ray 2.55).
     Ray also hides the GPU from a worker that reserves none (CUDA_VISIBLE_DEVICES="",
-    measured), so device=cuda needs client-num-gpus.
+    seen too), so device=cuda needs client-num-gpus.
     """
     if cfg.mode == "centralized":
         return  # no simulation: trains in this process
@@ -106,8 +108,9 @@ def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
 
     Cohort-placement runs that agree on FEDERATION_KEYS run one after another inside one
     Flower simulation: Ray, the workers' imports and data, and the shutdown are paid
-    once per group instead of once per run (~15-20 s of a ~25 s default run here). Each
-    run is still a whole run with its own results directory and the same results as on
+    once per group instead of once per run: together they are most of a default run's wall
+    time (experiments/README.md, section "What ε costs: synthetic default, user-level DP",
+    "One simulation for the whole sweep"). Each run is still a whole run with its own results directory and the same results as on
     its own (tests/integration/test_simulation.py).
     """
     dirs = [c.output_dir for c in cfgs]
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     # Everything is written by now; the interpreter's last garbage collection over torch's,
-    # Ray's and Flower's objects took ~1.8 s of every run's exit (measured), so it skips them.
+    # Ray's and Flower's objects was a noticeable share of every run's exit, so it skips them
+    # (experiments/README.md, section "What ε costs: synthetic default, user-level DP").
     gc.freeze()
     sys.exit(code)

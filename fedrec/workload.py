@@ -18,13 +18,15 @@ from peft import PeftModel
 from fedrec.config import FedRecConfig
 from fedrec.data import SplitData, load_interactions, split_users
 from fedrec.data.interactions import Interactions
-from fedrec.model.base import BASE_KEYS, base_path, cache_dir, ensure_base, load_base
+from fedrec.train.pretrain import ensure_base
+from fedrec.model.base import BASE_KEYS, base_path, cache_dir, load_base
 from fedrec.data.item_features import (
     ItemFeatures, cluster_features, load_item_features, load_movielens_genres, movielens_item_file, public_top_items,
 )  # fmt: skip
 from fedrec.data.synthetic import synthetic_item_clusters
 from fedrec.model.item_adapters import make_item_adapter
-from fedrec.model.lora import attach_lora, freeze_lora, freeze_random_factors
+from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state, attach_lora, freeze_lora, freeze_random_factors
+from fedrec.model.types import ITEM_DELTA, AdapterState, is_local
 
 DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
     k for k in BASE_KEYS if k.startswith("synthetic-")
@@ -76,6 +78,48 @@ def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
         "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
     }[cfg.item_adapter]
     return f" + {what}: {numel:,}" if what else ""
+
+
+@dataclass
+class AdapterInfo:
+    initial: AdapterState  # every adapter tensor at init (B = 0): the global adapter of round 0
+    dimension: int  # parameters each user trains and sends: the d of the DP noise
+    parameters: int  # all adapter parameters, frozen factors included
+
+
+def describe_adapter(cfg: FedRecConfig, model: PeftModel, side: ItemSide, log: Callable[[str], None] = print) -> AdapterInfo:
+    """The adapter a run federates, said in one line (plus what its item adapter reveals)."""
+    initial = adapter_state(model)
+    info = AdapterInfo(initial, sum(p.numel() for p in adapter_parameters(model).values()),
+                       sum(t.numel() for t in initial.values()))  # fmt: skip
+    item = describe_item_adapter(cfg, side, sum(v.numel() for k, v in initial.items() if ITEM_DELTA in k))
+    log(
+        f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}{item}: {info.parameters:,} parameters, "
+        f"{adapter_bytes(initial):,} bytes; {info.dimension:,} trained and sent per user ({cfg.lora_train})"
+    )
+    if cfg.item_adapter != "none" and not cfg.dp_enabled:
+        log(
+            f"note: item-adapter={cfg.item_adapter} sends an image of the item table's gradient, which shows which "
+            "items a user touched; without DP noise only the sum protects it (cohort placement sums inside the "
+            "worker; device placement needs secure-aggregation=secagg+)"
+        )
+    if cfg.secure_aggregation == "secagg+":
+        log(
+            f"privacy: SecAgg+ ({cfg.secagg_shares} shares, threshold {cfg.secagg_threshold}): the server learns only "
+            "the sum of the cohort's clipped updates, never one user's; per-user loss and norm stay on the devices"
+        )
+    if cfg.partition == "silo":
+        log(
+            f"privacy: partition=silo, {cfg.num_silos} silos, sample-level DP-SGD (Opacus, PRV) with "
+            f"z={cfg.dpsgd_noise_multiplier}, C={cfg.dpsgd_max_grad_norm}: protects each example (a user's "
+            "sequence) within a silo, not users across silos"
+        )
+    return info
+
+
+def update_keys(cfg: FedRecConfig, model: PeftModel) -> list[str]:
+    """The tensors a user sends: the trained ones, less what stays on the device (a-only's B)."""
+    return [k for k in adapter_parameters(model) if not (cfg.lora_share == "a-only" and is_local(k))]
 
 
 _ITEM_SIDE: dict[str, ItemSide] = {}
@@ -158,9 +202,10 @@ def resolve_device(name: str) -> torch.device:
 def _load_or_generate(cfg: FedRecConfig) -> Interactions:
     """Real data from its file; synthetic data from the cache dir once generated.
 
-    Generating the ML-1M-sized synthetic set takes ~20 s of pure Python; every worker
-    process would pay it before round 1. It is deterministic in the config, so the first
-    process writes it beside the cached base model and the others read it in milliseconds.
+    Generating the ML-1M-sized synthetic set is slow, pure Python (experiments/README.md,
+    section "Measurements behind design choices in the code"); every worker process would
+    pay it before round 1. It is deterministic in the config, so the first process writes
+    it beside the cached base model and the others read it in milliseconds.
     """
     if cfg.dataset != "synthetic":
         return load_interactions(cfg)

@@ -1,8 +1,12 @@
-"""The fedrec Strategy: server-drawn cohorts, sums of clipped updates, FedOpt step.
+"""The run's port over Flower messages: route a cohort to nodes, sum their replies.
+
+`FedRecStrategy` implements `fedrec.run.RoundPort`: `train(round, cohort, adapter, clip)`
+and `evaluate(round, users, adapter, split)`. The run object draws the cohort and makes
+the server step; this class only knows nodes, messages, failures and SecAgg+.
 
 A `flwr.serverapp.strategy.Strategy` subclass because the built-in strategies need one
-ArrayRecord plus `num-examples` per reply and sample nodes themselves; here the server
-samples users (seeded), routes them to nodes, and each reply is already a sum.
+ArrayRecord plus `num-examples` per reply and sample nodes themselves; here the run
+samples users (seeded), this routes them to nodes, and each reply is already a sum.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.aggregate import ServerOptimizer, UpdateSum, mean_update
-from fedrec.cohort import assign_silos, split_among, validation_users
+from fedrec.aggregate import UpdateSum
+from fedrec.cohort import assign_silos, split_among
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means
-from fedrec.privacy.mechanism import PrivacyPlan
+from fedrec.model.types import AdapterState
+from fedrec.run import EvalResult, TrainResult
 from fedrec.workload import ItemSide
 
 NODE_WAIT_S = 120.0
@@ -46,8 +51,6 @@ class FedRecStrategy(Strategy):
         self,
         cfg: FedRecConfig,
         population: np.ndarray,
-        optimizer: ServerOptimizer,
-        plan: PrivacyPlan | None = None,
         base: BaseShipment | None = None,
         log: Callable[[str], None] = print,
         context: Context | None = None,
@@ -56,21 +59,17 @@ class FedRecStrategy(Strategy):
         self.cfg = cfg
         self.context = context  # the ServerApp's; SecAgg+ builds its legacy context from it
         self.update_keys = update_keys or []  # what users send: SecAgg+ needs the vector's layout
-        self.plan = plan  # set after connect() where the population depends on which devices answer
         self.base = base
         self.log = log
         self.silos = assign_silos(population, cfg.num_silos, cfg.seed) if cfg.partition == "silo" else []
         self.population = np.asarray(population, dtype=np.int64)
-        self.optimizer = optimizer
         self.workers: list[int] = []
         self.user_node: dict[int, int] = {}
         self.failed_users: list[int] = []  # device placement: users whose device failed the last exchange
         self.last_ranks: dict[int, int] = {}  # user → rank of their target in the last evaluation
-        self._run_config = ConfigRecord(cfg.to_dict())
-        self._choose_valid_users()
-
-    def _choose_valid_users(self) -> None:
-        self.valid_users = validation_users(self.population, self.cfg.eval_users, self.cfg.seed)
+        self.cohort = np.zeros(0, dtype=np.int64)
+        self.eval_target = np.zeros(0, dtype=np.int64)
+        self._run_config = ConfigRecord(cfg.to_dict())  # resolved once; travels with every message
 
     # ------------------------------------------------------------ node routing
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
@@ -80,10 +79,12 @@ class FedRecStrategy(Strategy):
         them and check their own data; a device that cannot is reported and left out, and
         the population becomes the users whose devices answered.
         """
+        self._grid = grid  # the port's messages go through it from now on
         if hasattr(grid, "pull_interval"):
             # The simulation's in-memory grid polls for replies every 0.1 s by default
-            # (a constructor argument we cannot reach through run_simulation); at a few
-            # hundred ms per round that idle wait is a large share of the round.
+            # (a constructor argument we cannot reach through run_simulation); a vectorized
+            # round is short enough that this idle wait is a large share of it
+            # (experiments/README.md, section "Throughput: how fast a cohort trains").
             grid.pull_interval = PULL_INTERVAL_S
         device = self.cfg.placement == "device"
         need = len(self.population) if device else self.cfg.num_workers
@@ -129,7 +130,6 @@ class FedRecStrategy(Strategy):
         if missing:
             self.log(f"{len(missing)} of {len(self.population)} private users have no working device; left out")
             self.population = np.array(sorted(self.user_node), dtype=np.int64)
-            self._choose_valid_users()
         if not len(self.population):
             raise RuntimeError("no device node can train: see the messages above")
 
@@ -206,22 +206,43 @@ class FedRecStrategy(Strategy):
             self.failed_users += users_of.get(node, [])
         return [r for r in replies if not r.has_error()]
 
+    # ------------------------------------------------------------ the run's port
+    def train(self, round_: int, cohort: np.ndarray, adapter: AdapterState, clipping_norm: float) -> TrainResult:
+        """The cohort's sum of clipped updates, from worker sums, device replies or SecAgg+."""
+        self.cohort = np.asarray(cohort, dtype=np.int64)
+        arrays = ArrayRecord(adapter)
+        if self.cfg.secure_aggregation == "secagg+":
+            return self._secagg_round(round_, arrays, clipping_norm)
+        grid = self._grid
+        msgs = list(self.configure_train(round_, arrays, ConfigRecord({"clipping-norm": float(clipping_norm)}), grid))
+        replies = self._receive(grid, msgs, "train", tolerate=self.cfg.placement == "device")
+        return self._sum_replies(round_, replies)
+
+    def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult:
+        self.eval_target = np.asarray(users, dtype=np.int64)
+        msgs = list(self.configure_evaluate(round_, ArrayRecord(adapter), ConfigRecord({"split": split}), self._grid))
+        replies = self._receive(self._grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
+        result = self.aggregate_evaluate(round_, replies)
+        return EvalResult({k: float(v) for k, v in (result or {}).items()}, dict(self.last_ranks))
+
     # ------------------------------------------------------------ Strategy API
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Cross-silo: every silo takes part in every round; their privacy is their own (DP-SGD).
-        silo = self.cfg.partition == "silo"
-        self.cohort = self.population if silo else self.plan.draw(self.population, self.cfg.seed, server_round)
-        task = {"round": server_round, "clipping-norm": float(self.plan.clipping_norm)}
+        task = {"round": server_round, "clipping-norm": float(config["clipping-norm"])}
         return self._messages(arrays, self.cohort, task, MessageType.TRAIN)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The round's sum and counts, as Flower's Strategy API shapes them."""
+        result = self._sum_replies(server_round, replies)
+        return ArrayRecord(result.total.delta), MetricRecord(result.total.counts() | result.diagnostics)
+
+    def _sum_replies(self, server_round: int, replies: Iterable[Message]) -> TrainResult:
         total = UpdateSum()
         silo_eps = peak_rss = busiest = 0.0
-        for reply in replies:
+        for reply in _in_node_order(replies):
             counts = {k: float(v) for k, v in reply.content["counts"].items()}
             silo_eps = max(silo_eps, counts.get("silo-epsilon", 0.0))
             peak_rss = max(peak_rss, counts.get("peak-rss-mb", 0.0))
@@ -231,48 +252,25 @@ class FedRecStrategy(Strategy):
         expected = len(self.cohort) - len(self.failed_users)
         if total.num_users != expected:
             raise RuntimeError(f"round {server_round}: {total.num_users} of {expected} cohort users reported")
-        new_state, metrics = self._apply(server_round, total)
-        metrics["worker-peak-rss-mb"] = peak_rss  # the largest of the replying nodes' peak memory
-        metrics["worker-train-seconds"] = busiest  # the slowest node's time inside its train handler
-        if self.silos:
-            metrics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
-        return ArrayRecord(new_state), MetricRecord(metrics)
-
-    def _apply(self, server_round: int, total: UpdateSum) -> tuple[dict, dict]:
-        """The server's step on a round's sum: noise (DP), normalize, server optimizer."""
-        n = max(total.num_users, 1)
-        metrics = {
-            "users": total.num_users,
-            "clipping-norm": self.plan.clipping_norm,
-            "loss": total.loss_sum / n,
-            "update-norm": total.norm_sum / n,
-            "clipped-fraction": total.num_clipped / n,
+        diagnostics = {
+            "worker-peak-rss-mb": peak_rss,  # the largest of the replying nodes' peak memory
+            "worker-train-seconds": busiest,  # the slowest node's time inside its train handler
         }
-        if self.plan.enabled:
-            # Noise goes on even when Poisson sampling drew nobody: the mechanism's output
-            # must not reveal the cohort size.
-            summed = total.delta or {k: torch.zeros_like(v) for k, v in self.optimizer.state().items()}
-            new_state = self.optimizer.step(self.plan.private_mean(summed, self.cfg.seed, server_round))
-            metrics["epsilon"] = self.plan.accountant.spent
-        elif total.num_users:
-            new_state = self.optimizer.step(mean_update(total))
-        else:
-            new_state = self.optimizer.state()
-        self.plan.adapt_clip(total.num_users - total.num_clipped, total.num_users, self.cfg.seed, server_round)
-        return new_state, metrics
+        if self.silos:
+            diagnostics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
+        return TrainResult(total, diagnostics)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         split = str(config["split"])
-        self.eval_target = self.valid_users if split == "valid" else self.population
         return self._messages(arrays, self.eval_target, {"round": server_round, "split": split}, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Means over the evaluated users; each user's rank is kept in `last_ranks` (user → rank)."""
         sums: dict[str, float] = {}
-        self.last_ranks: dict[int, int] = {}
-        for reply in replies:
+        self.last_ranks = {}
+        for reply in _in_node_order(replies):
             sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
             ranks = reply.content.array_records.get("ranks")
             if ranks is not None:
@@ -286,35 +284,23 @@ class FedRecStrategy(Strategy):
     def summary(self) -> None:
         pass
 
-    # ------------------------------------------------------------ round helpers
-    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
-        if self.cfg.secure_aggregation == "secagg+":
-            return self._secagg_round(grid, server_round, arrays)
-        msgs = list(self.configure_train(server_round, arrays, ConfigRecord(), grid))
-        device = self.cfg.placement == "device"
-        new_arrays, metrics = self.aggregate_train(server_round, self._receive(grid, msgs, "train", tolerate=device))
-        assert new_arrays is not None and metrics is not None
-        return new_arrays, metrics
-
-    def _secagg_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> tuple[ArrayRecord, MetricRecord]:
+    def _secagg_round(self, server_round: int, arrays: ArrayRecord, clipping_norm: float) -> TrainResult:
         """The cohort's sum through SecAgg+: the server never holds one user's update."""
         from server.secagg import secure_sum  # the legacy Flower stack, loaded only when asked
 
         if self.context is None or not self.update_keys:
             raise RuntimeError("secure-aggregation=secagg+ needs the ServerApp context and the update's keys")
-        self.cohort = self.plan.draw(self.population, self.cfg.seed, server_round)
-        task = {"round": server_round, "clipping-norm": float(self.plan.clipping_norm),
+        task = {"round": server_round, "clipping-norm": float(clipping_norm),
                 "base": self.base.fingerprint if self.base else ""}  # fmt: skip
         routes = [(self.user_node[int(u)], int(u)) for u in self.cohort]
-        total, failed = secure_sum(grid, self.context, self.cfg, arrays.to_torch_state_dict(), routes, task,
+        total, failed = secure_sum(self._grid, self.context, self.cfg, arrays.to_torch_state_dict(), routes, task,
                                    self.cfg.to_dict(), self.update_keys)  # fmt: skip
         if failed:
             self.log(f"round {server_round}: {failed} of {len(routes)} devices dropped out of SecAgg+")
-        new_state, metrics = self._apply(server_round, total)
-        return ArrayRecord(new_state), MetricRecord(metrics | {"worker-peak-rss-mb": 0.0, "worker-train-seconds": 0.0})
+        return TrainResult(total)
 
-    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, split: str) -> dict[str, float]:
-        msgs = list(self.configure_evaluate(server_round, arrays, ConfigRecord({"split": split}), grid))
-        replies = self._receive(grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
-        result = self.aggregate_evaluate(server_round, replies)
-        return {k: float(v) for k, v in (result or {}).items()}
+
+def _in_node_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies arrive in any order; summed in node order, a round's floats add up the same way
+    every time, so a run (and a resumed run) is reproducible to the bit."""
+    return sorted(replies, key=lambda r: r.metadata.src_node_id)

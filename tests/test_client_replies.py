@@ -158,7 +158,7 @@ def test_a_real_device_builds_the_item_adapter_from_what_the_server_sends(run):
     update = reply.content["update"].to_torch_state_dict()
     assert update["base_model.model.item_delta.R"].shape == (10, cfg.hidden_size)
     # and it equals what a simulated worker computes for the same user from the server's own data
-    from fedrec.vectorized import train_users_vectorized
+    from fedrec.train.vectorized import train_users_vectorized
 
     ref = train_users_vectorized(model, state, work.data, [user], local_epochs=cfg.local_epochs,
                                  learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm,

@@ -85,3 +85,18 @@ def test_secagg_error_names_every_missing_condition():
     assert "placement=device" in text and "adaptive-clipping" in text and "clipping-norm" not in text.split("needs")[1]
     ok = FedRecConfig.from_mapping({"secure-aggregation": "secagg+", "placement": "device", "clipping-norm": 0.5})
     assert ok.secagg_shares == 3 and ok.vectorized
+
+
+def test_a_resolved_config_travels_whole_and_is_not_validated_again(tmp_path):
+    data = tmp_path / "plays.csv"
+    data.write_text("user,item,timestamp\nu,i,1\n")
+    cfg = FedRecConfig.from_mapping({"dataset": "csv", "data-path": str(data), "num-rounds": 7})
+    data.unlink()  # where the config arrives (a device), the server's data path need not exist
+    with pytest.raises(ConfigError, match="data-path"):
+        FedRecConfig.from_mapping(cfg.to_dict())
+    again = FedRecConfig.resolved(cfg.to_dict())
+    assert again == cfg and again.num_rounds == 7
+    assert FedRecConfig.resolved(dict(cfg.to_dict())) is again  # parsed once per process
+    partial = {k: v for k, v in cfg.to_dict().items() if k != "seed"}
+    with pytest.raises(ConfigError, match="resolved config"):
+        FedRecConfig.resolved(partial)

@@ -93,6 +93,27 @@ def test_csv_sorts_by_time_and_remaps_items(tmp_path):
     assert d.num_items == 3 and d.sequences[0].tolist() == [1, 2, 3]
 
 
+def test_timestamp_rules():
+    from datetime import datetime, timezone
+
+    from fedrec.data.parse import parse_timestamp
+
+    utc = timezone.utc
+    assert parse_timestamp("2024-01-03T10:00:00+02:00") == ("ISO-8601", datetime(2024, 1, 3, 8, tzinfo=utc))
+    assert parse_timestamp(" 2024-01-03 08:00 ") == ("ISO-8601", datetime(2024, 1, 3, 8, tzinfo=utc))  # naive: UTC
+    assert parse_timestamp("2024-02") == ("ISO-8601", datetime(2024, 2, 1, tzinfo=utc))
+    assert parse_timestamp("1700000000000000001") == ("number", 1_700_000_000_000_000_001)  # ns: exact
+    assert parse_timestamp(" 2.5 ") == parse_timestamp(2.5) == ("number", 2.5)
+    for bad in ("yesterday", "01/03/2024", "inf", "nan", True, None, b"1"):
+        with pytest.raises(DataError, match="timestamp"):
+            parse_timestamp(bad)
+
+
+def test_movielens_and_csv_share_the_timestamp_rules(tmp_path):
+    (tmp_path / "u.data").write_text("1\t10\t5\t2024-01-03T00:00:00Z\n1\t11\t3\t2024-01-01\n1\t12\t4\t2024-01-02\n")
+    assert load_movielens(tmp_path).sequences[0].tolist() == [2, 3, 1]
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_seq_txt(tmp_path / "nope.txt")

@@ -8,9 +8,26 @@ from hypothesis import strategies as st
 from scipy.stats import norm
 
 from fedrec.config import ConfigError, FedRecConfig
-from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant, calibrate_noise
-from fedrec.privacy.mechanism import make_plan
-from fedrec.privacy.noise import add_gaussian_noise
+from fedrec.aggregate import UpdateSum
+from fedrec.privacy.accountant import REGISTRY, RoundEvent, UserLevelAccountant, calibrate_noise, make_accountant
+from fedrec.privacy.mechanism import add_gaussian_noise
+from fedrec.run import make_mechanism, make_sampler
+
+
+def _mechanism(cfg, population):
+    return make_mechanism(cfg, make_sampler(cfg, np.arange(population)), log=lambda _m: None)
+
+
+def _sum(delta, users=0, clipped=0):
+    return UpdateSum(delta=delta, num_users=users, weight=float(users), num_clipped=clipped)
+
+
+def test_the_config_names_exactly_the_registered_accountants():
+    from fedrec.config import ACCOUNTANTS
+
+    assert set(ACCOUNTANTS) == {"auto", *REGISTRY}
+    for kind, cls in REGISTRY.items():
+        assert isinstance(make_accountant(kind, "poisson", 100, 1e-3), cls) and issubclass(cls, UserLevelAccountant)
 
 
 def _events(n, q=0.01, z=1.0, m=100):
@@ -33,7 +50,7 @@ def test_noise_std_is_z_times_c():
 
 @pytest.mark.parametrize("kind", ["pld", "rdp", "prv"])
 def test_epsilon_grows_with_rounds_and_shrinks_with_noise(kind):
-    acc = UserLevelAccountant(kind, "poisson", 10_000, 1e-5)
+    acc = make_accountant(kind, "poisson", 10_000, 1e-5)
     eps_rounds = [acc.epsilon(_events(n)) for n in (1, 10, 100, 500)]
     assert eps_rounds == sorted(eps_rounds) and eps_rounds[0] < eps_rounds[-1]
     eps_noise = [acc.epsilon(_events(100, z=z)) for z in (0.7, 1.0, 2.0, 4.0)]
@@ -55,7 +72,7 @@ def _analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
 
 @pytest.mark.parametrize("z", [0.8, 1.5, 3.0])
 def test_one_round_with_q_one_is_the_analytic_gaussian(z):
-    acc = UserLevelAccountant("pld", "poisson", 1000, 1e-5)
+    acc = make_accountant("pld", "poisson", 1000, 1e-5)
     eps = acc.epsilon([RoundEvent(1, 1.0, z, 1.0, 1000)])
     assert eps == pytest.approx(_analytic_gaussian_epsilon(z, 1e-5), rel=0.01)
 
@@ -64,13 +81,13 @@ def test_one_round_with_q_one_is_the_analytic_gaussian(z):
 @given(st.floats(0.001, 0.2), st.floats(0.6, 5.0), st.integers(1, 300))
 def test_pld_never_above_rdp(q, z, rounds):
     events = _events(rounds, q=q, z=z)
-    pld = UserLevelAccountant("pld", "poisson", 10_000, 1e-5).epsilon(events)
-    rdp = UserLevelAccountant("rdp", "poisson", 10_000, 1e-5).epsilon(events)
+    pld = make_accountant("pld", "poisson", 10_000, 1e-5).epsilon(events)
+    rdp = make_accountant("rdp", "poisson", 10_000, 1e-5).epsilon(events)
     assert pld <= rdp * 1.001
 
 
 def test_ledger_restores_exactly():
-    acc = UserLevelAccountant("pld", "poisson", 5000, 2e-4)
+    acc = make_accountant("pld", "poisson", 5000, 2e-4)
     for e in _events(7, q=0.02, z=1.1):
         acc.record(e)
     restored = UserLevelAccountant.from_dict(acc.to_dict())
@@ -84,7 +101,7 @@ def test_pld_with_the_cached_round_equals_dp_accountings_own_pld_accountant():
     from dp_accounting import pld
 
     ledger = _events(5, q=0.06, z=0.55) + _events(7, q=0.03, z=1.2) + _events(3, q=0.06, z=0.55)
-    acc = UserLevelAccountant("pld", "poisson", 1000, 1e-3)
+    acc = make_accountant("pld", "poisson", 1000, 1e-3)
     for n in (1, 5, 12, 15):  # the later calls reuse the cached one-round PLDs
         reference = pld.PLDAccountant()
         for e in ledger[:n]:
@@ -95,7 +112,7 @@ def test_pld_with_the_cached_round_equals_dp_accountings_own_pld_accountant():
 
 def test_calibration_lands_on_the_target():
     def new():
-        return UserLevelAccountant("pld", "poisson", 20_000, 5e-5)
+        return make_accountant("pld", "poisson", 20_000, 5e-5)
 
     z = calibrate_noise(4.0, 200, new, 0.0128, 256)
     eps = new().epsilon(_events(200, q=0.0128, z=z, m=256))
@@ -104,27 +121,33 @@ def test_calibration_lands_on_the_target():
 
 
 def test_fixed_size_sampling_uses_rdp_with_replace_one():
-    acc = UserLevelAccountant("auto", "fixed", 1000, 1e-5)
+    acc = make_accountant("auto", "fixed", 1000, 1e-5)
     assert acc.kind == "rdp"
     # Replace-one doubles the sensitivity of a sum: never cheaper than Poisson at the same rate.
-    poisson = UserLevelAccountant("rdp", "poisson", 1000, 1e-5).epsilon(_events(50, q=0.05, m=50))
+    poisson = make_accountant("rdp", "poisson", 1000, 1e-5).epsilon(_events(50, q=0.05, m=50))
     assert acc.epsilon(_events(50, q=0.05, m=50)) > poisson
     with pytest.raises(ValueError, match="fixed-size"):
-        UserLevelAccountant("pld", "fixed", 1000, 1e-5)
+        make_accountant("pld", "fixed", 1000, 1e-5)
 
 
 def test_private_mean_divides_by_the_expected_cohort_whoever_came():
     cfg = FedRecConfig(sampling="poisson", noise_multiplier=1.0, clipping_norm=1.0, cohort_size=50)
-    plan = make_plan(cfg, 1000, log=lambda _m: None)
+    mech = _mechanism(cfg, 1000)
     total = {"w": torch.ones(10) * 7.0}
-    a = plan.private_mean(total, seed=0, round_=1)
-    plan_b = make_plan(cfg, 1000, log=lambda _m: None)
-    b = plan_b.private_mean(total, seed=0, round_=1)
+    a = mech.privatize(_sum(total, users=3), total, round_=1)
+    b = _mechanism(cfg, 1000).privatize(_sum(total, users=70), total, round_=1)
     torch.testing.assert_close(a["w"], b["w"])
     noise = add_gaussian_noise({"w": torch.zeros(10)}, 1.0, seed=0, round_=1)["w"]
     torch.testing.assert_close(a["w"], (7.0 + noise) / 50)
-    assert plan.accountant.spent > 0 and len(plan.accountant.events) == 1
-    assert plan.delta == pytest.approx(1e-3)
+    assert mech.accountant.spent > 0 and len(mech.accountant.events) == 1
+    assert mech.delta == pytest.approx(1e-3)
+
+
+def test_noise_goes_on_when_poisson_sampling_drew_nobody():
+    cfg = FedRecConfig(sampling="poisson", noise_multiplier=1.0, clipping_norm=1.0, cohort_size=50)
+    out = _mechanism(cfg, 1000).privatize(UpdateSum(), {"w": torch.zeros(8)}, round_=1)
+    expected = add_gaussian_noise({"w": torch.zeros(8)}, 1.0, seed=0, round_=1)["w"] / 50
+    torch.testing.assert_close(out["w"], expected)
 
 
 @pytest.mark.parametrize(
@@ -153,37 +176,38 @@ def test_adaptive_clipping_noises_with_the_clip_it_applied():
     cfg = FedRecConfig(
         sampling="poisson", noise_multiplier=1.0, clipping_norm=1.0, cohort_size=100, adaptive_clipping=True
     )
-    plan = make_plan(cfg, 2000, log=lambda _m: None)
+    mech = _mechanism(cfg, 2000)
     sigma_b = 100 / 20
-    assert plan.count_stddev == sigma_b
-    assert plan.update_noise_multiplier ** -2 + (2 * sigma_b) ** -2 == pytest.approx(1.0)
+    assert mech.adaptive.count_stddev == sigma_b
+    assert mech.update_noise_multiplier ** -2 + (2 * sigma_b) ** -2 == pytest.approx(1.0)
     zeros = {"w": torch.zeros(1000)}
     for rnd in (1, 2, 3):
-        applied = plan.clipping_norm
-        out = plan.private_mean(zeros, seed=0, round_=rnd)
-        expected = add_gaussian_noise(zeros, plan.update_noise_multiplier * applied, seed=0, round_=rnd)
+        applied = mech.clipping_norm
+        out = mech.privatize(_sum(zeros, users=100, clipped=0), zeros, round_=rnd)  # everyone under the clip
+        expected = add_gaussian_noise(zeros, mech.update_noise_multiplier * applied, seed=0, round_=rnd)
         torch.testing.assert_close(out["w"], expected["w"] / 100)
-        assert plan.accountant.events[-1].clipping_norm == applied
-        plan.adapt_clip(unclipped=100, num_users=100, seed=0, round_=rnd)  # everyone under the clip
-        assert plan.clipping_norm < applied  # so the clip shrinks for the next round
-    assert [e.noise_multiplier for e in plan.accountant.events] == [1.0] * 3  # ε is charged at z
+        assert mech.accountant.events[-1].clipping_norm == applied
+        assert mech.clipping_norm < applied  # so the clip shrinks for the next round
+    assert [e.noise_multiplier for e in mech.accountant.events] == [1.0] * 3  # ε is charged at z
 
 
 def test_adaptive_clip_tracks_the_target_quantile_without_dp():
     cfg = FedRecConfig(clipping_norm=5.0, adaptive_clipping=True, clip_quantile=0.3, clip_learning_rate=0.2)
-    plan = make_plan(cfg, 1000, log=lambda _m: None)
+    mech = _mechanism(cfg, 1000)
+    assert not mech.enabled
     rng = np.random.default_rng(0)
+    zeros = {"w": torch.zeros(3)}
     for rnd in range(400):
         norms = rng.lognormal(0.0, 0.5, size=200)
-        plan.adapt_clip(int((norms <= plan.clipping_norm).sum()), 200, seed=0, round_=rnd)
-    assert plan.clipping_norm == pytest.approx(np.exp(0.5 * norm.ppf(0.3)), rel=0.1)
+        mech.privatize(_sum(zeros, users=200, clipped=int((norms > mech.clipping_norm).sum())), zeros, round_=rnd)
+    assert mech.clipping_norm == pytest.approx(np.exp(0.5 * norm.ppf(0.3)), rel=0.1)
 
 
 def test_server_noise_on_the_mean_has_std_z_c_over_m():
     z, c, m = 1.3, 0.7, 40
-    cfg = FedRecConfig(sampling="poisson", noise_multiplier=z, clipping_norm=c, cohort_size=m)
-    plan = make_plan(cfg, 4000, log=lambda _m: None)
-    mean = plan.private_mean({"w": torch.zeros(60_000)}, seed=1, round_=1)["w"].double()
+    cfg = FedRecConfig(sampling="poisson", noise_multiplier=z, clipping_norm=c, cohort_size=m, seed=1)
+    zeros = {"w": torch.zeros(60_000)}
+    mean = _mechanism(cfg, 4000).privatize(_sum(zeros), zeros, round_=1)["w"].double()
     # The mean's noise is z·C/m per coordinate; √2, m or C mistakes are all far outside 3%.
     assert abs(float(mean.std()) / (z * c / m) - 1) < 0.03
 
@@ -209,7 +233,7 @@ def test_calibration_with_predicted_steps_equals_the_exact_bisection(monkeypatch
 
     def new():
         made.append(1)
-        return UserLevelAccountant("pld", "poisson", 5000, 1e-5)
+        return make_accountant("pld", "poisson", 5000, 1e-5)
 
     exact = _exact_bisection(target, 30, new, q, 100)
     made.clear()
@@ -225,7 +249,7 @@ def test_epsilon_composed_ahead_equals_epsilon_composed_when_asked():
     from fedrec.privacy import accountant
 
     planned = _events(6, q=0.03, z=0.9, m=100)
-    ahead = UserLevelAccountant("pld", "poisson", 4000, 1e-5)
+    ahead = make_accountant("pld", "poisson", 4000, 1e-5)
     ahead.record(planned[0])
     ahead.compose_ahead(planned[1:])
     got = [ahead.record(e) for e in planned[1:]]
@@ -239,8 +263,8 @@ def test_a_run_stopped_early_does_not_wait_for_the_rounds_composed_ahead():
     import sys
 
     code = (
-        "from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant\n"
-        "acc = UserLevelAccountant('pld', 'poisson', 4000, 1e-5)\n"
+        "from fedrec.privacy.accountant import RoundEvent, make_accountant\n"
+        "acc = make_accountant('pld', 'poisson', 4000, 1e-5)\n"
         "acc.compose_ahead([RoundEvent(r, 0.05, 0.6, 1.0, 200) for r in range(1, 2001)])\n"
         "print(acc.epsilon([RoundEvent(1, 0.05, 0.6, 1.0, 200)]))\n"
     )  # 2,000 queued ledgers at ~0.2 s each: joining the thread at exit would take minutes

@@ -10,7 +10,7 @@ from opacus import GradSampleModule
 
 from fedrec.model.lora import adapter_parameters, attach_lora
 from fedrec.model.sasrec import SASRec
-from fedrec.train import next_item_batch
+from fedrec.train.batches import next_item_batch
 
 
 def _batch():

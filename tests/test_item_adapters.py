@@ -14,8 +14,9 @@ from fedrec.data.item_features import load_item_features, load_item_features_jso
 from fedrec.model.base import load_base
 from fedrec.model.lora import adapter_parameters, adapter_state, load_adapter_state
 from fedrec.privacy.clipping import update_norm
-from fedrec.train import pad_left, train_users
-from fedrec.vectorized import train_users_vectorized
+from fedrec.train.batches import pad_left
+from fedrec.train.loop import train_users
+from fedrec.train.vectorized import train_users_vectorized
 from fedrec.workload import ItemSide, item_side, load_workload
 
 from tests.conftest import shared_file
@@ -101,7 +102,7 @@ def test_both_engines_agree_and_clip_lora_and_item_tensors_jointly(tiny_cfg, kin
 
 def test_vectorized_item_groups_stay_within_their_memory_budget(tiny_cfg, monkeypatch):
     """`table` holds a whole N×d table per user: groups are cut by users, results unchanged."""
-    import fedrec.vectorized as vec
+    import fedrec.train.vectorized as vec
 
     cfg, work, model = _setup(tiny_cfg, "table")
     state = adapter_state(model)

@@ -5,7 +5,9 @@ from flwr.app import ArrayRecord
 from fedrec.aggregate import UpdateSum
 from fedrec.model.base import load_base
 from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state, load_adapter_state
-from fedrec.train import evaluate_users, pad_left, train_users
+from fedrec.train.evaluate import evaluate_users
+from fedrec.train.batches import pad_left
+from fedrec.train.loop import train_users
 from fedrec.workload import load_workload
 
 CPU = torch.device("cpu")
@@ -161,7 +163,7 @@ def test_a_only_keeps_each_users_b_local_and_shares_only_a(tiny_cfg, tmp_path):
 
 def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
     from fedrec.model.base import new_model
-    from fedrec.train import fit_sequences
+    from fedrec.train.pretrain import fit_sequences
 
     work = load_workload(tiny_cfg)
     torch.manual_seed(0)

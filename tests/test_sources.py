@@ -10,6 +10,7 @@ import pytest
 from clients.device import read_own_data, store_base
 from clients.sources import CsvSource, JsonlSource, SqliteSource, open_source
 from fedrec.data.interactions import DataError
+from fedrec.data.load import load_csv
 from server.local_federation import write_device_file
 
 ROWS = [("u1", "b", 20.0), ("u2", "x", 1.0), ("u1", "a", 10.0), ("u1", "c", 20.0), ("u1", "d", 5.0)]
@@ -43,6 +44,66 @@ def test_bad_files_say_where(tmp_path):
         SqliteSource(tmp_path / "junk.sqlite").items("u1")
     with pytest.raises(DataError, match="no interaction source for '.parquet'"):
         open_source(tmp_path / "x.parquet")
+
+
+# Lexical order is not time order here: offsets, a naive date-time (UTC), a bare date, a
+# year-month, and a tie (u1's b and c are both 08:00Z: file order).
+ISO_CSV = """user,item,timestamp,rating
+u1,b,2024-01-03T10:00:00+02:00,5
+u2,x,2024-01-01T00:00:00Z,1
+u1,a,2024-01-03T09:00:00Z,4
+u1,c,2024-01-03 08:00:00,3
+u2,y,2023-12-31T23:30:00-01:00,2
+u1,d,2024-01-02,1
+u1,e,2024-01,2
+"""
+NUMERIC_CSV = "user,item,timestamp\nu1,b,20\nu2,x,3\nu1,a,10\nu1,c,20.0\nu2,y,2.5\nu1,d,5\nu1,e,1e1\n"
+
+
+def _server_sequences(path):
+    d = load_csv(path, min_user_interactions=1)
+    return {u: [d.item_ids[i - 1] for i in seq] for u, seq in zip(d.user_ids, d.sequences, strict=True)}
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (ISO_CSV, {"u1": ["e", "d", "b", "c", "a"], "u2": ["x", "y"]}),
+        (NUMERIC_CSV, {"u1": ["d", "a", "e", "b", "c"], "u2": ["y", "x"]}),
+    ],
+)
+def test_server_loader_and_device_source_read_one_file_the_same(tmp_path, text, expected):
+    path = tmp_path / "shared.csv"
+    path.write_text(text)
+    assert _server_sequences(path) == expected
+    assert {u: CsvSource(path).items(u) for u in expected} == expected
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".sqlite"])
+def test_every_device_format_orders_iso_timestamps_as_the_server_does(tmp_path, suffix):
+    rows = [("u1", "b", "2024-01-03T10:00:00+02:00"), ("u1", "a", "2024-01-03T09:00:00Z"), ("u1", "c", "2024-01-02")]
+    server = _server_sequences(write_device_file(rows, tmp_path / "data.csv"))
+    assert server == {"u1": ["c", "b", "a"]}
+    assert open_source(write_device_file(rows, tmp_path / f"data{suffix}")).items("u1") == server["u1"]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("yesterday", "timestamp 'yesterday' is not a number or an ISO-8601 date/time"),
+        ("2024-13-01", "timestamp '2024-13-01' is not a number or an ISO-8601 date/time"),
+        ("nan", "timestamp 'nan' is not a finite number"),
+        ("17", "timestamp '17' mixes numeric and ISO-8601 timestamps in one file"),
+    ],
+)
+def test_a_malformed_timestamp_is_the_same_error_on_server_and_device(tmp_path, bad, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(f"user,item,timestamp\nu1,a,2024-01-01\nu2,b,{bad}\nu1,c,2024-01-02\n")
+    with pytest.raises(DataError) as on_server:
+        load_csv(path, min_user_interactions=1)
+    with pytest.raises(DataError) as on_device:  # the bad row is another user's: the file is refused all the same
+        CsvSource(path).items("u1")
+    assert str(on_server.value) == str(on_device.value) == f"{path}:3: {message}"
 
 
 def test_an_apps_own_reader_plugs_in_through_source_module(tmp_path, monkeypatch):

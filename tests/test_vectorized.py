@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from fedrec.local_state import UserStateStore
 from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.privacy.clipping import update_norm
-from fedrec.train import train_users
-from fedrec.train import next_item_batch
-from fedrec.vectorized import (
+from fedrec.train.loop import train_users
+from fedrec.train.batches import next_item_batch
+from fedrec.train.vectorized import (
     FrozenBase,
     _DropoutMasks,
     _ScoringCrossEntropy,
@@ -124,6 +124,25 @@ def test_the_dropout_path_with_nothing_dropped_equals_the_plain_forward(tiny_cfg
     keep_all = _DropoutMasks(real, inputs.shape[1], cfg.hidden_size, base.heads, len(base.blocks), 0.0,
                              list(range(len(users))), CPU)  # fmt: skip
     torch.testing.assert_close(base.hidden(inputs, stack, keep_all), base.hidden(inputs, stack), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("item_adapter", ["none", "lowrank"])
+def test_the_engines_forward_equals_the_models_forward(tiny_cfg, item_adapter):
+    """`FrozenBase.hidden` is SASRec's forward written again for stacked per-user adapters;
+    with every user on the same adapter it must give the peft model's own hidden states."""
+    from fedrec.model.lora import load_adapter_state
+
+    cfg, work, model = _workload(tiny_cfg, dropout=0.0, item_adapter=item_adapter)
+    state = _perturbed_state(model)
+    load_adapter_state(model, state)
+    model.eval()
+    users = _mixed_users(work.data)
+    inputs, _targets = next_item_batch([work.data.train[u] for u in users], cfg.max_seq_len)
+    stack = {k: v.expand(len(users), *v.shape).clone() for k, v in state.items()}
+    with torch.no_grad():
+        ours, theirs = FrozenBase(model).hidden(inputs, stack), model(inputs)
+    real = inputs > 0  # padded positions differ harmlessly: neither engine scores them
+    torch.testing.assert_close(ours[real], theirs[real], rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_masks_drop_at_the_configured_rate_and_keep_the_mean():

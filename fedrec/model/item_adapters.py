@@ -16,7 +16,7 @@ are noised together with the LoRA tensors as one update.
 
 Each kind gives its Δ two ways: `delta()`, the whole table for the one-model path (the
 per-user loop, evaluation, centralized training), and `lookup`/`scoring` over per-user
-stacks of its tensors for the vectorized engine (fedrec.vectorized), where the stacked
+stacks of its tensors for the vectorized engine (fedrec.train.vectorized), where the stacked
 tables would not fit in memory for the scores. Tests hold the two paths equal.
 """
 

@@ -1,8 +1,5 @@
-"""LoRA adapters through peft: attach, read and write the adapter state.
-
-An adapter state is an ordered `dict[str, Tensor]` of peft's own state-dict keys (the
-adapter name dropped), the exact payload that travels between server and clients.
-"""
+"""LoRA adapters through peft: attach, freeze, read and write the adapter state
+(`fedrec.model.types.AdapterState`)."""
 
 from __future__ import annotations
 
@@ -14,11 +11,7 @@ from collections.abc import Callable
 
 from fedrec.model.item_adapters import ItemAdapter
 from fedrec.model.sasrec import SASRec
-
-AdapterState = dict[str, torch.Tensor]
-
-
-ITEM_DELTA = "item_delta."
+from fedrec.model.types import ITEM_DELTA, AdapterState
 
 
 def attach_lora(

@@ -1,5 +1,4 @@
-"""User-level privacy: update clipping (noise and accounting build on it)."""
-
-from fedrec.privacy.clipping import clip_update, update_norm
-
-__all__ = ["clip_update", "update_norm"]
+"""User-level privacy: clipping (`clipping`), what the server does to a round's sum
+(`mechanism`: no privacy, or the Gaussian mechanism with adaptive clipping as a part), and
+the accountants that turn the rounds into ε (`accountant`, one registry). Sample-level
+DP-SGD for silos trains inside `fedrec.train.dpsgd`."""

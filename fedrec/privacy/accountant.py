@@ -5,7 +5,8 @@ recomposed from the ledger, so restoring a checkpoint's ledger gives exactly the
 uninterrupted run reports. Composition uses well-kept libraries:
 - `pld` (default for Poisson sampling): dp-accounting's privacy loss distributions, composed
   as its PLDAccountant composes them, with one round's PLD kept per (q, z) (see below);
-- `prv`: Opacus's PRV accountant (Poisson only; agrees with PLD to ~0.01 here);
+- `prv`: Opacus's PRV accountant (Poisson only; its ε comes close to PLD's:
+  experiments/README.md, section "Measurements behind design choices in the code");
 - `rdp`: dp-accounting's Rényi accountant, the only one of these that handles fixed-size
   sampling without replacement (Wang, Balle & Kasiviswanathan, AISTATS 2019). That bound
   is for replace-one neighbours, for which the sum of clipped updates has sensitivity
@@ -23,9 +24,6 @@ from dataclasses import asdict, dataclass
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
 
-ACCOUNTANTS = ("auto", "pld", "prv", "rdp")
-
-
 @dataclass(frozen=True)
 class RoundEvent:
     round: int
@@ -36,14 +34,19 @@ class RoundEvent:
 
 
 class UserLevelAccountant:
-    def __init__(self, kind: str, sampling: str, population: int, delta: float) -> None:
-        if kind == "auto":
-            kind = "pld" if sampling == "poisson" else "rdp"
-        if sampling == "fixed" and kind != "rdp":
-            raise ValueError(f"accountant: {kind} has no bound for fixed-size sampling; use accountant=rdp or sampling=poisson")
+    """The ledger of rounds and ε after each; subclasses differ only in how they compose."""
+
+    kind = ""
+    samplings: tuple[str, ...] = ("poisson",)  # the sampling schemes this accountant has a bound for
+
+    def __init__(self, sampling: str, population: int, delta: float) -> None:
+        if sampling not in self.samplings:
+            raise ValueError(
+                f"accountant: {self.kind} has no bound for {sampling}-size sampling; use accountant=rdp or sampling=poisson"
+            )
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        self.kind, self.sampling, self.population, self.delta = kind, sampling, population, delta
+        self.sampling, self.population, self.delta = sampling, population, delta
         self.events: list[RoundEvent] = []
         self.epsilons: list[float] = []
 
@@ -67,9 +70,9 @@ class UserLevelAccountant:
             "rounds": [asdict(e) | {"epsilon": eps} for e, eps in zip(self.events, self.epsilons)],
         }
 
-    @classmethod
-    def from_dict(cls, state: dict) -> UserLevelAccountant:
-        acc = cls(state["accountant"], state["sampling"], state["population"], state["delta"])
+    @staticmethod
+    def from_dict(state: dict) -> UserLevelAccountant:
+        acc = make_accountant(state["accountant"], state["sampling"], state["population"], state["delta"])
         for row in state["rounds"]:
             acc.events.append(RoundEvent(**{k: row[k] for k in RoundEvent.__dataclass_fields__}))
             acc.epsilons.append(float(row["epsilon"]))
@@ -79,41 +82,63 @@ class UserLevelAccountant:
     def epsilon(self, events: list[RoundEvent]) -> float:
         """ε at this accountant's δ after `events` (identical consecutive rounds grouped)."""
         groups = [(key, sum(1 for _ in grp)) for key, grp in itertools.groupby(events, key=self._key)]
-        if not groups:
-            return 0.0
-        if self.kind == "prv":
-            from opacus.accountants import PRVAccountant
+        return self._compose(groups) if groups else 0.0
 
-            acc = PRVAccountant()
-            acc.history = [(z, q, n) for (q, z, _m), n in groups]
-            return float(acc.get_epsilon(self.delta))
-        if self.kind == "pld":
-            key = (tuple((q, z, n) for (q, z, _m), n in groups), self.delta)
-            return _AHEAD.get(key, lambda: _pld_epsilon(*key))
-        relation = dpa.NeighboringRelation.REPLACE_ONE if self.sampling == "fixed" else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
-        accountant = rdp.RdpAccountant(neighboring_relation=relation)
-        for (q, z, m), n in groups:
-            accountant.compose(dpa.SelfComposedDpEvent(self._dp_event(q, z, m), n))
-        return float(accountant.get_epsilon(self.delta))
+    def _compose(self, groups: list[tuple[tuple[float, float, int], int]]) -> float:
+        """ε of consecutive groups ((q, z, cohort size), rounds)."""
+        raise NotImplementedError
+
+    def compose_ahead(self, planned: list[RoundEvent]) -> None:
+        """Prepare ε after each of the `planned` rounds; only slow accountants need to."""
+
+    def _key(self, e: RoundEvent) -> tuple[float, float, int]:
+        return (e.q, e.noise_multiplier, e.sample_size if self.sampling == "fixed" else 0)
+
+
+class PLDAccountant(UserLevelAccountant):
+    kind = "pld"
+
+    def _compose(self, groups):
+        key = (tuple((q, z, n) for (q, z, _m), n in groups), self.delta)
+        return _AHEAD.get(key, lambda: _pld_epsilon(*key))
 
     def compose_ahead(self, planned: list[RoundEvent]) -> None:
         """Start composing ε after each of the `planned` rounds on a background thread.
 
-        A `pld` ε costs ~0.2 s (dp-accounting's self-convolution and its ε search), and
-        a run asks for it after every round, while the server itself sits idle waiting
-        for the clients. Composed ahead, the same value is ready when asked for; `epsilon`
-        waits for one still being composed. Other accountants are cheap: nothing to do.
+        A `pld` ε is not cheap (dp-accounting's self-convolution and its ε search:
+        experiments/README.md, section "What ε costs: synthetic default, user-level DP"),
+        and a run asks for it after every round while the server sits idle waiting for the
+        clients. Composed ahead, the same value is ready when asked
+        for; `epsilon` waits for one still being composed.
         """
-        if self.kind != "pld":
-            return
         keys = []
         for k in range(1, len(planned) + 1):
             groups = itertools.groupby([*self.events, *planned[:k]], key=self._key)
             keys.append((tuple((q, z, sum(1 for _ in g)) for (q, z, _m), g in groups), self.delta))
         _AHEAD.submit(keys)
 
-    def _key(self, e: RoundEvent) -> tuple[float, float, int]:
-        return (e.q, e.noise_multiplier, e.sample_size if self.sampling == "fixed" else 0)
+
+class PRVAccountant(UserLevelAccountant):
+    kind = "prv"
+
+    def _compose(self, groups):
+        from opacus.accountants import PRVAccountant as OpacusPRV
+
+        acc = OpacusPRV()
+        acc.history = [(z, q, n) for (q, z, _m), n in groups]
+        return float(acc.get_epsilon(self.delta))
+
+
+class RDPAccountant(UserLevelAccountant):
+    kind = "rdp"
+    samplings = ("poisson", "fixed")
+
+    def _compose(self, groups):
+        relation = dpa.NeighboringRelation.REPLACE_ONE if self.sampling == "fixed" else dpa.NeighboringRelation.ADD_OR_REMOVE_ONE
+        accountant = rdp.RdpAccountant(neighboring_relation=relation)
+        for (q, z, m), n in groups:
+            accountant.compose(dpa.SelfComposedDpEvent(self._dp_event(q, z, m), n))
+        return float(accountant.get_epsilon(self.delta))
 
     def _dp_event(self, q: float, z: float, m: int) -> dpa.DpEvent:
         if self.sampling == "poisson":
@@ -121,9 +146,24 @@ class UserLevelAccountant:
         return dpa.SampledWithoutReplacementDpEvent(self.population, m, dpa.GaussianDpEvent(z / 2))
 
 
-# dp-accounting's PLD of one Poisson-sampled Gaussian round takes ~1.1 s to build at
-# z ≈ 0.5 (its discretization at 1e-4), against ~0.2 s to self-compose it over 50
-# rounds; PLDAccountant builds it again on every call, and a run asks for ε after every
+# The one registry of accountants: `accountant=<kind>` in the config names one of these
+# (`fedrec.config.ACCOUNTANTS` lists the same kinds plus `auto`; a test holds them equal).
+REGISTRY: dict[str, type[UserLevelAccountant]] = {a.kind: a for a in (PLDAccountant, PRVAccountant, RDPAccountant)}
+
+
+def make_accountant(kind: str, sampling: str, population: int, delta: float) -> UserLevelAccountant:
+    """`auto` is PLD for Poisson sampling and RDP for fixed-size cohorts (the only bound here)."""
+    if kind == "auto":
+        kind = "pld" if sampling == "poisson" else "rdp"
+    if kind not in REGISTRY:
+        raise ValueError(f"accountant: unknown kind {kind!r}; choose from auto, {', '.join(REGISTRY)}")
+    return REGISTRY[kind](sampling, population, delta)
+
+
+# Building dp-accounting's PLD of one Poisson-sampled Gaussian round (at its 1e-4
+# discretization) costs several times more than self-composing it over a run's rounds
+# (experiments/README.md, section "What ε costs: synthetic default, user-level DP");
+# PLDAccountant builds it again on every call, and a run asks for ε after every
 # round. So the one-round PLD is kept per (q, z), and composed exactly as
 # PLDAccountant composes (tests/test_dp.py holds the two equal).
 _PLD_INTERVAL = 1e-4  # PLDAccountant's default value_discretization_interval
@@ -210,11 +250,12 @@ def calibrate_noise(
 ) -> float:
     """Smallest noise multiplier (to 0.1%) whose `rounds` rounds stay within target ε.
 
-    A geometric bisection on the accountant's own ε. With `pld` each step would build a
-    new one-round PLD at the 1e-4 discretization (~0.2-1.1 s, 14 steps: 4-10 s before
-    round 1), so the bisection is first run on PLDs at 1e-3 (~10x cheaper, ε within
-    ~1e-6 relative here), then its final bracket is checked with the accountant itself.
-    Both bisections halve the same brackets and ε falls as z grows, so if the check passes
+    A geometric bisection on the accountant's own ε. With `pld` each of its 14 steps would
+    build a new one-round PLD at the 1e-4 discretization, the costly part of a PLD ε, all
+    before round 1; so the bisection is first run on PLDs at 1e-3 (far cheaper to build,
+    and ε very close to the 1e-4 one: experiments/README.md, section "What ε costs:
+    synthetic default, user-level DP", "Calibration"), then its final bracket is checked
+    with the accountant itself. Both bisections halve the same brackets and ε falls as z grows, so if the check passes
     the answer is the one the exact bisection gives (a wrong step would leave the true
     threshold outside the final bracket); if it fails, the exact bisection runs.
     """

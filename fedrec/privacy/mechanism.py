@@ -1,126 +1,222 @@
-"""User-level DP-FedAvg on the sum of clipped updates (McMahan et al., ICLR 2018).
+"""What the server does to a round's sum of clipped updates before its optimizer step.
 
-The plan fixes, before round 1, everything the privacy claim rests on: how the cohort is
-drawn, the noise multiplier (given, or calibrated to a target ε), the clip, δ, and the
-data-independent denominator of the mean.
+One interface, `Mechanism`: `privatize(total, round)` turns the cohort's sum into the mean
+update the server optimizer takes, and moves the clip for the next round. Two mechanisms:
+- `NoPrivacy`: the weighted mean, as FedAvg takes it;
+- `GaussianUserLevel`: user-level DP-FedAvg (McMahan et al., ICLR 2018): Gaussian noise on
+  the sum, a data-independent denominator, every round recorded by an accountant.
+Adaptive clipping (`AdaptiveClip`) is a part either one may hold. Everything the privacy
+claim rests on (z, C, δ, q, m) is fixed when the mechanism is built, before round 1.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
 
-from fedrec.cohort import sample_cohort, sample_poisson
-from fedrec.config import FedRecConfig
-from fedrec.model.lora import AdapterState
-from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant, calibrate_noise
-from fedrec.privacy.noise import add_gaussian_noise
+from fedrec.aggregate import UpdateSum, mean_update
+from fedrec.model.types import AdapterState
+from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant, calibrate_noise, make_accountant
+
+
+def noise_seed(seed: int, round_: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, 0x9015E]).generate_state(1)[0])
+
+
+def add_gaussian_noise(total: AdapterState, std: float, seed: int, round_: int) -> AdapterState:
+    """total + N(0, std²) per coordinate, once per round, from the run's seed.
+
+    Keys are visited in sorted order so the draw does not depend on dict order.
+    """
+    gen = torch.Generator().manual_seed(noise_seed(seed, round_))
+    out = {}
+    for k in sorted(total):
+        v = total[k]
+        out[k] = v + torch.randn(v.shape, generator=gen, dtype=torch.float64).to(v.dtype) * std
+    return out
+
+
+class Mechanism(Protocol):
+    enabled: bool  # whether the run's output carries a DP guarantee
+    clipping_norm: float  # the bound users clip to in the next round
+
+    def privatize(self, total: UpdateSum, template: AdapterState, round_: int) -> AdapterState | None:
+        """The mean update for the server optimizer (None: no step), then the next clip."""
+
+    def would_exceed(self, round_: int, max_epsilon: float) -> bool:
+        """Whether running `round_` would take ε past `max_epsilon` (0 = no limit)."""
+
+    def prepare(self, rounds: range) -> None:
+        """Called once before round 1 with the rounds the run plans."""
+
+    def report(self, dimension: int) -> dict:
+        """ε, δ, z, q and the noise-to-signal ratio over an adapter of `dimension` parameters."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
-class PrivacyPlan:
-    sampling: str
-    population: int
-    expected_users: int
-    noise_multiplier: float
-    clipping_norm: float
-    delta: float
-    accountant: UserLevelAccountant | None
-    adaptive: bool = False
-    clip_quantile: float = 0.5
-    clip_learning_rate: float = 0.2
+class AdaptiveClip:
+    """Geometric quantile update of the clip (Andrew et al., NeurIPS 2021, Alg. 1).
+
+    Under DP the count of unclipped users is itself noised (σ_b) and divided by the
+    expected cohort size; without DP the exact fraction is used.
+    """
+
+    quantile: float
+    learning_rate: float
     count_stddev: float = 0.0
-    update_noise_multiplier: float = 0.0
-    _next: tuple[tuple[int, int], float] | None = None
+
+    def next_clip(self, clip: float, total: UpdateSum, expected_users: int | None, seed: int, round_: int) -> float:
+        unclipped = total.num_users - total.num_clipped
+        if expected_users is not None:
+            gen = np.random.default_rng([seed, round_, 0xC11B])
+            fraction = (unclipped + gen.normal(0.0, self.count_stddev)) / expected_users
+        elif total.num_users:
+            fraction = unclipped / total.num_users
+        else:
+            return clip
+        return clip * float(np.exp(-self.learning_rate * (fraction - self.quantile)))
+
+
+class NoPrivacy:
+    """The weighted mean of the cohort's clipped updates; no noise, no ε."""
+
+    enabled = False
+
+    def __init__(self, clipping_norm: float, adaptive: AdaptiveClip | None = None) -> None:
+        self.clipping_norm = clipping_norm
+        self.adaptive = adaptive
+
+    def privatize(self, total: UpdateSum, template: AdapterState, round_: int) -> AdapterState | None:
+        mean = mean_update(total) if total.num_users else None
+        if self.adaptive is not None:
+            self.clipping_norm = self.adaptive.next_clip(self.clipping_norm, total, None, 0, round_)
+        return mean
+
+    def would_exceed(self, round_: int, max_epsilon: float) -> bool:
+        return False
+
+    def prepare(self, rounds: range) -> None:
+        pass
+
+    def report(self, dimension: int) -> dict:
+        return {"epsilon": None, "delta": None, "noise_multiplier": None, "sampling_rate": None, "noise_to_signal": None}
+
+    def privacy_record(self) -> dict:
+        return {"accountant": None, "epsilon": None}
+
+    def state_dict(self) -> dict:
+        return {"clipping_norm": self.clipping_norm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clipping_norm = float(state["clipping_norm"])
+
+
+class GaussianUserLevel:
+    """(Σ clipped + N(0, z_Δ²C_t²)) / m, with m the expected cohort size; each round recorded.
+
+    C_t is the clip this round's updates were clipped with: the noise follows the clip that
+    was applied, never the one adaptive clipping picks for the next round. With adaptive
+    clipping the update and the clip count are one Gaussian query of multiplier z together:
+    z^-2 = z_Δ^-2 + (2σ_b)^-2 (Andrew et al., Thm. 1), so the update gets z_Δ > z.
+    """
+
+    enabled = True
+
+    def __init__(
+        self, noise_multiplier: float, clipping_norm: float, q: float, expected_users: int,
+        accountant: UserLevelAccountant, seed: int, adaptive: AdaptiveClip | None = None,
+    ) -> None:  # fmt: skip
+        self.noise_multiplier, self.clipping_norm, self.q = noise_multiplier, clipping_norm, q
+        self.expected_users, self.accountant, self.seed, self.adaptive = expected_users, accountant, seed, adaptive
+        self.update_noise_multiplier = noise_multiplier
+        if adaptive is not None:
+            if 2 * adaptive.count_stddev <= noise_multiplier:
+                raise ValueError(
+                    f"adaptive clipping: count noise {adaptive.count_stddev:.3g} leaves no budget for the update at "
+                    f"z={noise_multiplier:.3g}; raise clip-count-stddev or the cohort size"
+                )
+            self.update_noise_multiplier = (noise_multiplier**-2 - (2 * adaptive.count_stddev) ** -2) ** -0.5
+        self._next: tuple[tuple[int, int], float] | None = None
 
     @property
-    def q(self) -> float:
-        return min(1.0, self.expected_users / self.population)
-
-    @property
-    def enabled(self) -> bool:
-        return self.accountant is not None
-
-    def draw(self, users: np.ndarray, seed: int, round_: int) -> np.ndarray:
-        if self.sampling == "poisson":
-            return sample_poisson(users, self.q, seed, round_)
-        return sample_cohort(users, self.expected_users, seed, round_)
+    def delta(self) -> float:
+        return self.accountant.delta
 
     def event(self, round_: int) -> RoundEvent:
         return RoundEvent(round_, self.q, self.noise_multiplier, self.clipping_norm, self.expected_users)
 
     def epsilon_after_next(self, round_: int) -> float:
-        """ε once one more round of the plan has run (memoized: composing costs ~0.3 s)."""
-        assert self.accountant is not None
+        """ε once one more round has run (memoized: composing takes a noticeable fraction of a second)."""
         key = (len(self.accountant.events), round_)
         if self._next is None or self._next[0] != key:
             self._next = (key, self.accountant.epsilon([*self.accountant.events, self.event(round_)]))
         return self._next[1]
 
-    def private_mean(self, total: AdapterState, seed: int, round_: int) -> AdapterState:
-        """(Σ clipped + N(0, z_Δ²C_t²)) / expected cohort size; records the round.
-
-        C_t is the clip this round's updates were clipped with: the noise follows the clip
-        that was applied, never the one adaptive clipping picks for the next round.
-        """
-        assert self.accountant is not None
-        noised = add_gaussian_noise(total, self.update_noise_multiplier * self.clipping_norm, seed, round_)
+    def privatize(self, total: UpdateSum, template: AdapterState, round_: int) -> AdapterState | None:
+        # Noise goes on even when Poisson sampling drew nobody: the output must not reveal the cohort size.
+        summed = total.delta or {k: torch.zeros_like(v) for k, v in template.items()}
+        noised = add_gaussian_noise(summed, self.update_noise_multiplier * self.clipping_norm, self.seed, round_)
         self.accountant.record(self.event(round_), self.epsilon_after_next(round_))
+        if self.adaptive is not None:
+            self.clipping_norm = self.adaptive.next_clip(self.clipping_norm, total, self.expected_users, self.seed, round_)
         return {k: v / self.expected_users for k, v in noised.items()}
 
-    def adapt_clip(self, unclipped: int, num_users: int, seed: int, round_: int) -> None:
-        """Geometric quantile update of C (Andrew et al., NeurIPS 2021, Alg. 1).
+    def would_exceed(self, round_: int, max_epsilon: float) -> bool:
+        return bool(max_epsilon and self.epsilon_after_next(round_) > max_epsilon)
 
-        Under DP the count of unclipped users is itself noised (σ_b) and divided by the
-        expected cohort size; without DP the exact fraction is used.
-        """
-        if not self.adaptive:
-            return
-        if self.enabled:
-            gen = np.random.default_rng([seed, round_, 0xC11B])
-            fraction = (unclipped + gen.normal(0.0, self.count_stddev)) / self.expected_users
-        elif num_users:
-            fraction = unclipped / num_users
-        else:
-            return
-        self.clipping_norm *= float(np.exp(-self.clip_learning_rate * (fraction - self.clip_quantile)))
+    def prepare(self, rounds: range) -> None:
+        self.accountant.compose_ahead([self.event(r) for r in rounds])  # composed while the clients train
+
+    def report(self, dimension: int) -> dict:
+        return {
+            "epsilon": self.accountant.spent,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.q,
+            # Noise norm over a fully agreeing mean update: z_Δ·√d/m (z_Δ = z without adaptive clipping).
+            "noise_to_signal": self.update_noise_multiplier * dimension**0.5 / self.expected_users,
+        }
+
+    def privacy_record(self) -> dict:
+        return self.accountant.to_dict()
+
+    def state_dict(self) -> dict:
+        return {"clipping_norm": self.clipping_norm, "accountant": self.accountant.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.clipping_norm = float(state["clipping_norm"])
+        self.accountant = UserLevelAccountant.from_dict(state["accountant"])
+        self._next = None
 
 
-def make_plan(cfg: FedRecConfig, population: int, log=print) -> PrivacyPlan:
-    expected = min(cfg.cohort_size, population)
-    delta = cfg.target_delta or 1.0 / population
-    plan = PrivacyPlan(
-        cfg.sampling, population, expected, cfg.noise_multiplier, cfg.clipping_norm, delta, None,
-        adaptive=cfg.adaptive_clipping, clip_quantile=cfg.clip_quantile, clip_learning_rate=cfg.clip_learning_rate,
-    )  # fmt: skip
-    if not cfg.dp_enabled:
-        return plan
+def user_level_gaussian(
+    *, noise_multiplier: float, target_epsilon: float, rounds: int, clipping_norm: float, q: float,
+    expected_users: int, population: int, sampling: str, accountant: str, delta: float, seed: int,
+    adaptive: AdaptiveClip | None, log: Callable[[str], None] = print,
+) -> GaussianUserLevel:  # fmt: skip
+    """The Gaussian mechanism with z given, or calibrated so `rounds` rounds spend `target_epsilon`."""
 
     def new_accountant() -> UserLevelAccountant:
-        return UserLevelAccountant(cfg.accountant, cfg.sampling, population, delta)
+        return make_accountant(accountant, sampling, population, delta)
 
-    if cfg.target_epsilon > 0:
-        plan.noise_multiplier = calibrate_noise(cfg.target_epsilon, cfg.num_rounds, new_accountant, plan.q, expected)
-        log(f"privacy: noise multiplier {plan.noise_multiplier:.4f} calibrated for ε={cfg.target_epsilon} "
-            f"at δ={delta:.3g} after {cfg.num_rounds} rounds")  # fmt: skip
-    plan.update_noise_multiplier = plan.noise_multiplier
-    if plan.adaptive:
-        plan.count_stddev = cfg.clip_count_stddev or expected / 20  # Andrew et al.'s default
-        if 2 * plan.count_stddev <= plan.noise_multiplier:
-            raise ValueError(
-                f"adaptive clipping: count noise {plan.count_stddev:.3g} leaves no budget for the update at "
-                f"z={plan.noise_multiplier:.3g}; raise clip-count-stddev or the cohort size"
-            )
-        # The update and the count are one Gaussian query of multiplier z together:
-        # z^-2 = z_Δ^-2 + (2σ_b)^-2 (Andrew et al., Thm. 1), so the update gets z_Δ > z.
-        plan.update_noise_multiplier = (plan.noise_multiplier**-2 - (2 * plan.count_stddev) ** -2) ** -0.5
-    plan.accountant = new_accountant()
+    if target_epsilon > 0:
+        noise_multiplier = calibrate_noise(target_epsilon, rounds, new_accountant, q, expected_users)
+        log(f"privacy: noise multiplier {noise_multiplier:.4f} calibrated for ε={target_epsilon} "
+            f"at δ={delta:.3g} after {rounds} rounds")  # fmt: skip
+    mech = GaussianUserLevel(noise_multiplier, clipping_norm, q, expected_users, new_accountant(), seed, adaptive)
     log(
-        f"privacy: user-level DP, {plan.accountant.kind} accountant, {cfg.sampling} sampling q={plan.q:.4g}, "
-        f"z={plan.noise_multiplier:.4g}, C={cfg.clipping_norm}"
-        + (f" (adaptive, quantile {cfg.clip_quantile}, count σ={plan.count_stddev:.3g}, update z={plan.update_noise_multiplier:.4g})"
-           if plan.adaptive else "")
+        f"privacy: user-level DP, {mech.accountant.kind} accountant, {sampling} sampling q={q:.4g}, "
+        f"z={noise_multiplier:.4g}, C={clipping_norm}"
+        + (f" (adaptive, quantile {adaptive.quantile}, count σ={adaptive.count_stddev:.3g}, "
+           f"update z={mech.update_noise_multiplier:.4g})" if adaptive else "")
         + f", δ={delta:.3g}"
     )  # fmt: skip
-    return plan
+    return mech

@@ -8,14 +8,15 @@ one GEMM over all positions that have a target. Users never mix: the loss is the
 per-user mean losses, so the gradient of each user's slice of the stack is exactly that
 user's own gradient, and clipping is applied per user before the sum.
 
-Measured against torch.func's `vmap(grad(functional_call))` over the peft model (which
-needs a fixed-shape loss, so it scores padding too): 908-972 vs 249-266 users/s,
-per-user loop 215-265 (experiments/bench_vectorize_methods.py, 300 users, 1 thread,
-dropout off).
+Why not torch.func's `vmap(grad(functional_call))` over the peft model: it needs a
+fixed-shape loss, so it scores padding positions too, and it ran no faster than the
+per-user loop, while the stacked matmuls here ran several times faster than both
+(experiments/bench_vectorize_methods.py; the numbers: experiments/README.md, section
+"Throughput: how fast a cohort trains").
 
 Dropout (the base's, as in the loop's train mode) is drawn per user from that user's own
 seed at that user's own length, so a user trains identically in any group, on any worker,
-in any placement. The per-user loop of `fedrec.train` is the reference it is tested
+in any placement. The per-user loop of `fedrec.train.loop` is the reference it is tested
 against (with dropout off, where the two must agree to float tolerance).
 """
 
@@ -34,10 +35,11 @@ from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
 from fedrec.local_state import UserStateStore, is_local
 from fedrec.model.item_adapters import ItemAdapter, ScoringExtra
-from fedrec.model.lora import ITEM_DELTA, AdapterState, adapter_parameters, adapter_state
+from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.model.sasrec import SASRec
-from fedrec.privacy.clipping import CLIP_SHAVE
-from fedrec.train import next_item_batch, user_seed
+from fedrec.model.types import ITEM_DELTA, AdapterState
+from fedrec.privacy.clipping import clip_scales
+from fedrec.train.batches import next_item_batch, user_seed
 
 
 ITEM_PREFIX = "base_model.model." + ITEM_DELTA  # the item adapter's keys in an adapter state
@@ -58,9 +60,10 @@ class _DropoutMasks:
 
     Per step a user draws one vector of 16-bit random numbers: their (n_u, d) masks for
     every activation site, then their (heads, n_u, n_u) attention masks, in forward order.
-    16 bits per mask entry, four from each 64-bit draw, cost a third of one float draw
-    each (measured: 26 vs 81 µs per user); the price is a drop rate rounded to a multiple
-    of 1/65536. The buffers are laid out user-first, so a user as long as the group's
+    16 bits per mask entry, four from each 64-bit draw, because one 64-bit draw then
+    serves four entries where a float draw serves one, which makes drawing the masks much
+    cheaper (experiments/README.md, section "Throughput: how fast a cohort trains", "What
+    moved"); the price is a drop rate rounded to a multiple of 1/65536. The buffers are laid out user-first, so a user as long as the group's
     width draws straight into their own slabs; a shorter one draws into scratch and is
     copied into the left-padded slices (padding always keeps: it never reaches a real
     position). Either way the same bits land in the same places.
@@ -80,9 +83,11 @@ class _DropoutMasks:
         self.scratch = torch.empty((longest + 3) // 4, dtype=torch.int64)
 
     def _keep(self, bits: torch.Tensor) -> torch.Tensor:
-        """scale where bits >= threshold, else 0. In float arithmetic: 3.6x faster than
-        comparing to a bool tensor and converting it (measured on this CPU). The bits
-        cross to a GPU as int16, half the bytes of the float mask (a no-op on the CPU)."""
+        """scale where bits >= threshold, else 0. In float arithmetic, in place on one
+        buffer, because that was faster than comparing to a bool tensor and converting it
+        (experiments/README.md, section "Measurements behind design choices in the code").
+        The bits cross to a GPU as int16, half the bytes of the float mask (a no-op on the
+        CPU)."""
         t = self.threshold
         return bits.to(self.device).to(torch.float32).sub_(t - 1).clamp_(0, 1).mul_(self.scale)
 
@@ -118,8 +123,9 @@ class FrozenBase:
         self.item: ItemAdapter | None = sasrec.item_delta
         self.heads = sasrec.blocks[0].attn.heads
         self.dropout = float(sasrec.emb_drop.p)
-        # The scoring table as its own contiguous copy: GEMMs against the row-offset view
-        # `weight[1:]` ran up to 25% slower in a micro-benchmark on this CPU.
+        # The scoring table as its own contiguous copy, because GEMMs against the row-offset
+        # view `weight[1:]` ran slower in a micro-benchmark (experiments/README.md, section
+        # "Measurements behind design choices in the code").
         self.table = sasrec.item_emb.weight[1:].contiguous()
         self.blocks = []
         for i, block in enumerate(sasrec.blocks):
@@ -148,7 +154,10 @@ class FrozenBase:
         item_lookup: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """SASRec's forward with user u's adapter taken from row u of `stack`; dropout from `drop`.
-        `item_lookup` (U, n, d), when given, is the item delta of the lookups."""
+        `item_lookup` (U, n, d), when given, is the item delta of the lookups.
+
+        Written apart from `SASRec.forward` because that one runs one adapter per module and
+        draws dropout from the global generator; a test holds the two equal."""
         m = self.model
         u, n = seqs.shape
         valid = seqs > 0
@@ -206,13 +215,13 @@ class _LoraLinear(torch.autograd.Function):
     """x Wᵀ + bias + s · x Aᵤᵀ Bᵤᵀ for each user u: the frozen base as one GEMM over every
     user's tokens, then each user's own low-rank path added into its result in place.
 
-    Written out for speed: forward + backward of one layer for 163 users × 50 tokens
-    (d = 64, r = 8) took 3.5 ms as `baddbmm(F.linear(x), x @ Aᵀ, Bᵀ)` under autograd and
-    2.5 ms here (this CPU, one thread). Two things cost: (1) the orientation of each
-    batched matmul: with r = 8, products whose result is (r × n) or (r × in) ran 2-4x
-    faster than the (n × r) or (in × r) ones autograd picks; (2) adding into the base
-    output in place is a view write to autograd, whose backward zero-fills and copies
-    the whole output. The base weights are frozen and get no gradient.
+    Written out for speed: forward + backward of one layer ran clearly faster this way
+    than as `baddbmm(F.linear(x), x @ Aᵀ, Bᵀ)` under autograd (experiments/README.md,
+    section "Throughput: how fast a cohort trains", "What moved"). Two things cost: (1) the
+    orientation of each batched matmul: with r = 8, products whose result is (r × n) or
+    (r × in) ran several times faster than the (n × r) or (in × r) ones autograd picks;
+    (2) adding into the base output in place is a view write to autograd, whose backward
+    zero-fills and copies the whole output. The base weights are frozen and get no gradient.
     """
 
     @staticmethod
@@ -252,10 +261,12 @@ class _ScoringCrossEntropy(torch.autograd.Function):
     Per chunk: one GEMM for the logits, torch's fused row softmax (max, exp, sum and
     scale while a row sits in L1), one GEMM for softmax·E; the one-hot part and the
     weights are applied to the (rows × d) result, never to the (rows × items) matrix:
-    ∂/∂h_t = w_t (softmax_t·E − E[y_t]). That order ran 1.3x faster than separate
-    max/exp/sum/scale passes over the chunk (experiments/README.md). Returns the weighted
-    loss and, not differentiable, each row's cross-entropy. With a `dtype` of bfloat16 the
-    GEMMs run in it (4x the fp32 rate on CPUs with AVX512-BF16, measured); the softmax
+    ∂/∂h_t = w_t (softmax_t·E − E[y_t]). That order ran faster than separate
+    max/exp/sum/scale passes over the chunk (experiments/README.md, section "Measurements
+    behind design choices in the code"). Returns the weighted loss and, not
+    differentiable, each row's cross-entropy. With a `dtype` of bfloat16 the GEMMs run in
+    it (several times the fp32 rate on CPUs with AVX512-BF16: experiments/README.md,
+    section "Throughput: how fast a cohort trains", "bfloat16 scoring"); the softmax
     accumulates in fp32.
 
     `extra` (an item adapter's `ScoringExtra`, else None) adds z·Lᵀ to the logits, so each
@@ -387,9 +398,9 @@ class _SharedTableStep:
     rows of their own input items from the lookups. Clipping needs only ‖G_u‖, which a few
     Gram matrices give (`user_norms2`), and the round needs only the clipped sum
     Σ_u c_u G_u, which one more pass over the scores forms as a single GEMM
-    (`clipped_sum`). The general path instead held a whole N×d table per user (64 vs
-    several hundred users/s on one core on Beauty, experiments/README.md). Tested equal to
-    the per-user loop.
+    (`clipped_sum`). The general path instead held a whole N×d table per user and ran
+    several times slower on Beauty (experiments/README.md, section "What an item adapter
+    costs a worker"). Tested equal to the per-user loop.
     """
 
     def __init__(self, base: FrozenBase, table_delta: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor,
@@ -525,10 +536,13 @@ def train_users_vectorized(
 ) -> UpdateSum:
     """Same contract and same result (to float tolerance) as `fedrec.train.train_users`.
 
-    `group_tokens` bounds a group's padded tokens (4096-16384 within 5% of each other on
-    this CPU); `chunk` is the scoring layer's rows per GEMM: 128 on CPU (64-256 within
-    10% for 3,700 and 12,000 items: the (rows × items) buffers stay near L2 size), 4096
-    on a GPU, where each chunk is a few kernel launches (not measured: no GPU yet).
+    `group_tokens` bounds a group's padded tokens (the default sits inside a broad range
+    of sizes that ran alike, above the sizes that ran slower: experiments/README.md,
+    section "Throughput: how fast a cohort trains", "Tried, no gain"); `chunk` is the
+    scoring layer's rows per GEMM: 128 on CPU, so that the (rows × items) buffers stay
+    near L2 size (nearby sizes ran alike: experiments/README.md, section "Measurements
+    behind design choices in the code"), 4096 on a GPU, where each chunk is a few kernel
+    launches (a guess, not yet measured on a GPU).
     """
     chunk = chunk or (128 if device.type == "cpu" else 4096)
     base = FrozenBase(model)
@@ -596,9 +610,8 @@ def train_users_vectorized(
 def _clip_coefficients(norm: torch.Tensor, n_targets: torch.Tensor, clipping_norm: float,
                        user_weighting: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(clipped?, weight, coefficient) per user: each user's update enters the sum times
-    its coefficient, the clip scale (as `fedrec.privacy.clipping.clip_update`) times its weight."""
-    clipped = (norm > clipping_norm) if clipping_norm > 0 else torch.zeros_like(norm, dtype=torch.bool)
-    scale = torch.where(clipped, clipping_norm / norm * CLIP_SHAVE, torch.ones_like(norm))
+    its coefficient, the clip scale (`fedrec.privacy.clipping.clip_scales`) times its weight."""
+    clipped, scale = clip_scales(norm, clipping_norm)
     weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
     return clipped, weight, (scale * weight).to(torch.float32)
 

@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedrec.aggregate import UpdateSum
 from fedrec.data.split import SplitData
-from fedrec.model.lora import AdapterState, adapter_parameters
+from fedrec.model.lora import adapter_parameters
+from fedrec.model.types import AdapterState
 from fedrec.privacy.clipping import update_norm
-from fedrec.train import next_item_batch
+from fedrec.train.batches import next_item_batch
 
 History = list[tuple[float, float, int]]
 
@@ -57,6 +58,9 @@ def train_silo(
     seqs = [data.train[int(u)] for u in users if len(data.train[int(u)]) >= 2]
     x, y = next_item_batch(seqs, max_seq_len)
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, round_, 0xD9]).generate_state(1)[0]))
+    # Dropout draws from torch's global generator; seeded here, a silo trains the same on any
+    # worker process (Flower's simulation hands a node's messages to whichever actor is free).
+    torch.manual_seed(int(np.random.SeedSequence([seed, round_, 0xD90, *map(int, users[:1])]).generate_state(1)[0]))
     loader = DataLoader(TensorDataset(x, y), batch_size=min(batch_size, len(seqs)), generator=gen)
     engine = PrivacyEngine(accountant="prv")
     engine.accountant.history = list(history)

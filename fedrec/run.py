@@ -1,0 +1,263 @@
+"""The federated run: the one place a round's logic and the run's state live.
+
+A `FederatedRun` holds the global adapter, the server optimizer, the cohort sampler, the
+privacy mechanism (and its accountant), the best validated round and the metric rows, and
+checkpoints all of it with `state_dict()` / `load_state_dict()`. It reaches the clients
+only through a `RoundPort`: Flower's messages (`server.strategy.FedRecStrategy`) or the
+same engines called in this process (`fedrec.inprocess.InProcessPort`).
+
+A round: draw the cohort → `port.train` returns the sum of the cohort's clipped updates →
+the mechanism turns it into a mean (noise and accounting under DP) → the server optimizer
+steps → every `eval-every` rounds `port.evaluate` validates, and the best round is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedrec.aggregate import ServerOptimizer, UpdateSum
+from fedrec.cohort import CohortSampler, validation_users
+from fedrec.config import FedRecConfig
+from fedrec.metrics import user_intervals
+from fedrec.model.types import AdapterState
+from fedrec.privacy.mechanism import AdaptiveClip, Mechanism, NoPrivacy, user_level_gaussian
+from fedrec.results import ResultsDir
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainResult:
+    """A round's training as the server sees it: the cohort's sum and the nodes' diagnostics."""
+
+    total: UpdateSum
+    diagnostics: dict[str, float] = field(default_factory=dict)  # worker memory and time, silo ε
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]  # means over the evaluated users
+    ranks: dict[int, int]  # user → rank of their held-out item (bootstrap intervals resample these)
+
+
+class RoundPort(Protocol):
+    """How a run reaches its clients."""
+
+    def train(self, round_: int, cohort: np.ndarray, adapter: AdapterState, clipping_norm: float) -> TrainResult: ...
+
+    def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult: ...
+
+
+def make_sampler(cfg: FedRecConfig, population: np.ndarray) -> CohortSampler:
+    """Cross-silo runs train every silo each round; their privacy is their own (DP-SGD)."""
+    kind = "all" if cfg.partition == "silo" else cfg.sampling
+    return CohortSampler(kind, population, cfg.cohort_size, cfg.seed)
+
+
+def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) -> Mechanism:
+    population, expected = len(sampler.population), sampler.size
+    adaptive = None
+    if cfg.adaptive_clipping:
+        count_stddev = (cfg.clip_count_stddev or expected / 20) if cfg.dp_enabled else 0.0  # Andrew et al.'s default
+        adaptive = AdaptiveClip(cfg.clip_quantile, cfg.clip_learning_rate, count_stddev)
+    if not cfg.dp_enabled:
+        return NoPrivacy(cfg.clipping_norm, adaptive)
+    return user_level_gaussian(
+        noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
+        clipping_norm=cfg.clipping_norm, q=min(1.0, expected / population), expected_users=expected,
+        population=population, sampling=cfg.sampling, accountant=cfg.accountant,
+        delta=cfg.target_delta or 1.0 / population, seed=cfg.seed, adaptive=adaptive, log=log,
+    )  # fmt: skip
+
+
+class FederatedRun:
+    """Rounds of cohort training, privatized aggregation and validation-based selection."""
+
+    def __init__(
+        self, cfg: FedRecConfig, initial: AdapterState, population: np.ndarray, *, dimension: int,
+        out: ResultsDir | None = None, log: Log = print,
+    ) -> None:  # fmt: skip
+        self.cfg, self.out, self.log, self.dimension = cfg, out, log, dimension
+        self.optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum)
+        self.sampler = make_sampler(cfg, population)
+        self.mechanism = make_mechanism(cfg, self.sampler, log)
+        self.valid_users = validation_users(self.sampler.population, cfg.eval_users, cfg.seed)
+        self.adapter: AdapterState = {k: v.detach().clone() for k, v in initial.items()}
+        self.round = 0  # the last round that has run
+        self.rows: list[dict[str, Any]] = []
+        self.best_round, self.best_valid, self.best_adapter = 0, {}, self.adapter
+        self.base: dict[str, Any] = {}  # round 0: the base model's valid/test metrics and test ranks
+        self.users_trained, self.train_seconds, self.peak_rss = 0, 0.0, 0.0
+
+    @property
+    def population(self) -> np.ndarray:
+        return self.sampler.population
+
+    # ------------------------------------------------------------------ rounds
+    def evaluate_base(self, port: RoundPort) -> None:
+        """Round 0: the base model itself, the first candidate for the best round."""
+        t0 = time.time()
+        valid = port.evaluate(0, self.valid_users, self.adapter, "valid").metrics
+        test = port.evaluate(0, self.population, self.adapter, "test")
+        self.base = {"valid": valid, "test": test.metrics, "ranks": test.ranks}
+        self.best_round, self.best_valid, self.best_adapter = 0, valid, self.adapter
+        self._append({"round": 0, "valid": valid, "seconds": round(time.time() - t0, 3)})
+        self.log(f"round   0/{self.cfg.num_rounds} | base model            | val NDCG@10 {valid['ndcg@10']:.4f}")
+
+    def train_round(self, port: RoundPort, rnd: int) -> dict[str, float]:
+        """Draw, train, privatize, step; returns the round's train metrics."""
+        cohort = self.sampler.draw(rnd)
+        clip = self.mechanism.clipping_norm
+        result = port.train(rnd, cohort, self.adapter, clip)
+        total, n = result.total, max(result.total.num_users, 1)
+        metrics = {
+            "users": total.num_users,
+            "clipping-norm": clip,
+            "loss": total.loss_sum / n,
+            "update-norm": total.norm_sum / n,
+            "clipped-fraction": total.num_clipped / n,
+        }
+        mean = self.mechanism.privatize(total, self.adapter, rnd)
+        self.adapter = self.optimizer.step(mean) if mean is not None else self.optimizer.state()
+        if self.mechanism.enabled:
+            metrics["epsilon"] = self.mechanism.report(self.dimension)["epsilon"]
+        metrics |= {"worker-peak-rss-mb": 0.0, "worker-train-seconds": 0.0} | result.diagnostics
+        self.round = rnd
+        self.users_trained += total.num_users
+        self.peak_rss = max(self.peak_rss, float(metrics["worker-peak-rss-mb"]))
+        return {k: float(v) for k, v in metrics.items()}
+
+    def run_rounds(self, port: RoundPort, until: int | None = None) -> None:
+        """Rounds from the next one to `until` (default: the last), stopping early at max-epsilon."""
+        cfg = self.cfg
+        for rnd in range(self.round + 1, min(until or cfg.num_rounds, cfg.num_rounds) + 1):
+            if self.mechanism.would_exceed(rnd, cfg.max_epsilon):
+                self.log(f"stopping before round {rnd}: it would take ε from {self.mechanism.report(0)['epsilon']:.3f} "
+                         f"past max-epsilon={cfg.max_epsilon}")  # fmt: skip
+                break
+            t_round = time.time()
+            train = self.train_round(port, rnd)
+            self.train_seconds += time.time() - t_round
+            row: dict[str, Any] = {"round": rnd, "train": train}
+            last = rnd == cfg.num_rounds or self.mechanism.would_exceed(rnd + 1, cfg.max_epsilon)
+            if (cfg.eval_every and rnd % cfg.eval_every == 0) or last:
+                row["valid"] = port.evaluate(rnd, self.valid_users, self.adapter, "valid").metrics
+                if row["valid"]["ndcg@10"] > self.best_valid["ndcg@10"]:
+                    self.best_round, self.best_valid, self.best_adapter = rnd, row["valid"], self.adapter
+            row["seconds"] = round(time.time() - t_round, 3)
+            self._append(row)
+            val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
+            eps = f" | ε {train['epsilon']:.3f}" if "epsilon" in train else ""
+            eps += f" | silo ε {train['silo-epsilon']:.3f}" if "silo-epsilon" in train else ""
+            self.log(f"round {rnd:3d}/{cfg.num_rounds} | users {int(train['users']):4d} "
+                     f"| loss {train['loss']:.4f} | {val:<19}{eps} | {row['seconds']:.2f} s")  # fmt: skip
+
+    def execute(self, port: RoundPort, *, started: float, ready_seconds: float, about: dict[str, Any]) -> dict[str, Any]:
+        """The whole run from round 0 (or from where a loaded state left off); writes the results
+        directory and returns its summary. `about` adds what only the caller knows (dataset, counts)."""
+        self.mechanism.prepare(range(self.round + 1, self.cfg.num_rounds + 1))
+        if not self.rows:
+            self.evaluate_base(port)
+        round1_at = time.time()
+        self.run_rounds(port)
+        return self.finish(port, started=started, ready_seconds=ready_seconds, round1_at=round1_at, about=about)
+
+    def finish(self, port: RoundPort, *, started: float, ready_seconds: float, round1_at: float,
+               about: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+        cfg = self.cfg
+        if cfg.lora_share == "a-only":
+            # Users' own B cannot be rolled back to an earlier round: the result is the last round.
+            self.best_round, self.best_adapter = self.round, self.adapter
+            self.best_valid = self.rows[-1].get("valid", self.best_valid)
+            self.log("lora-share=a-only: the last round (with each user's own B) is the run's result")
+        else:
+            self.log(f"best validation NDCG@10 at round {self.best_round}; its adapter is the run's result")
+        test = port.evaluate(self.best_round, self.population, self.best_adapter, "test")
+        last = test if self.best_round == self.round else port.evaluate(self.round, self.population, self.adapter, "test")
+        boot = dict(samples=cfg.bootstrap_samples, seed=cfg.seed)  # 95% intervals over test users
+        summary = {
+            "mode": "federated",
+            "dataset": about.get("dataset"),
+            "placement": cfg.placement,
+            "base_test": self.base["test"],
+            "test": test.metrics,
+            "base_valid": self.base["valid"],
+            "valid": self.best_valid,
+            "best_round": self.best_round,
+            "last_round_test": last.metrics,
+            "base_test_ci": user_intervals(self.base["ranks"], **boot),
+            "test_ci": user_intervals(test.ranks, **boot),
+            "last_round_test_ci": user_intervals(last.ranks, **boot),
+            "test_gain_ci": user_intervals(test.ranks, self.base["ranks"], **boot),  # paired by user
+            "rounds": self.round,
+        }
+        report = self.mechanism.report(self.dimension)
+        summary |= {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sampling_rate")}
+        summary |= {
+            "clipping_norm": cfg.clipping_norm,  # as configured (adaptive clipping moves it: privacy.json)
+            "adapter_dimension": self.dimension,
+            "noise_to_signal": report["noise_to_signal"],
+            "silo_epsilon": self.rows[-1]["train"].get("silo-epsilon") if cfg.partition == "silo" else None,
+            "users_trained": self.users_trained,
+            # Training rounds only (send, local training, receive, server step), no evaluation.
+            "users_per_second": self.users_trained / self.train_seconds if self.train_seconds > 0 else None,
+            "train_seconds": round(self.train_seconds, 3),
+            "ready_seconds": round(ready_seconds, 3),  # start to all nodes warm
+            "round1_at": round1_at,  # wall clock (epoch s) when round 1 started
+            "worker_peak_rss_mb": self.peak_rss,
+            "wall_seconds": round(time.time() - started, 2),
+            "adapter_bytes": int(sum(t.numel() * t.element_size() for t in self.best_adapter.values())),
+            "adapter_parameters": about.get("adapter_parameters"),
+            "private_users": len(self.population),
+            "public_users": about.get("public_users"),
+            "num_items": about.get("num_items"),
+            "results_dir": str(self.out.path) if self.out else None,
+        }
+        if self.out is not None:
+            self.out.save_adapter(self.best_adapter)
+            self.out.save_adapter(self.adapter, "adapter_last_round.safetensors")
+            self.out.plot_validation(self.rows)
+            self.out.write_summary(summary)
+            self.out.write_privacy(self.mechanism.privacy_record())
+        return summary
+
+    def _append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.out is not None:
+            self.out.append_metrics(row)
+
+    # ------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next round depends on; `load_state_dict` on a run built from the same
+        config and population continues exactly where this one stands."""
+        return {
+            "round": self.round,
+            "adapter": self.adapter,
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "mechanism": self.mechanism.state_dict(),
+            "best": {"round": self.best_round, "valid": self.best_valid, "adapter": self.best_adapter},
+            "base": self.base,
+            "rows": self.rows,
+            "counters": {"users_trained": self.users_trained, "train_seconds": self.train_seconds,
+                         "peak_rss": self.peak_rss},  # fmt: skip
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.mechanism.load_state_dict(state["mechanism"])
+        self.round = int(state["round"])
+        self.adapter = {k: v.clone() for k, v in state["adapter"].items()}
+        best = state["best"]
+        self.best_round, self.best_valid = int(best["round"]), dict(best["valid"])
+        self.best_adapter = {k: v.clone() for k, v in best["adapter"].items()}
+        self.base = dict(state["base"])
+        self.rows = [dict(r) for r in state["rows"]]
+        c = state["counters"]
+        self.users_trained, self.train_seconds, self.peak_rss = int(c["users_trained"]), float(c["train_seconds"]), float(c["peak_rss"])

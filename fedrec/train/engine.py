@@ -1,0 +1,52 @@
+"""One call that trains a share of a cohort with the engine the config names.
+
+Every place that trains users (the ClientApp, the in-process port, the benchmarks) goes
+through here, so the engines' arguments are assembled once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fedrec.aggregate import UpdateSum
+from fedrec.config import FedRecConfig
+from fedrec.data.split import SplitData
+from fedrec.local_state import local_store_for
+from fedrec.model.types import AdapterState
+from fedrec.train.loop import train_users
+from fedrec.train.vectorized import train_users_vectorized
+
+
+def train_cohort(
+    cfg: FedRecConfig,
+    model: nn.Module,
+    global_state: AdapterState,
+    data: SplitData,
+    users: Sequence[int],
+    *,
+    round_: int,
+    clipping_norm: float,
+    device: torch.device,
+) -> UpdateSum:
+    """The sum of `users`' clipped, weighted updates from `global_state` (`local-engine`)."""
+    global_state = {k: v.to(device) for k, v in global_state.items()}
+    common = dict(
+        local_epochs=cfg.local_epochs,
+        learning_rate=cfg.learning_rate,
+        clipping_norm=clipping_norm,
+        user_weighting=cfg.user_weighting,
+        max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed,
+        round_=round_,
+        device=device,
+        local_store=local_store_for(cfg),
+    )
+    if cfg.vectorized:
+        return train_users_vectorized(
+            model, global_state, data, users, group_tokens=cfg.vector_tokens,
+            scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
+        )  # fmt: skip
+    return train_users(model, global_state, data, users, **common)

@@ -1,0 +1,124 @@
+"""Centralized training: the base model's pretraining on public users, and the ceilings' loop."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedrec.config import FedRecConfig
+from fedrec.data.split import SplitData
+from fedrec.metrics import metric_means
+from fedrec.model.base import base_path, new_model
+from fedrec.train.batches import next_item_batch
+from fedrec.train.evaluate import evaluate_users
+
+
+def fit_sequences(
+    model: nn.Module,
+    seqs: list[np.ndarray],
+    params: list[nn.Parameter],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    max_seq_len: int,
+    seed: int,
+    device: torch.device,
+    on_epoch: Callable[[int, float, float | None], None] | None = None,
+    validate: Callable[[], float] | None = None,
+    patience: int = 0,
+) -> int:
+    """Centralized next-item training with Adam over minibatches of whole sequences.
+
+    With `validate` (higher is better) and `patience` > 0, stops after `patience`
+    epochs without improvement and restores the best epoch's weights, the starting
+    weights (epoch 0) included; returns the epoch whose weights the model ends with. `on_epoch` gets (epoch, mean loss,
+    validation score or None).
+    """
+    usable = [s for s in seqs if len(s) >= 2]
+    if not usable or epochs == 0:
+        return 0
+    best_score, best_epoch, best_state = float("-inf"), 0, None
+    if validate is not None and patience > 0:  # epoch 0, the starting point, is a candidate too
+        best_score, best_state = validate(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rng = np.random.default_rng([seed, 0xF17])
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    for epoch in range(epochs):
+        model.train()
+        total, n = 0.0, 0
+        # Fresh random batches every epoch. Fixed batches of similar length (less padding)
+        # trained worse: the same batches every epoch, each of users of one length, left
+        # validation NDCG@10 on a lower plateau (experiments/README.md, section "Why
+        # `scratch` first fell short, and the fix").
+        order = rng.permutation(len(usable))
+        for start in range(0, len(order), batch_size):
+            inputs, targets = next_item_batch([usable[i] for i in order[start : start + batch_size]], max_seq_len)
+            loss = model.loss(inputs.to(device), targets.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            n += 1
+        score = validate() if validate is not None and patience > 0 else None
+        if on_epoch:
+            on_epoch(epoch + 1, total / max(n, 1), score)
+        if score is not None:
+            if score > best_score:
+                best_score, best_epoch = score, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch + 1 - best_epoch >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        return best_epoch
+    return epochs
+
+
+def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print) -> Path:
+    """Pretrain the base on public users unless a cached copy exists; return its path."""
+    path = base_path(cfg)
+    if path.exists():
+        log(f"base model: cached {path}")
+        return path
+    torch.manual_seed(cfg.seed)
+    model = new_model(cfg, data.num_items)
+    # Public users train on all but their last item, which picks the stopping epoch:
+    # an over-trained base is over-confident on new users, and LoRA on the projections
+    # cannot undo that (the final LayerNorm fixes the logit scale).
+    public = [int(u) for u in data.public]
+    seqs = [data.history(u, "test") for u in public]
+    log(f"base model: pretraining on {len(seqs):,} public users, up to {cfg.pretrain_epochs} epochs")
+
+    def validate() -> float:
+        sums = evaluate_users(model, data, public, "test", max_seq_len=cfg.max_seq_len, device=torch.device("cpu"))
+        return metric_means(sums)["ndcg@10"]
+
+    best = fit_sequences(
+        model,
+        seqs,
+        list(model.parameters()),
+        epochs=cfg.pretrain_epochs,
+        lr=cfg.pretrain_learning_rate,
+        batch_size=cfg.batch_size,
+        max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed,
+        device=torch.device("cpu"),
+        validate=validate,
+        patience=cfg.pretrain_patience,
+        on_epoch=lambda e, loss, score: log(
+            f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}"
+        ),
+    )
+    log(f"base model: keeping epoch {best}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)  # atomic: concurrent readers see the old or the whole new file
+    log(f"base model: saved {path}")
+    return path

@@ -1,0 +1,83 @@
+"""The run object: its rounds through the in-process port, and its checkpointable state."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.config import FedRecConfig
+from fedrec.inprocess import InProcessPort
+from fedrec.results import ResultsDir
+from fedrec.run import FederatedRun
+from fedrec.workload import describe_adapter, load_workload
+
+
+def _run(cfg: FedRecConfig, work, out=None) -> tuple[FederatedRun, InProcessPort]:
+    port = InProcessPort(cfg, work)
+    info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
+    return FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=out, log=lambda _m: None), port
+
+
+def _rows(run: FederatedRun) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in run.rows]
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_run_resumed_from_its_state_dict_ends_where_an_uninterrupted_one_does(tiny_cfg, dp):
+    privacy = dict(noise_multiplier=0.8, sampling="poisson", adaptive_clipping=True, clip_count_stddev=2.0) if dp else {}
+    cfg = tiny_cfg.replace(num_rounds=4, cohort_size=20, eval_every=2, clipping_norm=0.5, bootstrap_samples=0, **privacy)
+    work = load_workload(cfg)
+
+    whole, port = _run(cfg, work)
+    whole.evaluate_base(port)
+    whole.run_rounds(port)
+
+    first, port = _run(cfg, work)
+    first.evaluate_base(port)
+    first.run_rounds(port, until=2)
+    # Through bytes, as a checkpoint file would carry it.
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed, port = _run(cfg, work)
+    resumed.load_state_dict(torch.load(buf, weights_only=False))
+    assert resumed.round == 2
+    resumed.run_rounds(port)
+
+    assert resumed.round == whole.round == 4
+    for k in whole.adapter:
+        assert torch.equal(resumed.adapter[k], whole.adapter[k]), k
+    assert resumed.mechanism.clipping_norm == whole.mechanism.clipping_norm
+    assert resumed.users_trained == whole.users_trained
+    if dp:
+        assert resumed.mechanism.accountant.epsilons == whole.mechanism.accountant.epsilons
+        assert resumed.mechanism.accountant.events == whole.mechanism.accountant.events
+    assert _rows(resumed) == _rows(whole)
+    assert resumed.best_round == whole.best_round
+
+
+def test_a_loaded_state_must_come_from_the_same_population(tiny_cfg):
+    cfg = tiny_cfg.replace(num_rounds=2, cohort_size=10)
+    work = load_workload(cfg)
+    run, _port = _run(cfg, work)
+    state = run.state_dict()
+    other = FederatedRun(cfg, run.adapter, work.data.private[:-1], dimension=run.dimension, log=lambda _m: None)
+    with pytest.raises(ValueError, match="population"):
+        other.load_state_dict(state)
+
+
+def test_execute_writes_the_results_directory_and_selects_on_validation(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(num_rounds=3, cohort_size=20, eval_every=1, bootstrap_samples=50)
+    work = load_workload(cfg)
+    run, port = _run(cfg, work, out=ResultsDir(tmp_path / "res"))
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, about={"dataset": "synthetic"})
+    assert summary["rounds"] == 3 and summary["users_trained"] == 60
+    valid = [r["valid"]["ndcg@10"] for r in run.rows]
+    assert summary["best_round"] == int(np.argmax(valid))  # round 0 (the base) is a candidate too
+    assert summary["epsilon"] is None
+    for name in ("metrics.jsonl", "summary.json", "privacy.json", "adapter.safetensors", "adapter_last_round.safetensors"):
+        assert (tmp_path / "res" / name).exists(), name
+    assert len((tmp_path / "res" / "metrics.jsonl").read_text().splitlines()) == 4
