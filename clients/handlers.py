@@ -10,6 +10,7 @@ device (node config `data-path`) reads only its own data (clients/device.py).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -188,7 +189,9 @@ def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
         seed=cfg.seed, round_=int(task["round"]), device=device, history=history,
     )  # fmt: skip
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    ledger.write_text(json.dumps(history))
+    tmp = ledger.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(history))
+    os.replace(tmp, ledger)  # a new file, never written into: checkpoints hard-link the old one
     counts = total.counts() | {"silo-epsilon": epsilon}
     return Message(RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)}), reply_to=msg)
 

@@ -14,6 +14,10 @@ import torch
 from fedrec.model.types import AdapterState
 
 
+REJECTED = "rejected-"  # prefix of the reply's counts of users left out, one key per reason
+NON_FINITE = "non-finite"  # an update with NaN or Inf
+
+
 @dataclass
 class UpdateSum:
     """Σ_u w_u·clip(Δ_u) over some users, with the counts needed to normalize it."""
@@ -24,6 +28,16 @@ class UpdateSum:
     loss_sum: float = 0.0
     num_clipped: int = 0
     norm_sum: float = 0.0
+    rejected: dict[str, int] = field(default_factory=dict)  # users left out of the sum, by reason
+    num_dropped: int = 0  # sampled users who never reported (client-dropout)
+
+    def reject(self, reason: str, users: int = 1) -> None:
+        if users:
+            self.rejected[reason] = self.rejected.get(reason, 0) + users
+
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejected.values())
 
     def add_user(self, delta: AdapterState, weight: float, loss: float, norm: float, clipped: bool) -> None:
         if not self.delta:
@@ -38,6 +52,9 @@ class UpdateSum:
         self.num_clipped += int(clipped)
 
     def merge(self, other: UpdateSum) -> None:
+        for reason, n in other.rejected.items():
+            self.reject(reason, n)
+        self.num_dropped += other.num_dropped
         if other.num_users == 0:
             return
         if not self.delta:
@@ -60,7 +77,8 @@ class UpdateSum:
             "loss-sum": self.loss_sum,
             "norm-sum": self.norm_sum,
             "num-clipped": float(self.num_clipped),
-        }
+            "num-dropped": float(self.num_dropped),
+        } | {f"{REJECTED}{reason}": float(n) for reason, n in self.rejected.items()}
 
     @classmethod
     def from_parts(cls, delta: AdapterState, counts: dict[str, float]) -> UpdateSum:
@@ -71,7 +89,32 @@ class UpdateSum:
             loss_sum=float(counts["loss-sum"]),
             norm_sum=float(counts.get("norm-sum", 0.0)),
             num_clipped=int(counts.get("num-clipped", 0)),
+            rejected={k[len(REJECTED) :]: int(v) for k, v in counts.items() if k.startswith(REJECTED)},
+            num_dropped=int(counts.get("num-dropped", 0)),
         )
+
+
+def reply_fault(delta: AdapterState, weight: float, expected: AdapterState, clipping_norm: float) -> str | None:
+    """Why a reply's summed update cannot join the round's sum, or None if it can.
+
+    `expected` holds a tensor of each key users send, in the shape and dtype they must have.
+    A sum of clipped, weighted updates has norm at most Σw·C (the triangle inequality); a
+    device's reply is one user's, so there the bound is the user's own clip.
+    """
+    if delta.keys() != expected.keys():
+        return "keys"
+    for k, v in delta.items():
+        if v.shape != expected[k].shape:
+            return "shape"
+        if v.dtype != expected[k].dtype:
+            return "dtype"
+    if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
+        return NON_FINITE
+    if clipping_norm > 0:
+        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
+        if norm > weight * clipping_norm * (1 + 1e-5):  # float32 sums of clipped updates: a little slack
+            return "norm"
+    return None
 
 
 class ServerOptimizer:

@@ -62,6 +62,14 @@ class CohortSampler:
         self.size = int(state["size"])
 
 
+def dropped_out(users: Sequence[int] | np.ndarray, rate: float, seed: int, round_: int) -> set[int]:
+    """The sampled users who fail to report this round (client-dropout): each independently
+    with probability `rate`, decided by (seed, round, user) alone, so on any worker alike."""
+    if rate <= 0:
+        return set()
+    return {int(u) for u in users if np.random.default_rng([seed, round_, int(u), 0xD0]).random() < rate}
+
+
 def split_among(users: Sequence[int] | np.ndarray, num_workers: int) -> list[np.ndarray]:
     """Contiguous, near-equal shares; empty shares are dropped."""
     return [s for s in np.array_split(np.asarray(users, dtype=np.int64), num_workers) if len(s)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -130,6 +131,11 @@ class FedRecConfig:
     scoring_dtype: str = field(default="float32", metadata=_choice("float32", "bfloat16"))
     eval_every: int = field(default=5, metadata=_range(0))
     eval_users: int = field(default=0, metadata=_range(0))
+    client_dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
+
+    # surviving failures: checkpoints every N rounds (0 = only at the end), resume from one
+    checkpoint_every: int = field(default=10, metadata=_range(0))
+    resume_from: str = ""
 
     # centralized ceilings (mode=centralized), each early-stopped on validation NDCG@10
     ceilings: str = "scratch,full,same"
@@ -190,6 +196,8 @@ class FedRecConfig:
             ) if bad]  # fmt: skip
             if problems:
                 raise ConfigError(f"secure-aggregation: secagg+ needs {'; '.join(problems)}")
+        if self.client_dropout > 0 and (self.secure_aggregation != "none" or self.partition == "silo"):
+            raise ConfigError("client-dropout: simulated for user-level runs without SecAgg+ (SecAgg+ handles real dropouts itself)")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
         if self.lora_train == "none" and (self.item_adapter == "none" or self.lora_share == "a-only"):
@@ -354,6 +362,8 @@ def _coerce(key: str, f: dataclasses.Field, raw: Any) -> Any:
 def _check_value(f: dataclasses.Field, value: Any) -> None:
     key = _kebab(f.name)
     meta = f.metadata
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every range check below
+        raise ConfigError(f"{key}: must be a finite number, got {value}")
     if "choices" in meta and value not in meta["choices"]:
         raise ConfigError(f"{key}: '{value}' is not one of {', '.join(meta['choices'])}")
     lo, hi = meta.get("lo"), meta.get("hi")

@@ -16,11 +16,28 @@ def default_output_dir(mode: str) -> str:
 
 
 class ResultsDir:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, resume_round: int | None = None) -> None:
+        """A new run starts `metrics.jsonl` empty; a resumed one (`resume_round`) keeps it."""
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
-        self.metrics_path.write_text("")
+        if resume_round is None:
+            self.metrics_path.write_text("")
+        else:
+            self._keep_rounds_up_to(resume_round)
+
+    def _keep_rounds_up_to(self, last: int) -> None:
+        """Rows a crashed run wrote after its checkpoint will be run again: they move to
+        `metrics.discarded.jsonl` (nothing is lost), the rest stays as it was written."""
+        lines = self.metrics_path.read_text().splitlines(keepends=True) if self.metrics_path.exists() else []
+        keep = [line for line in lines if json.loads(line)["round"] <= last]
+        later = [line for line in lines if json.loads(line)["round"] > last]
+        if later:
+            with (self.path / "metrics.discarded.jsonl").open("a") as fh:
+                fh.writelines(later)
+            tmp = self.metrics_path.with_suffix(".tmp")
+            tmp.write_text("".join(keep))
+            tmp.replace(self.metrics_path)
 
     def write_config(self, cfg: FedRecConfig) -> None:
         (self.path / "config.toml").write_text(cfg.to_toml())

@@ -13,16 +13,20 @@ steps → every `eval-every` rounds `port.evaluate` validates, and the best roun
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from fedrec import checkpoint
 from fedrec.aggregate import ServerOptimizer, UpdateSum
 from fedrec.cohort import CohortSampler, validation_users
 from fedrec.config import FedRecConfig
+from fedrec.local_state import client_state_dir
 from fedrec.metrics import user_intervals
 from fedrec.model.types import AdapterState
 from fedrec.privacy.mechanism import AdaptiveClip, Mechanism, NoPrivacy, user_level_gaussian
@@ -126,6 +130,12 @@ class FederatedRun:
         self.adapter = self.optimizer.step(mean) if mean is not None else self.optimizer.state()
         if self.mechanism.enabled:
             metrics["epsilon"] = self.mechanism.report(self.dimension)["epsilon"]
+        lost = {"dropped": total.num_dropped, "rejected": total.num_rejected}
+        metrics |= lost | {f"rejected-{reason}": n for reason, n in sorted(total.rejected.items())}
+        if total.num_dropped or total.num_rejected:
+            why = ", ".join(f"{n} {reason}" for reason, n in sorted(total.rejected.items()))
+            self.log(f"round {rnd}: {total.num_dropped} of {len(cohort)} sampled users dropped out"
+                     + (f"; {total.num_rejected} rejected ({why})" if total.num_rejected else ""))  # fmt: skip
         metrics |= {"worker-peak-rss-mb": 0.0, "worker-train-seconds": 0.0} | result.diagnostics
         self.round = rnd
         self.users_trained += total.num_users
@@ -141,7 +151,10 @@ class FederatedRun:
                          f"past max-epsilon={cfg.max_epsilon}")  # fmt: skip
                 break
             t_round = time.time()
-            train = self.train_round(port, rnd)
+            try:
+                train = self.train_round(port, rnd)
+            except RuntimeError as err:  # the port gave up (e.g. no cohort worker left): say how to go on
+                raise RuntimeError(f"{err}\n{self._resume_hint()}") from err
             self.train_seconds += time.time() - t_round
             row: dict[str, Any] = {"round": rnd, "train": train}
             last = rnd == cfg.num_rounds or self.mechanism.would_exceed(rnd + 1, cfg.max_epsilon)
@@ -156,6 +169,8 @@ class FederatedRun:
             eps += f" | silo ε {train['silo-epsilon']:.3f}" if "silo-epsilon" in train else ""
             self.log(f"round {rnd:3d}/{cfg.num_rounds} | users {int(train['users']):4d} "
                      f"| loss {train['loss']:.4f} | {val:<19}{eps} | {row['seconds']:.2f} s")  # fmt: skip
+            if cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0:
+                self.checkpoint()
 
     def execute(self, port: RoundPort, *, started: float, ready_seconds: float, about: dict[str, Any]) -> dict[str, Any]:
         """The whole run from round 0 (or from where a loaded state left off); writes the results
@@ -165,6 +180,8 @@ class FederatedRun:
             self.evaluate_base(port)
         round1_at = time.time()
         self.run_rounds(port)
+        if not self.cfg.checkpoint_every or self.round % self.cfg.checkpoint_every:
+            self.checkpoint()  # a clean stop: a later --resume with more rounds starts here
         return self.finish(port, started=started, ready_seconds=ready_seconds, round1_at=round1_at, about=about)
 
     def finish(self, port: RoundPort, *, started: float, ready_seconds: float, round1_at: float,
@@ -232,6 +249,27 @@ class FederatedRun:
             self.out.append_metrics(row)
 
     # ------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> None:
+        """`<output-dir>/checkpoint/`, written whole or not at all (fedrec.checkpoint)."""
+        if self.out is None:
+            return
+        checkpoint.save(self.out.path, self.state_dict(), self.cfg, client_state_dir(self.cfg))
+
+    def _resume_hint(self) -> str:
+        done = checkpoint.checkpoint_dir(self.out.path) if self.out is not None else None
+        if done is None or not (done / "state.pt").exists():
+            return "no checkpoint was written yet (checkpoint-every); the run must start again"
+        state = (done / "manifest.json").read_text()
+        return (f"last checkpoint: {done} (after round {json.loads(state)['round']}); continue with: "
+                f"python -m fedrec.simulate --resume {self.out.path}")
+
+    def resume(self, ckpt: Path) -> None:
+        """Continue from a checkpoint folder: the run's state, and the clients' folder as it was then."""
+        state, _stored, folder = checkpoint.load(ckpt)
+        self.load_state_dict(state)
+        checkpoint.restore_client_state(folder, client_state_dir(self.cfg))
+        self.log(f"resuming after round {self.round} from {folder}")
+
     def state_dict(self) -> dict[str, Any]:
         """Everything the next round depends on; `load_state_dict` on a run built from the same
         config and population continues exactly where this one stands."""

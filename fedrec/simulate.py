@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         help='a grid of runs, e.g. "target-epsilon=1,4,8 lora-train=both,b-only": one results directory per '
         "point under --output-dir, a table of them at the end; cohort runs share one simulation",
     )  # fmt: skip
+    parser.add_argument(
+        "--resume", metavar="DIR",
+        help="continue the run in results folder DIR from its last checkpoint, with its stored config; "
+        '--run-config may extend it, e.g. "num-rounds=100 max-epsilon=8"',
+    )  # fmt: skip
     return parser
 
 
@@ -45,6 +50,8 @@ def build_config(argv: list[str] | None = None) -> FedRecConfig:
 
 
 def _config_from(args: argparse.Namespace) -> FedRecConfig:
+    if args.resume:
+        return _resume_config(args)
     cfg = FedRecConfig()
     if args.config:
         cfg = FedRecConfig.from_toml(args.config, cfg)
@@ -62,6 +69,17 @@ def _config_from(args: argparse.Namespace) -> FedRecConfig:
     if cfg.item_features:
         absolute["item_features"] = str(Path(cfg.item_features).expanduser().resolve())
     return cfg.replace(**absolute)
+
+
+def _resume_config(args: argparse.Namespace) -> FedRecConfig:
+    """The stored config of the run in `--resume DIR`, with the changes a resumed run may make."""
+    from fedrec.checkpoint import load, resume_config
+
+    if args.config or args.sweep or args.output_dir:
+        raise ConfigError("--resume: the run keeps its stored config and folder; give changes with --run-config")
+    _state, stored, folder = load(args.resume)
+    given = FedRecConfig.from_mapping(parse_run_config(args.run_config), stored)
+    return resume_config(stored, given).replace(resume_from=str(folder.resolve()))
 
 
 def check_resources(cfg: FedRecConfig, log=print) -> None:
@@ -137,12 +155,13 @@ def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
     return summaries
 
 
-def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None) -> None:
+def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None, client_app=None) -> None:
     """Pretrain the bases if needed, then run one Flower simulation of `cfgs` to its end.
 
     Several configs run one after another in that simulation; they must agree on
     FEDERATION_KEYS. `server_app` defaults to fedrec's ServerApp; benchmarks pass their
-    own main that drives the same Strategy and ClientApp.
+    own main that drives the same Strategy and ClientApp, tests a ClientApp with faults
+    injected by a mod (`client_app`).
     """
     cfgs = [cfgs] if isinstance(cfgs, FedRecConfig) else list(cfgs)
     if len({c.fingerprint(*FEDERATION_KEYS) for c in cfgs}) > 1:
@@ -155,7 +174,7 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None) -> None:
         os.environ.setdefault(k, v)
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
+    from clients.app import app as default_client_app
     from clients.engine_poll import poll_messages_faster
     from server.app import ENV_OVERRIDES
     from server.app import app as default_server_app
@@ -174,10 +193,11 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     run_simulation(
         server_app=server_app or default_server_app,
-        client_app=client_app,
+        client_app=client_app or default_client_app,
         num_supernodes=num_nodes,
         backend_config={
-            "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus},
+            # Ray starts a worker process again when one dies; the strategy re-sends its users.
+            "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus, "max_restarts": -1},
             "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
         },
     )

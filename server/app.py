@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedrec import checkpoint
 from fedrec.config import FedRecConfig
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
@@ -46,7 +47,11 @@ def main(grid: Grid, context: Context) -> None:
 def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None, context: Context | None = None) -> dict:
     console = console or Console(soft_wrap=True)
     started = time.time()
-    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode))
+    resumed_round = None
+    if cfg.resume_from:  # the stored config, with only the changes a resumed run may make
+        state, stored, _folder = checkpoint.load(cfg.resume_from)
+        cfg, resumed_round = checkpoint.resume_config(stored, cfg), int(state["round"])
+    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode), resume_round=resumed_round)
     cfg = cfg.replace(output_dir=str(out.path))
     out.write_config(cfg)
     work = load_workload(cfg, log=console.print)
@@ -61,6 +66,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} "
                   f"of {len(strategy.population):,} users")  # fmt: skip
     run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, out=out, log=console.print)
+    if cfg.resume_from:
+        run.resume(cfg.resume_from)
     about = {"dataset": work.interactions.describe(), "adapter_parameters": adapter.parameters,
              "public_users": len(work.data.public), "num_items": work.data.num_items}  # fmt: skip
     summary = run.execute(strategy, started=started, ready_seconds=ready_seconds, about=about)

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.aggregate import UpdateSum
+from fedrec.aggregate import UpdateSum, reply_fault
 from fedrec.cohort import assign_silos, split_among
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means
@@ -31,6 +31,8 @@ from fedrec.run import EvalResult, TrainResult
 from fedrec.workload import ItemSide
 
 NODE_WAIT_S = 120.0
+RESEND_ATTEMPTS = 4  # re-sends of a failed cohort worker's messages within one round
+RESEND_WAIT_S = 2.0  # times the attempt number, before each re-send after the first
 PULL_INTERVAL_S = 0.005
 DEVICE_SETTLE_S = 15.0
 
@@ -183,28 +185,49 @@ class FedRecStrategy(Strategy):
         return msgs
 
     def _receive(self, grid: Grid, msgs: list[Message], what: str, tolerate: bool = False) -> list[Message]:
-        """Replies without errors. With `tolerate` (devices), a failed node is reported and
-        its users are recorded in `failed_users`; otherwise any failure stops the run."""
+        """Replies without errors, in the order of `msgs`. With `tolerate` (devices), a failed
+        node is reported and its users are recorded in `failed_users`; otherwise the messages
+        of a failed worker go to the live workers (`_resend`)."""
         replies = list(grid.send_and_receive(msgs, timeout=3600))
-        failed = [r for r in replies if r.has_error()]
-        users_of = {m.metadata.dst_node_id: list(m.content["task"].get("user-ids", [])) for m in msgs}
-        answered = {r.metadata.src_node_id for r in replies}
-        silent = [m.metadata.dst_node_id for m in msgs if m.metadata.dst_node_id not in answered]
-        if (failed or silent) and not tolerate:
-            if failed:
-                err = failed[0]
-                raise RuntimeError(
-                    f"{what}: {len(failed)} of {len(msgs)} nodes failed; node {err.metadata.src_node_id}: {err.error.reason}"
-                )
-            raise RuntimeError(f"{what}: {len(silent)} of {len(msgs)} nodes did not reply")
+        # Replies arrive in any order; put back in the order their messages were built (by user),
+        # a round's floats add up the same way every time and a run repeats to the bit.
+        index = {m.metadata.message_id: i for i, m in enumerate(msgs)}
+        by_msg = {index[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in index}
+        lost = [i for i in range(len(msgs)) if i not in by_msg or by_msg[i].has_error()]
         self.failed_users = []
-        for r in failed:
-            self.log(f"{what}: node {r.metadata.src_node_id} failed and is left out: {r.error.reason}")
-            self.failed_users += users_of.get(r.metadata.src_node_id, [])
-        for node in silent:
-            self.log(f"{what}: node {node} did not reply and is left out")
-            self.failed_users += users_of.get(node, [])
-        return [r for r in replies if not r.has_error()]
+        if lost and not tolerate:
+            by_msg |= self._resend(grid, msgs, lost, by_msg, what)
+        for i in lost if tolerate else []:
+            why = by_msg[i].error.reason if i in by_msg else "no reply"
+            self.log(f"{what}: node {msgs[i].metadata.dst_node_id} failed and is left out: {why}")
+            self.failed_users += [int(u) for u in msgs[i].content["task"].get("user-ids", [])]
+        return [by_msg[i] for i in sorted(by_msg) if not by_msg[i].has_error()]
+
+    def _resend(self, grid: Grid, msgs: list[Message], lost: list[int], by_msg: dict[int, Message],
+                what: str, attempt: int = 1) -> dict[int, Message]:  # fmt: skip
+        """A failed cohort worker's messages, sent again within the round to the workers still in
+        the federation (the failed one last: a simulated worker is restarted by Ray, a real one
+        may be gone). Users train from their own seeds, so the sum is what it would have been,
+        its float order aside. After RESEND_ATTEMPTS the run stops."""
+        why = next((by_msg[i].error.reason for i in lost if i in by_msg), "no reply")
+        dead = {msgs[i].metadata.dst_node_id for i in lost}
+        present = set(grid.get_node_ids())
+        self.workers = [n for n in self.workers if n in present]
+        live = [n for n in self.workers if n not in dead] or self.workers
+        if self.cfg.placement != "cohort" or not live or attempt > RESEND_ATTEMPTS:
+            raise RuntimeError(f"{what}: {len(lost)} of {len(msgs)} nodes failed; node {min(dead)}: {why}")
+        self.log(f"{what}: worker node(s) {', '.join(map(str, sorted(dead)))} failed ({why.splitlines()[0][:160]}); "
+                 f"their users go to {len(live)} worker(s), attempt {attempt}/{RESEND_ATTEMPTS}")  # fmt: skip
+        time.sleep(RESEND_WAIT_S * (attempt - 1))  # a restarting worker needs a moment
+        again = [Message(msgs[i].content, dst_node_id=live[k % len(live)], message_type=msgs[i].metadata.message_type)
+                 for k, i in enumerate(lost)]  # fmt: skip
+        replies = list(grid.send_and_receive(again, timeout=3600))
+        index = {m.metadata.message_id: i for i, m in zip(lost, again)}
+        got = {index[r.metadata.reply_to_message_id]: r for r in replies if r.metadata.reply_to_message_id in index}
+        still = [i for i in lost if i not in got or got[i].has_error()]
+        if still:
+            got |= self._resend(grid, msgs, still, got, what, attempt + 1)
+        return {i: r for i, r in got.items() if not r.has_error()}
 
     # ------------------------------------------------------------ the run's port
     def train(self, round_: int, cohort: np.ndarray, adapter: AdapterState, clipping_norm: float) -> TrainResult:
@@ -216,7 +239,8 @@ class FedRecStrategy(Strategy):
         grid = self._grid
         msgs = list(self.configure_train(round_, arrays, ConfigRecord({"clipping-norm": float(clipping_norm)}), grid))
         replies = self._receive(grid, msgs, "train", tolerate=self.cfg.placement == "device")
-        return self._sum_replies(round_, replies)
+        expected = {k: adapter[k].to(torch.float32) for k in self.update_keys} if self.update_keys else None
+        return self._sum_replies(round_, replies, expected, clipping_norm)
 
     def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult:
         self.eval_target = np.asarray(users, dtype=np.int64)
@@ -236,22 +260,34 @@ class FedRecStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The round's sum and counts, as Flower's Strategy API shapes them."""
-        result = self._sum_replies(server_round, replies)
+        result = self._sum_replies(server_round, replies, None, 0.0)
         return ArrayRecord(result.total.delta), MetricRecord(result.total.counts() | result.diagnostics)
 
-    def _sum_replies(self, server_round: int, replies: Iterable[Message]) -> TrainResult:
+    def _sum_replies(self, server_round: int, replies: Iterable[Message], expected: AdapterState | None,
+                     clipping_norm: float) -> TrainResult:  # fmt: skip
+        """The replies' sum; a reply that fails `reply_fault` is left out and its users counted
+        as rejected (the round goes on without them)."""
         total = UpdateSum()
         silo_eps = peak_rss = busiest = 0.0
-        for reply in _in_node_order(replies):
+        for reply in replies:
             counts = {k: float(v) for k, v in reply.content["counts"].items()}
             silo_eps = max(silo_eps, counts.get("silo-epsilon", 0.0))
             peak_rss = max(peak_rss, counts.get("peak-rss-mb", 0.0))
             busiest = max(busiest, counts.get("train-seconds", 0.0))
-            if counts["num-users"] > 0:
-                total.merge(UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts))
-        expected = len(self.cohort) - len(self.failed_users)
-        if total.num_users != expected:
-            raise RuntimeError(f"round {server_round}: {total.num_users} of {expected} cohort users reported")
+            part = UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts)
+            fault = None
+            if part.num_users > 0 and expected is not None and not self.silos:  # a silo's DP-SGD update is not clipped per user
+                fault = reply_fault(part.delta, part.weight, expected, clipping_norm)
+            if fault:
+                self.log(f"round {server_round}: node {reply.metadata.src_node_id}'s update rejected ({fault}); "
+                         f"its {part.num_users} user(s) left out")  # fmt: skip
+                total.merge(UpdateSum(rejected=part.rejected | {fault: part.num_users}))
+            else:
+                total.merge(part)
+        reported = len(self.cohort) - len(self.failed_users)
+        accounted = total.num_users + total.num_rejected + total.num_dropped
+        if accounted != reported:
+            raise RuntimeError(f"round {server_round}: {accounted} of {reported} cohort users accounted for")
         diagnostics = {
             "worker-peak-rss-mb": peak_rss,  # the largest of the replying nodes' peak memory
             "worker-train-seconds": busiest,  # the slowest node's time inside its train handler
@@ -270,7 +306,7 @@ class FedRecStrategy(Strategy):
         """Means over the evaluated users; each user's rank is kept in `last_ranks` (user → rank)."""
         sums: dict[str, float] = {}
         self.last_ranks = {}
-        for reply in _in_node_order(replies):
+        for reply in replies:
             sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
             ranks = reply.content.array_records.get("ranks")
             if ranks is not None:
@@ -299,8 +335,3 @@ class FedRecStrategy(Strategy):
             self.log(f"round {server_round}: {failed} of {len(routes)} devices dropped out of SecAgg+")
         return TrainResult(total)
 
-
-def _in_node_order(replies: Iterable[Message]) -> list[Message]:
-    """Replies arrive in any order; summed in node order, a round's floats add up the same way
-    every time, so a run (and a resumed run) is reproducible to the bit."""
-    return sorted(replies, key=lambda r: r.metadata.src_node_id)

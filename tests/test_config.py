@@ -100,3 +100,10 @@ def test_a_resolved_config_travels_whole_and_is_not_validated_again(tmp_path):
     partial = {k: v for k, v in cfg.to_dict().items() if k != "seed"}
     with pytest.raises(ConfigError, match="resolved config"):
         FedRecConfig.resolved(partial)
+
+
+@pytest.mark.parametrize("text", ["learning-rate=nan", "clipping-norm=inf", "server-learning-rate=-inf", "target-epsilon=nan"])
+def test_non_finite_numbers_are_one_line_config_errors(text):
+    key = text.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{key}: must be a finite number"):
+        FedRecConfig.from_mapping(parse_run_config(text))

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("fedrec.train",)),
     ("workload", ("fedrec.workload",)),
     ("results", ("fedrec.results", "fedrec.report")),
-    ("run", ("fedrec.run", "fedrec.inprocess", "fedrec.centralized")),
+    ("run", ("fedrec.checkpoint", "fedrec.run", "fedrec.inprocess", "fedrec.centralized")),
     ("entry point", ("fedrec.simulate",)),
 ]
 ENTRY_POINT = "fedrec.simulate"  # the one core module that starts the Flower apps

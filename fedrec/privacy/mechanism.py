@@ -189,10 +189,14 @@ class GaussianUserLevel:
         return self.accountant.to_dict()
 
     def state_dict(self) -> dict:
-        return {"clipping_norm": self.clipping_norm, "accountant": self.accountant.to_dict()}
+        # z as it was calibrated: a resumed run that extends num-rounds keeps the noise it ran with.
+        return {"clipping_norm": self.clipping_norm, "noise_multiplier": self.noise_multiplier,
+                "update_noise_multiplier": self.update_noise_multiplier, "accountant": self.accountant.to_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.clipping_norm = float(state["clipping_norm"])
+        self.noise_multiplier = float(state["noise_multiplier"])
+        self.update_noise_multiplier = float(state["update_noise_multiplier"])
         self.accountant = UserLevelAccountant.from_dict(state["accountant"])
         self._next = None
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedrec.aggregate import UpdateSum
+from fedrec.cohort import dropped_out
 from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
 from fedrec.local_state import local_store_for
@@ -31,7 +32,13 @@ def train_cohort(
     clipping_norm: float,
     device: torch.device,
 ) -> UpdateSum:
-    """The sum of `users`' clipped, weighted updates from `global_state` (`local-engine`)."""
+    """The sum of `users`' clipped, weighted updates from `global_state` (`local-engine`).
+
+    With `client-dropout` > 0 some users fail to report, as devices do: they are counted,
+    not trained.
+    """
+    lost = dropped_out(users, cfg.client_dropout, cfg.seed, round_)
+    users = [int(u) for u in users if int(u) not in lost]
     global_state = {k: v.to(device) for k, v in global_state.items()}
     common = dict(
         local_epochs=cfg.local_epochs,
@@ -45,8 +52,11 @@ def train_cohort(
         local_store=local_store_for(cfg),
     )
     if cfg.vectorized:
-        return train_users_vectorized(
+        total = train_users_vectorized(
             model, global_state, data, users, group_tokens=cfg.vector_tokens,
             scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
         )  # fmt: skip
-    return train_users(model, global_state, data, users, **common)
+    else:
+        total = train_users(model, global_state, data, users, **common)
+    total.num_dropped += len(lost)
+    return total

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedrec.aggregate import UpdateSum
+from fedrec.aggregate import NON_FINITE, UpdateSum
 from fedrec.data.split import SplitData
 from fedrec.local_state import UserStateStore, is_local
 from fedrec.model.lora import adapter_parameters
@@ -73,6 +73,10 @@ def train_users(
                     loss_value = float(loss.detach())
         with torch.no_grad():
             delta = {k: (params[k] - global_state[k]).cpu() for k in shared}
+            finite = all(bool(torch.isfinite(params[k]).all()) for k in names) and (loss_value == loss_value)
+        if not finite:  # NaN or Inf (a diverging step): left out of the sum, counted, never saved
+            total.reject(NON_FINITE)
+            continue
         if local_store is not None:
             local_store.save(user, {k: params[k] for k in local_keys})
         delta, norm = clip_update(delta, clipping_norm)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 
-from fedrec.aggregate import UpdateSum
+from fedrec.aggregate import NON_FINITE, UpdateSum
 from fedrec.data.split import SplitData
 from fedrec.local_state import UserStateStore, is_local
 from fedrec.model.item_adapters import ItemAdapter, ScoringExtra
@@ -591,29 +591,46 @@ def train_users_vectorized(
         with torch.no_grad():
             delta = {k: stack[k] - global_state[k] for k in shared}  # shared tensors all start global
             norm = torch.sqrt(sum((d.double() ** 2).flatten(1).sum(1) for d in delta.values()))
-            clipped, weight, coef = _clip_coefficients(norm, n_targets, clipping_norm, user_weighting)
+            ok = _finite_users(norm, first_loss, [stack[k] for k in local_keys], [delta[k] for k in shared], total)
+            clipped, weight, coef = _clip_coefficients(norm, n_targets, clipping_norm, user_weighting, ok)
             for k in shared:
                 sums[k] += torch.einsum("u,u...->...", coef, delta[k])
             for row, u in enumerate(group if local_keys else []):
-                local_store.save(u, {k: stack[k][row] for k in local_keys})
-        total.num_users += len(group)
-        total.weight += float(weight.sum())
-        total.loss_sum += float(first_loss.sum())
-        total.norm_sum += float(norm.sum())
-        total.num_clipped += int(clipped.sum())
+                if ok[row]:
+                    local_store.save(u, {k: stack[k][row] for k in local_keys})
+        total.num_users += int(ok.sum())
+        total.weight += float(weight[ok].sum())
+        total.loss_sum += float(first_loss[ok].sum())
+        total.norm_sum += float(norm[ok].sum())
+        total.num_clipped += int(clipped[ok].sum())
     if not shared_table:  # the shared-table groups merged their sums into `total` already
         total.delta = sums
     total.delta = {k: v.cpu() for k, v in total.delta.items()} if users else {}
     return total
 
 
-def _clip_coefficients(norm: torch.Tensor, n_targets: torch.Tensor, clipping_norm: float,
-                       user_weighting: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def _clip_coefficients(norm: torch.Tensor, n_targets: torch.Tensor, clipping_norm: float, user_weighting: str,
+                       ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(clipped?, weight, coefficient) per user: each user's update enters the sum times
-    its coefficient, the clip scale (`fedrec.privacy.clipping.clip_scales`) times its weight."""
+    its coefficient, the clip scale (`fedrec.privacy.clipping.clip_scales`) times its weight;
+    0 for users left out (`ok` false)."""
     clipped, scale = clip_scales(norm, clipping_norm)
     weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
-    return clipped, weight, (scale * weight).to(torch.float32)
+    return clipped, weight, torch.where(ok, scale * weight, 0.0).to(torch.float32)
+
+
+def _finite_users(norm: torch.Tensor, loss: torch.Tensor, own: list[torch.Tensor], rows: list[torch.Tensor],
+                  total: UpdateSum) -> torch.Tensor:  # fmt: skip
+    """Which users' updates are finite. The others (NaN or Inf: a diverging step) are counted
+    as rejected and their rows of `rows` zeroed in place, as a 0 coefficient times NaN is NaN."""
+    ok = torch.isfinite(norm) & torch.isfinite(loss.to(norm.device).double())
+    for t in own:  # tensors a user keeps (never summed) must be finite too
+        ok &= torch.isfinite(t.detach().flatten(1)).all(1).to(ok.device)
+    if not bool(ok.all()):
+        total.reject(NON_FINITE, int((~ok).sum()))
+        for t in rows:
+            t[~ok.to(t.device)] = 0
+    return ok
 
 
 def _dropout_for(base: FrozenBase, group: list[int], inputs: torch.Tensor, seed: int, round_: int,
@@ -650,9 +667,13 @@ def _shared_table_group(base: FrozenBase, global_state: AdapterState, trainable:
         for g in grads:
             norm2 = norm2 + lr2 * (g.double() ** 2).flatten(1).sum(1)
         norm = torch.sqrt(norm2)
-        clipped, weight, coef = _clip_coefficients(norm, n_targets, clipping_norm, user_weighting)
+        total = UpdateSum()
+        ok = _finite_users(norm, first_loss, [], [*grads, grad_lookup], total)
+        clipped, weight, coef = _clip_coefficients(norm, n_targets, clipping_norm, user_weighting, ok)
         delta = {k: torch.einsum("u,u...->...", coef, g) * -learning_rate for k, g in zip(others, grads)}
         delta[_TABLE_KEY] = step.clipped_sum(coef, grad_lookup) * -learning_rate if has_targets else \
             torch.zeros_like(global_state[_TABLE_KEY])
-    return UpdateSum(delta={k: delta[k] for k in trainable}, num_users=len(group), weight=float(weight.sum()),
-                     loss_sum=float(first_loss.sum()), norm_sum=float(norm.sum()), num_clipped=int(clipped.sum()))  # fmt: skip
+    total.delta = {k: delta[k] for k in trainable}
+    total.num_users, total.weight, total.loss_sum = int(ok.sum()), float(weight[ok].sum()), float(first_loss[ok].sum())
+    total.norm_sum, total.num_clipped = float(norm[ok].sum()), int(clipped[ok].sum())
+    return total
