@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedrec import checkpoint
 from fedrec.config import FedRecConfig
 from fedrec.inprocess import InProcessPort
 from fedrec.results import ResultsDir
@@ -81,3 +82,53 @@ def test_execute_writes_the_results_directory_and_selects_on_validation(tiny_cfg
     for name in ("metrics.jsonl", "summary.json", "privacy.json", "adapter.safetensors", "adapter_last_round.safetensors"):
         assert (tmp_path / "res" / name).exists(), name
     assert len((tmp_path / "res" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+class _FailingPort:
+    """The in-process port, failing as a federation with no worker left does (from round 3)."""
+
+    def __init__(self, inner: InProcessPort) -> None:
+        self.inner = inner
+
+    def train(self, round_, cohort, adapter, clipping_norm):
+        if round_ >= 3:
+            raise RuntimeError("train: 2 of 2 nodes failed")
+        return self.inner.train(round_, cohort, adapter, clipping_norm)
+
+    def evaluate(self, round_, users, adapter, split):
+        return self.inner.evaluate(round_, users, adapter, split)
+
+
+def test_a_run_that_cannot_go_on_names_its_checkpoint_and_the_resume_command(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(num_rounds=5, cohort_size=10, checkpoint_every=2, eval_every=0, output_dir=str(tmp_path / "res"))
+    work = load_workload(cfg)
+    run, port = _run(cfg, work, out=ResultsDir(tmp_path / "res"))
+    with pytest.raises(RuntimeError) as err:
+        run.execute(_FailingPort(port), started=0.0, ready_seconds=0.0, about={})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "train: 2 of 2 nodes failed"
+    assert lines[1] == (f"last checkpoint: {tmp_path / 'res' / 'checkpoint'} (after round 2); continue with: "
+                        f"python -m fedrec.simulate --resume {tmp_path / 'res'}")  # fmt: skip
+    state, stored, _folder = checkpoint.load(tmp_path / "res")
+    assert state["round"] == 2 and stored == run.cfg
+
+
+def test_a_checkpoint_puts_the_clients_own_state_back_as_it_was(tiny_cfg, tmp_path):
+    from fedrec.local_state import UserStateStore
+
+    store_dir = tmp_path / "res" / "client-state"
+    store = UserStateStore(store_dir)
+    store.save(1, {"b": torch.ones(3)})
+    store.save(2, {"b": torch.full((3,), 2.0)})
+    cfg = tiny_cfg.replace(output_dir=str(tmp_path / "res"))
+    checkpoint.save(tmp_path / "res", {"round": 4}, cfg, store_dir)
+    store.save(1, {"b": torch.zeros(3)})  # rounds after the checkpoint: changed, and a new user
+    store.save(3, {"b": torch.ones(3)})
+    _state, _cfg, folder = checkpoint.load(tmp_path / "res")
+    checkpoint.restore_client_state(folder, store_dir)
+    assert torch.equal(store.load(1)["b"], torch.ones(3)) and torch.equal(store.load(2)["b"], torch.full((3,), 2.0))
+    assert store.load(3) is None
+    # A second checkpoint replaces the first whole.
+    checkpoint.save(tmp_path / "res", {"round": 6}, cfg, store_dir)
+    assert checkpoint.load(tmp_path / "res")[0]["round"] == 6
+    assert not (tmp_path / "res" / "checkpoint.tmp").exists() and not (tmp_path / "res" / "checkpoint.old").exists()
