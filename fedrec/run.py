@@ -27,7 +27,7 @@ from fedrec.aggregate import ServerOptimizer, UpdateSum
 from fedrec.cohort import CohortSampler, validation_users
 from fedrec.config import FedRecConfig
 from fedrec.local_state import client_state_dir
-from fedrec.metrics import user_intervals
+from fedrec.metrics import metric_means, metric_sums, user_intervals
 from fedrec.model.types import AdapterState
 from fedrec.privacy.mechanism import AdaptiveClip, Mechanism, NoPrivacy, user_level_gaussian
 from fedrec.results import ResultsDir
@@ -213,6 +213,9 @@ class FederatedRun:
             "test_gain_ci": user_intervals(test.ranks, self.base["ranks"], **boot),  # paired by user
             "rounds": self.round,
         }
+        for name, users in about.get("subsets", {}).items():  # e.g. test targets that are cold items
+            summary |= {f"base_test_{name}": _subset_means(self.base["ranks"], users),
+                        f"test_{name}": _subset_means(test.ranks, users)}  # fmt: skip
         report = self.mechanism.report(self.dimension)
         summary |= {k: report[k] for k in ("epsilon", "delta", "noise_multiplier", "sampling_rate")}
         summary |= {
@@ -299,3 +302,9 @@ class FederatedRun:
         self.rows = [dict(r) for r in state["rows"]]
         c = state["counters"]
         self.users_trained, self.train_seconds, self.peak_rss = int(c["users_trained"]), float(c["train_seconds"]), float(c["peak_rss"])
+
+
+def _subset_means(ranks: dict[int, int], users) -> dict[str, float]:
+    """HR/NDCG means over the users of a subset (with their count as `users`)."""
+    own = np.asarray([ranks[int(u)] for u in users if int(u) in ranks], dtype=np.int64)
+    return metric_means(metric_sums(own)) if len(own) else {"users": 0.0}

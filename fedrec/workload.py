@@ -23,17 +23,18 @@ from fedrec.model.base import BASE_KEYS, base_path, cache_dir, load_base
 from fedrec.data.item_features import (
     ItemFeatures, cluster_features, load_item_features, load_movielens_genres, movielens_item_file, public_top_items,
 )  # fmt: skip
+from fedrec.data.item_text import catalogue_texts, movielens_texts, read_item_text, synthetic_texts
 from fedrec.data.synthetic import synthetic_item_clusters
 from fedrec.model.item_adapters import make_item_adapter
 from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state, attach_lora, freeze_lora, freeze_random_factors
 from fedrec.model.types import ITEM_DELTA, AdapterState, is_local
 
-DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction") + tuple(
+DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction", "cold-items") + tuple(
     k for k in BASE_KEYS if k.startswith("synthetic-")
 )
 # What build_model's adapter depends on (besides the base): a model cached by a worker is
 # reused only for configs that agree on these.
-ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features")
+ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text")
 ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-train", *ITEM_KEYS)
 _CACHE: dict[str, tuple[Interactions, SplitData]] = {}
 
@@ -45,9 +46,12 @@ class ItemSide:
 
     rows: np.ndarray | None = None
     features: ItemFeatures | None = None
+    text: torch.Tensor | None = None  # (items × 384) frozen text embeddings (item-encoder)
 
     def to_record(self) -> dict:
         """Plain lists, for a ConfigRecord (what a real device receives in `setup`)."""
+        if self.text is not None:
+            raise ValueError("item-encoder=text|id+text does not reach real devices yet (the embeddings are not shipped)")
         out: dict = {}
         if self.rows is not None:
             out["rows"] = [int(r) for r in self.rows]
@@ -76,7 +80,8 @@ def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
         "rows": f"item rows (K={0 if side.rows is None else len(side.rows):,}, most frequent among public users)",
         "table": "dense item-table delta",
         "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
-    }[cfg.item_adapter]
+        "text": f"text projection delta (all-MiniLM-L6-v2 embeddings, item-encoder={cfg.item_encoder})",
+    }[cfg.item_kind]
     return f" + {what}: {numel:,}" if what else ""
 
 
@@ -97,9 +102,9 @@ def describe_adapter(cfg: FedRecConfig, model: PeftModel, side: ItemSide, log: C
         f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}{item}: {info.parameters:,} parameters, "
         f"{adapter_bytes(initial):,} bytes; {info.dimension:,} trained and sent per user ({cfg.lora_train})"
     )
-    if cfg.item_adapter != "none" and not cfg.dp_enabled:
+    if cfg.item_kind != "none" and not cfg.dp_enabled:
         log(
-            f"note: item-adapter={cfg.item_adapter} sends an image of the item table's gradient, which shows which "
+            f"note: item-adapter={cfg.item_kind} sends an image of the item table's gradient, which shows which "
             "items a user touched; without DP noise only the sum protects it (cohort placement sums inside the "
             "worker; device placement needs secure-aggregation=secagg+)"
         )
@@ -132,11 +137,13 @@ def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
     from `item-features`, or the dataset's own item file (MovieLens genres, the synthetic
     clusters).
     """
-    if cfg.item_adapter not in ("rows", "features"):
+    if cfg.item_adapter not in ("rows", "features") and cfg.item_encoder == "id":
         return ItemSide()
     key = cfg.fingerprint(*DATA_KEYS, *ITEM_KEYS)
     if key not in _ITEM_SIDE:
-        if cfg.item_adapter == "rows":
+        if cfg.item_encoder != "id":
+            _ITEM_SIDE[key] = ItemSide(text=item_text_embeddings(cfg, data))
+        elif cfg.item_adapter == "rows":
             public = [data.full_sequence(int(u)) for u in data.public]
             _ITEM_SIDE[key] = ItemSide(rows=public_top_items(public, data.num_items, cfg.item_rows))
         elif cfg.item_features:
@@ -150,6 +157,26 @@ def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
         else:
             raise ValueError(f"item-adapter=features: no item features for dataset={cfg.dataset}; set item-features")
     return _ITEM_SIDE[key]
+
+
+def item_text_embeddings(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print) -> torch.Tensor:
+    """The catalogue's texts (item-text, the dataset's own item file, or the synthetic
+    clusters' words) through the frozen encoder, cached by content."""
+    from fedrec.model.text_encoder import cached_embeddings
+
+    if cfg.item_text:
+        by_id, source = read_item_text(Path(cfg.item_text)), cfg.item_text
+    elif cfg.dataset == "synthetic":
+        clusters = synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.seed)
+        by_id, source = synthetic_texts(clusters, cfg.seed), "synthetic clusters"
+    elif cfg.dataset == "movielens":
+        path = movielens_item_file(Path(cfg.data_path))
+        by_id, source = movielens_texts(path), str(path)
+    else:
+        raise ValueError(f"item-encoder={cfg.item_encoder}: no item texts for dataset={cfg.dataset}; set item-text")
+    # Under id+text an item without text keeps its ID row; its text embedding is the empty text's.
+    texts = catalogue_texts(by_id, data.item_ids, source, allow_missing=cfg.item_encoder == "id+text")
+    return cached_embeddings(texts, cache_dir(cfg), log=log)
 
 
 @dataclass
@@ -167,6 +194,13 @@ class Workload:
     def item_side(self) -> ItemSide:
         return item_side(self.cfg, self.data)
 
+    def cold_subsets(self, users: np.ndarray) -> dict[str, np.ndarray]:
+        """With cold items: the users whose test target is cold, and the others (warm)."""
+        if not len(self.data.cold):
+            return {}
+        cold = self.data.cold_target_users(users)
+        return {"cold": cold, "warm": np.setdiff1d(np.asarray(users, dtype=np.int64), cold)}
+
 
 def build_model(
     cfg: FedRecConfig, num_items: int, path: Path, device: torch.device | None = None, side: ItemSide | None = None
@@ -175,13 +209,13 @@ def build_model(
     server, workers and devices (`side` holds the item adapter's public inputs)."""
     base = load_base(cfg, num_items, path)
     item = None
-    if cfg.item_adapter != "none":
+    if cfg.item_kind != "none":
         side = side or ItemSide()
         d = base.item_emb.embedding_dim
 
         def item():
-            return make_item_adapter(cfg.item_adapter, num_items, d, rank=cfg.item_rank, alpha=cfg.lora_alpha,
-                                     rows=side.rows, features=side.features)  # fmt: skip
+            return make_item_adapter(cfg.item_kind, num_items, d, rank=cfg.item_rank, alpha=cfg.lora_alpha,
+                                     rows=side.rows, features=side.features, text=side.text)  # fmt: skip
 
     model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list(), cfg.seed, item_adapter=item)
     if cfg.lora_train == "b-only":
@@ -236,12 +270,14 @@ def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: Non
     if key not in _CACHE:
         interactions = _load_or_generate(cfg)
         log(f"data: {interactions.describe()}")
-        data = split_users(interactions, cfg.public_fraction, cfg.seed)
-        log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)")
+        data = split_users(interactions, cfg.public_fraction, cfg.seed, cfg.cold_items)
+        log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)"
+            + (f"; {len(data.cold):,} cold items held out of every training prefix" if len(data.cold) else ""))
         _CACHE[key] = (interactions, data)
     interactions, data = _CACHE[key]
     if pretrain:
-        path = ensure_base(cfg, data, log)
+        text = item_side(cfg, data).text if cfg.item_encoder != "id" else None
+        path = ensure_base(cfg, data, log, text=text)
     else:
         path = base_path(cfg)
         if not path.exists():

@@ -69,7 +69,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     if cfg.resume_from:
         run.resume(cfg.resume_from)
     about = {"dataset": work.interactions.describe(), "adapter_parameters": adapter.parameters,
-             "public_users": len(work.data.public), "num_items": work.data.num_items}  # fmt: skip
+             "public_users": len(work.data.public), "num_items": work.data.num_items,
+             "subsets": work.cold_subsets(strategy.population)}  # fmt: skip
     summary = run.execute(strategy, started=started, ready_seconds=ready_seconds, about=about)
     print_comparison(summary, console)
     console.print(f"results: {out.path}")

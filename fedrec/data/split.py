@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,13 @@ class SplitData:
     private: np.ndarray
     user_ids: list[str]
     item_ids: list[str]  # the catalogue: raw id of item 1..N
+    cold: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # held-out items (1-based)
+
+    def cold_target_users(self, users: np.ndarray, split: str = "test") -> np.ndarray:
+        """Those of `users` whose `split` target is a cold item."""
+        users = np.asarray(users, dtype=np.int64)
+        targets = np.array([self.target(int(u), split) for u in users], dtype=np.int64)
+        return users[np.isin(targets, self.cold)]
 
     def history(self, user: int, split: str) -> np.ndarray:
         """What the model sees when predicting `split`'s target for this user."""
@@ -51,14 +58,25 @@ def leave_one_out(sequences: list[np.ndarray]) -> tuple[list[np.ndarray], np.nda
     return train, valid, test
 
 
-def split_users(data: Interactions, public_fraction: float, seed: int) -> SplitData:
-    """Seeded public/private split; at least one user ends up on each side."""
+def split_users(data: Interactions, public_fraction: float, seed: int, cold_items: float = 0.0) -> SplitData:
+    """Seeded public/private split; at least one user ends up on each side.
+
+    With `cold_items` = F, a seeded fraction F of the catalogue is held out: removed from
+    every training prefix, so those items are only ever validation or test targets (and,
+    at test time, the validation item in a user's history). Pretraining removes them too
+    (`fedrec.train.pretrain.ensure_base`).
+    """
     n = data.num_users
     if n < 2:
         raise ValueError(f"need at least 2 users for a public/private split, got {n}")
     order = np.random.default_rng([seed, 0xB1C]).permutation(n)
     n_public = min(max(1, int(round(public_fraction * n))), n - 1)
     train, valid, test = leave_one_out(data.sequences)
+    cold = np.zeros(0, dtype=np.int64)
+    if cold_items > 0:
+        pick = np.random.default_rng([seed, 0xC01D]).choice(data.num_items, int(round(cold_items * data.num_items)), replace=False)
+        cold = np.sort(pick + 1).astype(np.int64)
+        train = [t[~np.isin(t, cold)] for t in train]
     return SplitData(
         num_items=data.num_items,
         train=train,
@@ -68,6 +86,7 @@ def split_users(data: Interactions, public_fraction: float, seed: int) -> SplitD
         private=np.sort(order[n_public:]),
         user_ids=data.user_ids,
         item_ids=data.item_ids,
+        cold=cold,
     )
 
 

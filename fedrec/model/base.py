@@ -21,7 +21,7 @@ BASE_KEYS = (
     "dataset", "data-path", "seed", "min-user-interactions", "public-fraction",
     "synthetic-users", "synthetic-items", "synthetic-clusters", "synthetic-mean-length",
     "max-seq-len", "hidden-size", "num-blocks", "num-heads", "dropout",
-    "pretrain-epochs", "pretrain-patience", "pretrain-learning-rate", "batch-size",
+    "pretrain-epochs", "pretrain-patience", "pretrain-learning-rate", "batch-size", "item-encoder", "cold-items",
 )  # fmt: skip
 
 
@@ -60,6 +60,8 @@ def base_path(cfg: FedRecConfig) -> Path:
         # a new one. Hashing costs less than parsing the file, which every process does anyway.
         source = source_file(cfg.dataset, Path(cfg.data_path).expanduser().resolve())
         key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{_content_digest(source)}-r{PRETRAIN_RECIPE}"
+    if cfg.item_encoder != "id" and cfg.item_text:  # the texts enter by content, as the data file does
+        key += f"-t{_content_digest(Path(cfg.item_text).expanduser().resolve())}"
     return cache_dir(cfg) / f"base-{key}.pt"
 
 

@@ -13,6 +13,7 @@ are noised together with the LoRA tensors as one update.
 | rows | R on a fixed set of K rows chosen from public data, 0 elsewhere | R (K×d) |
 | table | T on every row | T (N×d) |
 | features | mean over an item's public attributes of G[attribute] | G (attributes×d) |
+| text | E·V: the items' frozen text embeddings E (items×384) through a delta V on the projection | V (384×d, zero) |
 
 Each kind gives its Δ two ways: `delta()`, the whole table for the one-model path (the
 per-user loop, evaluation, centralized training), and `lookup`/`scoring` over per-user
@@ -32,7 +33,7 @@ from torch import nn
 
 from fedrec.data.item_features import ItemFeatures
 
-KINDS = ("lowrank", "rows", "table", "features")
+KINDS = ("lowrank", "rows", "table", "features", "text")
 
 
 @dataclass
@@ -44,7 +45,8 @@ class ScoringExtra:
     - `sparse`: L is a shared sparse matrix (`L`, and `LT` its transpose, both CSR), with
       L's rows also as padded (index, weight) pairs for gathering target rows;
     - `per-user`: L is user u's own dense `lstack[u]` (items × k), for the rows of user u
-      (`row_user`, nondecreasing).
+      (`row_user`, nondecreasing);
+    - `dense`: L is one shared dense matrix (`L`, items × k).
     """
 
     kind: str
@@ -218,9 +220,39 @@ class FeatureItems(ItemAdapter):
         return ScoringExtra("sparse", z, L=f, LT=ft, pad_idx=self.pad_idx[1:], pad_w=self.pad_w[1:])
 
 
+class TextItems(ItemAdapter):
+    """Δ = E·V: every item's frozen text embedding (a row of E) through a trained map V.
+
+    The base's item table already holds E·P (the projection P learned in pretraining,
+    baked in); V is the federated change of that projection, zero at init. V is shared by
+    all items, so a user's update moves every item by its text, items nobody trained on
+    (cold items) included, and d stays 384×hidden whatever the catalogue's size.
+    """
+
+    kind = "text"
+
+    def __init__(self, num_items: int, hidden: int, text: torch.Tensor, init_std: float = 0.0) -> None:
+        super().__init__(num_items, hidden)
+        if text.shape[0] != num_items:
+            raise ValueError(f"text embeddings cover {text.shape[0]} items, the model has {num_items}")
+        self.V = nn.Parameter(torch.randn(text.shape[1], hidden) * init_std)
+        self.register_buffer("E", text.to(torch.float32).contiguous(), persistent=False)
+        self.register_buffer("E_pad", torch.cat([text.new_zeros(1, text.shape[1]), text]).float(), persistent=False)
+
+    def delta(self) -> torch.Tensor:
+        return self._pad_row(self.E @ self.V)
+
+    def lookup(self, p, items):
+        return torch.bmm(self.E_pad[items], p["V"])
+
+    def scoring(self, p, hidden, keep):
+        z = torch.bmm(hidden, p["V"].transpose(1, 2))[keep]  # (rows, 384)
+        return ScoringExtra("dense", z, L=self.E)
+
+
 def make_item_adapter(
     kind: str, num_items: int, hidden: int, *, rank: int = 8, alpha: float = 16.0,
-    rows: np.ndarray | None = None, features: ItemFeatures | None = None,
+    rows: np.ndarray | None = None, features: ItemFeatures | None = None, text: torch.Tensor | None = None,
 ) -> ItemAdapter:  # fmt: skip
     if kind == "lowrank":
         return LowRankItems(num_items, hidden, rank, alpha)
@@ -234,4 +266,8 @@ def make_item_adapter(
         if features is None:
             raise ValueError("item-adapter=features needs item features")
         return FeatureItems(num_items, hidden, features)
+    if kind == "text":
+        if text is None:
+            raise ValueError("item-encoder=text needs the items' text embeddings")
+        return TextItems(num_items, hidden, text)
     raise ValueError(f"unknown item adapter {kind!r}; choose from {', '.join(KINDS)}")

@@ -14,6 +14,7 @@ from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
 from fedrec.metrics import metric_means
 from fedrec.model.base import base_path, new_model
+from fedrec.model.item_adapters import TextItems
 from fedrec.train.batches import next_item_batch
 from fedrec.train.evaluate import evaluate_users
 
@@ -80,8 +81,14 @@ def fit_sequences(
     return epochs
 
 
-def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print) -> Path:
-    """Pretrain the base on public users unless a cached copy exists; return its path."""
+def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print,
+                text: torch.Tensor | None = None) -> Path:  # fmt: skip
+    """Pretrain the base on public users unless a cached copy exists; return its path.
+
+    With item texts (`text`, items × 384) the item table is E·P (+ the ID table under
+    id+text), P a projection learned here; the table is then baked into the base's item
+    embedding, so the frozen base is a plain SASRec and the federated `text` adapter moves P.
+    """
     path = base_path(cfg)
     if path.exists():
         log(f"base model: cached {path}")
@@ -91,8 +98,12 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     # Public users train on all but their last item, which picks the stopping epoch:
     # an over-trained base is over-confident on new users, and LoRA on the projections
     # cannot undo that (the final LayerNorm fixes the logit scale).
+    if text is not None:
+        _attach_text_items(model, text, with_ids=cfg.item_encoder == "id+text")
     public = [int(u) for u in data.public]
     seqs = [data.history(u, "test") for u in public]
+    if len(data.cold):  # cold items never train, not even as a public user's input or target
+        seqs = [s[~np.isin(s, data.cold)] for s in seqs]
     log(f"base model: pretraining on {len(seqs):,} public users, up to {cfg.pretrain_epochs} epochs")
 
     def validate() -> float:
@@ -102,7 +113,7 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     best = fit_sequences(
         model,
         seqs,
-        list(model.parameters()),
+        [p for p in model.parameters() if p.requires_grad],
         epochs=cfg.pretrain_epochs,
         lr=cfg.pretrain_learning_rate,
         batch_size=cfg.batch_size,
@@ -116,9 +127,25 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         ),
     )
     log(f"base model: keeping epoch {best}")
+    if text is not None:  # bake E·P (+ ID rows) into the table: the base is a plain SASRec again
+        with torch.no_grad():
+            model.item_emb.weight.copy_(model.item_table())
+        model.item_delta = None
+        model.item_emb.weight.requires_grad_(True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)  # atomic: concurrent readers see the old or the whole new file
     log(f"base model: saved {path}")
     return path
+
+
+def _attach_text_items(model: nn.Module, text: torch.Tensor, with_ids: bool) -> None:
+    """Items as E·P: P (384 × d) trained from a small random start. Under `text` the ID
+    table is zero and frozen; under `id+text` it trains from zero, so an item that never
+    trains (a cold item) keeps exactly its text's representation."""
+    d = model.item_emb.embedding_dim
+    model.item_delta = TextItems(model.num_items, d, text, init_std=text.shape[1] ** -0.5)
+    with torch.no_grad():
+        model.item_emb.weight.zero_()
+    model.item_emb.weight.requires_grad_(with_ids)

@@ -341,6 +341,8 @@ def _add_extra_logits(extra: ScoringExtra, lc: torch.Tensor, s: int, e: int, spa
         lc.index_add_(1, extra.cols, z[s:e].to(lc.dtype))
     elif extra.kind == "sparse":
         lc.add_(torch.sparse.mm(extra.L, z[s:e].T).T.to(lc.dtype))
+    elif extra.kind == "dense":
+        lc.addmm_(z[s:e].to(lc.dtype), extra.L.T.to(lc.dtype))
     else:
         for u, a, b in _in_chunk(spans, s, e):
             lc[a - s : b - s].addmm_(z[a:b].to(lc.dtype), extra.lstack[u].T.to(lc.dtype))
@@ -361,6 +363,8 @@ def _extra_grads(extra: ScoringExtra, pc: torch.Tensor, yc: torch.Tensor, wc: to
         at_target = torch.zeros(e - s, k + 1, dtype=z.dtype, device=z.device)
         at_target.scatter_add_(1, extra.pad_idx[yc], extra.pad_w[yc].to(z.dtype))
         grad_z[s:e] = (expected - at_target[:, :k]) * wc
+    elif extra.kind == "dense":
+        grad_z[s:e] = (pc.to(z.dtype) @ extra.L - extra.L[yc]) * wc  # softmax · L − L[target]
     else:
         for u, a, b in _in_chunk(spans, s, e):
             lu, p_u, y_u = extra.lstack[u], pc[a - s : b - s].to(z.dtype), yc[a - s : b - s]
