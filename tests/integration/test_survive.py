@@ -58,9 +58,10 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "privacy",
-    # The DP cases repeat the plain one with the mechanism's state in the checkpoint: the
-    # second step of .ci/run (`pytest -m evidence`), to keep the default suite short.
-    ["plain", pytest.param("dp", marks=pytest.mark.evidence), pytest.param("adaptive", marks=pytest.mark.evidence)],
+    # Three whole runs each (uninterrupted, killed, resumed): the second step of .ci/run
+    # (`pytest -m evidence`), to keep the default suite short. The default suite resumes
+    # a run in `test_resume_refuses_a_change_...` below.
+    [pytest.param(p, marks=pytest.mark.evidence) for p in ("plain", "dp", "adaptive")],
 )
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, privacy):
     config = f"{TINY} cache-dir={tmp_path / 'cache'} {RUN} {PRIVACY[privacy]}"
