@@ -94,29 +94,6 @@ class UpdateSum:
         )
 
 
-def reply_fault(delta: AdapterState, weight: float, expected: AdapterState, clipping_norm: float) -> str | None:
-    """Why a reply's summed update cannot join the round's sum, or None if it can.
-
-    `expected` holds a tensor of each key users send, in the shape and dtype they must have.
-    A sum of clipped, weighted updates has norm at most Σw·C (the triangle inequality); a
-    device's reply is one user's, so there the bound is the user's own clip.
-    """
-    if delta.keys() != expected.keys():
-        return "keys"
-    for k, v in delta.items():
-        if v.shape != expected[k].shape:
-            return "shape"
-        if v.dtype != expected[k].dtype:
-            return "dtype"
-    if not all(bool(torch.isfinite(v).all()) for v in delta.values()):
-        return NON_FINITE
-    if clipping_norm > 0:
-        norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
-        if norm > weight * clipping_norm * (1 + 1e-5):  # float32 sums of clipped updates: a little slack
-            return "norm"
-    return None
-
-
 class ServerOptimizer:
     """Applies the normalized cohort update as a pseudo-gradient (FedOpt, Reddi et al. 2021).
 

@@ -266,9 +266,9 @@ class FederatedRun:
         return (f"last checkpoint: {done} (after round {json.loads(state)['round']}); continue with: "
                 f"python -m fedrec.simulate --resume {self.out.path}")
 
-    def resume(self, ckpt: Path) -> None:
-        """Continue from a checkpoint folder: the run's state, and the clients' folder as it was then."""
-        state, _stored, folder = checkpoint.load(ckpt)
+    def resume(self, state: dict[str, Any], folder: Path) -> None:
+        """Continue from a loaded checkpoint (`checkpoint.load`): the run's state, and the
+        clients' folder as it was then."""
         self.load_state_dict(state)
         checkpoint.restore_client_state(folder, client_state_dir(self.cfg))
         self.log(f"resuming after round {self.round} from {folder}")

@@ -22,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedrec.aggregate import UpdateSum, reply_fault
+from fedrec.aggregate import UpdateSum
+from fedrec.privacy.clipping import reply_fault
 from fedrec.cohort import assign_silos, split_among
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.aggregate import UpdateSum, reply_fault
+from fedrec.aggregate import UpdateSum
+from fedrec.privacy.clipping import reply_fault
 from fedrec.cohort import dropped_out
 from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.train.engine import train_cohort
