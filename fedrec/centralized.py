@@ -84,11 +84,13 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
         if name == "scratch":
             torch.manual_seed(cfg.seed)
             model = new_model(cfg, data.num_items).to(device)
-            # Public users as the base saw them (all but their last item), private users' prefixes.
-            seqs = [data.history(int(u), "test") for u in data.public] + private_seqs
+            model.set_absent(data.cold)
+            # Public users as the base saw them, private users' prefixes.
+            seqs = data.public_sequences() + private_seqs
             params, lr = list(model.parameters()), cfg.pretrain_learning_rate
         elif name == "full":
             model = load_base(cfg, data.num_items, work.base_path).to(device)
+            model.set_absent(data.cold)
             for p in model.parameters():
                 p.requires_grad_(True)
             seqs, params, lr = private_seqs, list(model.parameters()), cfg.pretrain_learning_rate

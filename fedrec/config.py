@@ -93,6 +93,7 @@ class FedRecConfig:
     item_encoder: str = field(default="id", metadata=_choice(*ITEM_ENCODERS))
     item_text: str = ""
     cold_items: float = field(default=0.0, metadata=_range(0.0, 0.5))
+    id_dropout: float = field(default=0.5, metadata=_range(0.0, 0.95))
     lora_train: str = field(default="both", metadata=_choice("both", "b-only", "none"))
     lora_share: str = field(default="both", metadata=_choice("both", "a-only"))
     client_state_dir: str = ""

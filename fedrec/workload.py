@@ -188,7 +188,9 @@ class Workload:
 
     def model(self, device: torch.device | None = None) -> PeftModel:
         """A fresh base+LoRA model; the LoRA init is seeded, B = 0."""
-        return build_model(self.cfg, self.data.num_items, self.base_path, device, self.item_side)
+        model = build_model(self.cfg, self.data.num_items, self.base_path, device, self.item_side)
+        model.get_base_model().set_absent(self.data.cold)  # cold items stay out of training's softmax
+        return model
 
     @property
     def item_side(self) -> ItemSide:

@@ -267,3 +267,22 @@ def test_one_step_table_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path)
         assert own_loop and own_vec is not None
         for k in own_loop:
             torch.testing.assert_close(own_vec[k], own_loop[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("local_epochs", [1, 2])  # 1: the shared-table path; 2: the per-user path
+def test_cold_items_stay_out_of_the_training_softmax_in_every_engine(tiny_cfg, local_epochs):
+    """Cold items arrive after training: no engine may push their rows as negatives, so
+    their rows of a table update are exactly zero, while with the mask off they are not."""
+    cfg, work, model = _setup(tiny_cfg, "table", cold_items=0.1)
+    cold = torch.as_tensor(work.data.cold)
+    assert len(cold) and bool(model.get_base_model().absent[cold - 1].all())
+    users = [int(u) for u in work.data.private[:12]]
+    state = adapter_state(model)
+    kw = _kw(cfg, local_epochs=local_epochs, clipping_norm=0.0)
+    key = next(k for k in state if k.startswith("base_model.model.item_delta"))
+    for engine in (train_users, train_users_vectorized):
+        rows = engine(model, state, work.data, users, **kw).delta[key][cold - 1]
+        assert torch.count_nonzero(rows) == 0, engine.__name__
+    model.get_base_model().set_absent([])
+    rows = train_users_vectorized(model, state, work.data, users, **kw).delta[key][cold - 1]
+    assert torch.count_nonzero(rows) > 0

@@ -101,10 +101,14 @@ def test_vectorized_equals_the_loop_with_text_items_and_the_joint_update_is_clip
     assert update_norm(one.delta) <= 1e-3 and one.num_clipped == 1  # LoRA and V clipped as one update
 
 
-def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one():
-    """A hand-made catalogue: nail items and garden items; two items no sequence contains."""
+@pytest.mark.parametrize("with_ids", [False, True])
+def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one(with_ids):
+    """A hand-made catalogue: nail items and garden items; two items no sequence contains.
+
+    Under id+text the cold nail item must also outrank every warm garden item for a nail
+    user: pretraining's ID dropout teaches the model to score an item that has only text."""
     from fedrec.model.base import new_model
-    from fedrec.train.pretrain import _attach_text_items, fit_sequences
+    from fedrec.train.pretrain import _PretrainTextItems, fit_sequences
 
     names = ["red nail polish", "pink nail polish", "nail polish remover", "glitter nail varnish", "garden hose",
              "lawn mower", "hedge trimmer", "flower seeds", "crimson nail lacquer", "lawn sprinkler"]  # fmt: skip
@@ -115,7 +119,10 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one():
     cfg = FedRecConfig(hidden_size=16, num_heads=2, num_blocks=1, max_seq_len=8, dropout=0.0)
     torch.manual_seed(0)
     model = new_model(cfg, len(names))
-    _attach_text_items(model, text, with_ids=False)
+    model.set_absent([cold_nail, cold_garden])
+    items = _PretrainTextItems(model, text, with_ids=with_ids, id_dropout=0.5)
+    model.item_delta = items
+    model.register_forward_pre_hook(lambda _m, _a: items.resample())
     fit_sequences(model, seqs, [p for p in model.parameters() if p.requires_grad], epochs=30, lr=5e-3,
                   batch_size=16, max_seq_len=8, seed=0, device=torch.device("cpu"))  # fmt: skip
     model.eval()
@@ -124,6 +131,7 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one():
         garden = model.item_scores(model(torch.tensor([[5, 6, 7]]))[:, -1])[0]
     assert nails[cold_nail - 1] > nails[cold_garden - 1]
     assert garden[cold_garden - 1] > garden[cold_nail - 1]
+    assert nails[cold_nail - 1] > nails[4:8].max()  # above every warm garden item
 
 
 def test_text_items_need_the_extra(monkeypatch):

@@ -200,7 +200,7 @@ def test_fused_cross_entropy_matches_autograd():
     table = torch.randn(57, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 57, (300,), generator=g)
     w = torch.rand(300, generator=g, dtype=torch.float64)
-    loss, ce = _ScoringCrossEntropy.apply(h, table, y, w, 64, torch.float64, None, None, None)
+    loss, ce = _ScoringCrossEntropy.apply(h, table, y, w, 64, torch.float64, None, None, None, None)
     (grad,) = torch.autograd.grad(3.0 * loss, h)
     ref_ce = F.cross_entropy(h @ table.T, y, reduction="none")
     (ref_grad,) = torch.autograd.grad(3.0 * (ref_ce * w).sum(), h)
@@ -214,7 +214,7 @@ def test_fused_cross_entropy_reports_the_loss_when_the_targets_probability_under
     h = torch.tensor([[60.0, 0.0], [0.0, 2.0], [-80.0, 1.0]], requires_grad=True)
     y = torch.tensor([1, 2, 0])  # row 0: logit gap 120, row 2: 160 (exp underflows); row 1 ordinary
     w = torch.ones(3)
-    loss, ce = _ScoringCrossEntropy.apply(h, table, y, w, 2, torch.float32, None, None, None)
+    loss, ce = _ScoringCrossEntropy.apply(h, table, y, w, 2, torch.float32, None, None, None, None)
     ref = F.cross_entropy(h.detach().double() @ table.double().T, y, reduction="none")
     assert torch.isfinite(ce).all() and float(ce[0]) > 100
     torch.testing.assert_close(ce.double(), ref, rtol=1e-5, atol=1e-4)

@@ -34,6 +34,12 @@ class SplitData:
         targets = np.array([self.target(int(u), split) for u in users], dtype=np.int64)
         return users[np.isin(targets, self.cold)]
 
+    def public_sequences(self) -> list[np.ndarray]:
+        """What pretraining sees of the public users: all but their last item (which picks
+        the stopping epoch), without cold items, which never train."""
+        seqs = [self.history(int(u), "test") for u in self.public]
+        return [s[~np.isin(s, self.cold)] for s in seqs] if len(self.cold) else seqs
+
     def history(self, user: int, split: str) -> np.ndarray:
         """What the model sees when predicting `split`'s target for this user."""
         if split == "valid":

@@ -62,6 +62,10 @@ def base_path(cfg: FedRecConfig) -> Path:
         key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{_content_digest(source)}-r{PRETRAIN_RECIPE}"
     if cfg.item_encoder != "id" and cfg.item_text:  # the texts enter by content, as the data file does
         key += f"-t{_content_digest(Path(cfg.item_text).expanduser().resolve())}"
+    if cfg.item_encoder == "id+text":
+        key += f"-i{cfg.id_dropout:g}"
+    if cfg.cold_items:  # cold items' recipe 2: left out of the training softmax too
+        key += "-c2"
     return cache_dir(cfg) / f"base-{key}.pt"
 
 

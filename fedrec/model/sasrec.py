@@ -81,6 +81,12 @@ class SASRec(nn.Module):
         self.ln_out = nn.LayerNorm(hidden_size)
         self.scale = math.sqrt(hidden_size)
         self.item_delta: ItemAdapter | None = None  # an item-side adapter (fedrec.model.item_adapters)
+        # Items 1..N outside the training catalogue (bool, N): cold items, which arrive after
+        # training. Training's softmax leaves them out, as it would a product not yet listed;
+        # without this every training step pushed them down as negatives that are never
+        # targets, and text items' cold targets fell while warm ones rose
+        # (experiments/README.md, section "Items as text"). Scoring for evaluation keeps all.
+        self.register_buffer("absent", None, persistent=False)
         nn.init.normal_(self.item_emb.weight, std=hidden_size**-0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
@@ -88,6 +94,21 @@ class SASRec(nn.Module):
     def item_table(self) -> torch.Tensor:
         table = self.item_emb.weight
         return table if self.item_delta is None else table + self.item_delta.delta()
+
+    def set_absent(self, items) -> None:
+        """Leave `items` (1-based ids) out of the training softmax; empty: none."""
+        items = torch.as_tensor(items, dtype=torch.long).flatten()
+        if not len(items):
+            self.absent = None
+            return
+        absent = torch.zeros(self.num_items, dtype=torch.bool, device=self.item_emb.weight.device)
+        absent[items - 1] = True
+        self.absent = absent
+
+    def training_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`item_scores` with the absent items at -inf (no probability, no gradient)."""
+        scores = self.item_scores(hidden)
+        return scores if self.absent is None else scores.masked_fill(self.absent, float("-inf"))
 
     def forward(self, seqs: torch.Tensor) -> torch.Tensor:
         b, n = seqs.shape
@@ -116,7 +137,7 @@ class SASRec(nn.Module):
         """
         hidden = self(inputs)
         keep = targets > 0
-        ce = F.cross_entropy(self.item_scores(hidden[keep]), targets[keep] - 1, reduction="none")
+        ce = F.cross_entropy(self.training_scores(hidden[keep]), targets[keep] - 1, reduction="none")
         rows = keep.nonzero()[:, 0]
         total = torch.zeros(inputs.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
         return total / keep.sum(dim=1).clamp(min=1)
@@ -128,5 +149,5 @@ class SASRec(nn.Module):
         """
         hidden = self(inputs)
         keep = targets > 0
-        logits = self.item_scores(hidden[keep])
+        logits = self.training_scores(hidden[keep])
         return F.cross_entropy(logits, targets[keep] - 1)

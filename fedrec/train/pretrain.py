@@ -98,12 +98,14 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     # Public users train on all but their last item, which picks the stopping epoch:
     # an over-trained base is over-confident on new users, and LoRA on the projections
     # cannot undo that (the final LayerNorm fixes the logit scale).
+    hook = None
     if text is not None:
-        _attach_text_items(model, text, with_ids=cfg.item_encoder == "id+text")
+        items = _PretrainTextItems(model, text, with_ids=cfg.item_encoder == "id+text", id_dropout=cfg.id_dropout)
+        model.item_delta = items
+        hook = model.register_forward_pre_hook(lambda _m, _a: items.resample())
     public = [int(u) for u in data.public]
-    seqs = [data.history(u, "test") for u in public]
-    if len(data.cold):  # cold items never train, not even as a public user's input or target
-        seqs = [s[~np.isin(s, data.cold)] for s in seqs]
+    seqs = data.public_sequences()
+    model.set_absent(data.cold)  # cold items never train: not as an input, a target or a softmax negative
     log(f"base model: pretraining on {len(seqs):,} public users, up to {cfg.pretrain_epochs} epochs")
 
     def validate() -> float:
@@ -128,10 +130,12 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     )
     log(f"base model: keeping epoch {best}")
     if text is not None:  # bake E·P (+ ID rows) into the table: the base is a plain SASRec again
+        model.eval()
         with torch.no_grad():
             model.item_emb.weight.copy_(model.item_table())
         model.item_delta = None
         model.item_emb.weight.requires_grad_(True)
+        hook.remove()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
@@ -140,12 +144,40 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     return path
 
 
-def _attach_text_items(model: nn.Module, text: torch.Tensor, with_ids: bool) -> None:
-    """Items as E·P: P (384 × d) trained from a small random start. Under `text` the ID
-    table is zero and frozen; under `id+text` it trains from zero, so an item that never
-    trains (a cold item) keeps exactly its text's representation."""
-    d = model.item_emb.embedding_dim
-    model.item_delta = TextItems(model.num_items, d, text, init_std=text.shape[1] ** -0.5)
-    with torch.no_grad():
-        model.item_emb.weight.zero_()
-    model.item_emb.weight.requires_grad_(with_ids)
+class _PretrainTextItems(nn.Module):
+    """The item table while pretraining text items: E·P, plus ID rows R under id+text.
+
+    P (384 × d) trains from a small random start; the model's own ID table stays zero and
+    frozen, so an item that never trains (a cold item) keeps exactly its text's row. Under
+    id+text each step drops a random share of the items' ID rows (the same rows at the input
+    and in the softmax), so the model learns to rank items that have only their text, as
+    cold items do at test time: with every ID row kept, cold items scored below every warm
+    one (experiments/README.md, section "Items as text"). This is the input dropout of
+    DropoutNet (Volkovs et al., NeurIPS 2017) applied to item IDs; nothing is rescaled, as
+    a warm item at test time has its whole ID row.
+    """
+
+    def __init__(self, model: nn.Module, text: torch.Tensor, with_ids: bool, id_dropout: float) -> None:
+        super().__init__()
+        d = model.item_emb.embedding_dim
+        self.text = TextItems(model.num_items, d, text, init_std=text.shape[1] ** -0.5)
+        self.ids = nn.Parameter(torch.zeros(model.num_items + 1, d)) if with_ids else None
+        self.id_dropout = id_dropout
+        self.keep: torch.Tensor | None = None
+        with torch.no_grad():
+            model.item_emb.weight.zero_()
+        model.item_emb.weight.requires_grad_(False)
+
+    def resample(self) -> None:
+        """A new set of kept ID rows, once per forward pass (training only)."""
+        if self.ids is not None and self.training and self.id_dropout > 0:
+            self.keep = (torch.rand(self.ids.shape[0], 1) >= self.id_dropout).to(self.ids.dtype)
+        else:
+            self.keep = None
+
+    def delta(self) -> torch.Tensor:
+        table = self.text.delta()
+        if self.ids is None:
+            return table
+        ids = self.ids[1:] if self.keep is None else self.ids[1:] * self.keep[1:]
+        return table + torch.cat([ids.new_zeros(1, ids.shape[1]), ids])

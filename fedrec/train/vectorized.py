@@ -127,6 +127,7 @@ class FrozenBase:
         # view `weight[1:]` ran slower in a micro-benchmark (experiments/README.md, section
         # "Measurements behind design choices in the code").
         self.table = sasrec.item_emb.weight[1:].contiguous()
+        self.absent = sasrec.absent  # items outside the training softmax (SASRec.absent), or None
         self.blocks = []
         for i, block in enumerate(sasrec.blocks):
             prefix = f"base_model.model.blocks.{i}."
@@ -278,7 +279,7 @@ class _ScoringCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, chunk: int,
-                dtype: torch.dtype, extra: ScoringExtra | None, z: torch.Tensor | None,
+                dtype: torch.dtype, absent: torch.Tensor | None, extra: ScoringExtra | None, z: torch.Tensor | None,
                 lstack: torch.Tensor | None):  # fmt: skip
         rows, items = h.shape[0], table.shape[0]
         ce = torch.empty(rows, dtype=h.dtype, device=h.device)
@@ -296,6 +297,8 @@ class _ScoringCrossEntropy(torch.autograd.Function):
             torch.mm(h[s:e].to(dtype), table_c.T, out=lc)
             if extra is not None:
                 _add_extra_logits(extra, lc, s, e, spans)
+            if absent is not None:
+                lc.masked_fill_(absent, float("-inf"))
             torch.softmax(lc, dim=1, out=pc)
             picked = pc.gather(1, yc[:, None])[:, 0].to(h.dtype)
             ce[s:e] = -picked.log()
@@ -316,7 +319,7 @@ class _ScoringCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, _grad_ce: torch.Tensor):
         grad, grad_z, grad_l = ctx.saved_tensors
         scaled = [None if g is None else g * grad_loss for g in (grad_z, grad_l)]
-        return grad * grad_loss, None, None, None, None, None, None, *scaled
+        return grad * grad_loss, None, None, None, None, None, None, None, *scaled
 
 
 
@@ -382,7 +385,7 @@ def _loss_per_user(base: FrozenBase, stack, inputs, targets, chunk: int, dtype: 
     inv_count = 1.0 / keep.sum(dim=1).clamp(min=1).to(torch.float32)
     extra = base.item.scoring(base.item_tensors(stack), hidden, keep) if base.item is not None else None
     loss, ce = _ScoringCrossEntropy.apply(
-        hidden[keep], base.table, targets[keep] - 1, inv_count[rows], chunk, dtype, extra,
+        hidden[keep], base.table, targets[keep] - 1, inv_count[rows], chunk, dtype, base.absent, extra,
         None if extra is None else extra.z, None if extra is None else extra.lstack,
     )  # fmt: skip
     per_user = torch.zeros(len(inputs), device=ce.device).index_add_(0, rows, ce) * inv_count
@@ -425,7 +428,8 @@ class _SharedTableStep:
         hidden = self.base.hidden(self.inputs, stack, drop, item_lookup=self.lookup)
         h = hidden[self.keep]
         self.h = h.detach()
-        loss, ce = _ScoringCrossEntropy.apply(h, self.table, self.y, self.w, self.chunk, self.dtype, None, None, None)
+        loss, ce = _ScoringCrossEntropy.apply(h, self.table, self.y, self.w, self.chunk, self.dtype, self.base.absent,
+                                              None, None, None)  # fmt: skip
         per_user = torch.zeros(len(self.inputs), device=ce.device).index_add_(0, self.row_user, ce) * self.inv_count
         return loss, per_user
 
@@ -440,6 +444,8 @@ class _SharedTableStep:
                     break
                 end = b
             logits = self.h[start:end].to(self.dtype) @ table_c.T
+            if self.base.absent is not None:
+                logits.masked_fill_(self.base.absent, float("-inf"))
             yield start, end, torch.softmax(logits, dim=1)
             start = end
 
