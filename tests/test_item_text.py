@@ -83,12 +83,13 @@ from fedrec.train.vectorized import train_users_vectorized  # noqa: E402
 from fedrec.workload import load_workload  # noqa: E402
 
 
-@pytest.mark.parametrize("encoder", ["text", "id+text"])
-def test_vectorized_equals_the_loop_with_text_items_and_the_joint_update_is_clipped(tiny_cfg, encoder):
-    cfg = tiny_cfg.replace(item_encoder=encoder, dropout=0.0, cold_items=0.1)
+@pytest.mark.parametrize("encoder,adapter", [("text", "none"), ("id+text", "none"), ("id+text", "table")])
+def test_vectorized_equals_the_loop_with_text_items_and_the_joint_update_is_clipped(tiny_cfg, encoder, adapter):
+    cfg = tiny_cfg.replace(item_encoder=encoder, item_adapter=adapter, dropout=0.0, cold_items=0.1)
     work = load_workload(cfg)
     model = work.model()
-    assert "base_model.model.item_delta.V" in adapter_parameters(model)
+    key = "base_model.model.item_delta." + ("V" if adapter == "none" else "T")
+    assert set(k for k in adapter_parameters(model) if "item_delta" in k) == {key}
     g = torch.Generator().manual_seed(0)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model).items()}
     users = [int(u) for u in work.data.private[:16]]
@@ -132,6 +133,13 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one(with_id
     assert nails[cold_nail - 1] > nails[cold_garden - 1]
     assert garden[cold_garden - 1] > garden[cold_nail - 1]
     assert nails[cold_nail - 1] > nails[4:8].max()  # above every warm garden item
+
+
+def test_an_item_adapter_moves_the_id_text_table_and_never_the_text_only_one():
+    assert FedRecConfig(item_encoder="id+text", item_adapter="table").item_kind == "table"
+    assert FedRecConfig(item_encoder="id+text").item_kind == "text"
+    with pytest.raises(ConfigError, match="an item adapter on the table needs item-encoder=id\\+text"):
+        FedRecConfig(item_encoder="text", item_adapter="table")
 
 
 def test_text_items_need_the_extra(monkeypatch):
