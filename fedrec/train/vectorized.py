@@ -268,7 +268,8 @@ class _ScoringCrossEntropy(torch.autograd.Function):
     differentiable, each row's cross-entropy. With a `dtype` of bfloat16 the GEMMs run in
     it (several times the fp32 rate on CPUs with AVX512-BF16: experiments/README.md,
     section "Throughput: how fast a cohort trains", "bfloat16 scoring"); the softmax
-    accumulates in fp32.
+    accumulates in fp32. `absent` (bool per item, else None) sets those items' logits to
+    −inf: no probability, so no gradient through them (cold items, `SASRec.absent`).
 
     `extra` (an item adapter's `ScoringExtra`, else None) adds z·Lᵀ to the logits, so each
     user scores against their own E + Δ_u without a per-user table ever being built; the
