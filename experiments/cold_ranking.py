@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedrec.config import FedRecConfig
+from fedrec.metrics import target_ranks
 from fedrec.model.lora import adapter_state, load_adapter_state
 from fedrec.train.batches import pad_left
 from fedrec.workload import load_workload
@@ -33,13 +34,18 @@ K = 10
 
 @torch.no_grad()
 def _scores(model, data, users: list[int], max_seq_len: int) -> torch.Tensor:
+    """Test scores over all items under `rank_users`' full-sort protocol: the user's seen
+    items leave the ranking (-inf), their target always stays in."""
     out = []
     for s in range(0, len(users), 256):
-        hists = [data.history(u, "test") for u in users[s : s + 256]]
+        chunk = users[s : s + 256]
+        hists = [data.history(u, "test") for u in chunk]
+        targets = torch.as_tensor([data.target(u, "test") for u in chunk]) - 1
         scores = model.item_scores(model(pad_left(hists, max_seq_len))[:, -1]).float()
-        for row, h in enumerate(hists):  # the full-sort protocol: seen items leave the ranking
+        kept = scores.gather(1, targets[:, None])
+        for row, h in enumerate(hists):
             scores[row, torch.as_tensor(h - 1)] = float("-inf")
-        out.append(scores)
+        out.append(scores.scatter_(1, targets[:, None], kept))
     return torch.cat(out)
 
 
@@ -47,11 +53,10 @@ def cold_report(model, data, max_seq_len: int, warm_sample: int = 2000, seed: in
     model.eval()
     cold = torch.as_tensor(data.cold) - 1
     users = [int(u) for u in data.cold_target_users(data.private)]
-    targets = torch.as_tensor([data.target(u, "test") for u in users]) - 1
+    targets = torch.as_tensor([data.target(u, "test") for u in users])
     scores = _scores(model, data, users, max_seq_len)
-    target_score = scores.gather(1, targets[:, None])
-    rank_all = (scores > target_score).sum(1)
-    rank_cold = (scores[:, cold] > target_score).sum(1)
+    rank_all = target_ranks(scores, targets)  # as the run's own evaluation ranks them
+    rank_cold = (scores[:, cold] > scores.gather(1, targets[:, None] - 1)).sum(1)
     warm = np.setdiff1d(data.private, users)
     warm = np.random.default_rng(seed).choice(warm, min(warm_sample, len(warm)), replace=False)
     top = _scores(model, data, [int(u) for u in warm], max_seq_len).topk(K, dim=1).indices

@@ -47,10 +47,11 @@ def main(grid: Grid, context: Context) -> None:
 def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None, context: Context | None = None) -> dict:
     console = console or Console(soft_wrap=True)
     started = time.time()
-    resumed = checkpoint.load(cfg.resume_from) if cfg.resume_from else None
-    if resumed is not None:  # the stored config, with only the changes a resumed run may make
-        cfg = checkpoint.resume_config(resumed[1], cfg)
-    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode), resume_round=resumed and int(resumed[0]["round"]))
+    state = folder = resumed_round = None
+    if cfg.resume_from:  # the stored config, with only the changes a resumed run may make
+        state, stored, folder = checkpoint.load(cfg.resume_from)
+        cfg, resumed_round = checkpoint.resume_config(stored, cfg), int(state["round"])
+    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode), resume_round=resumed_round)
     cfg = cfg.replace(output_dir=str(out.path))
     out.write_config(cfg)
     work = load_workload(cfg, log=console.print)
@@ -65,8 +66,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} "
                   f"of {len(strategy.population):,} users")  # fmt: skip
     run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, out=out, log=console.print)
-    if resumed is not None:
-        run.resume(resumed[0], resumed[2])
+    if state is not None:
+        run.resume(state, folder)
     about = {"dataset": work.interactions.describe(), "adapter_parameters": adapter.parameters,
              "public_users": len(work.data.public), "num_items": work.data.num_items,
              "subsets": work.cold_subsets(strategy.population)}  # fmt: skip

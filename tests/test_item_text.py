@@ -109,7 +109,7 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one(with_id
     Under id+text the cold nail item must also outrank every warm garden item for a nail
     user: pretraining's ID dropout teaches the model to score an item that has only text."""
     from fedrec.model.base import new_model
-    from fedrec.train.pretrain import _PretrainTextItems, fit_sequences
+    from fedrec.train.pretrain import attach_text_items, fit_sequences
 
     names = ["red nail polish", "pink nail polish", "nail polish remover", "glitter nail varnish", "garden hose",
              "lawn mower", "hedge trimmer", "flower seeds", "crimson nail lacquer", "lawn sprinkler"]  # fmt: skip
@@ -121,9 +121,7 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one(with_id
     torch.manual_seed(0)
     model = new_model(cfg, len(names))
     model.set_absent([cold_nail, cold_garden])
-    items = _PretrainTextItems(model, text, with_ids=with_ids, id_dropout=0.5)
-    model.item_delta = items
-    model.register_forward_pre_hook(lambda _m, _a: items.resample())
+    attach_text_items(model, text, with_ids=with_ids, id_dropout=0.5)
     fit_sequences(model, seqs, [p for p in model.parameters() if p.requires_grad], epochs=30, lr=5e-3,
                   batch_size=16, max_seq_len=8, seed=0, device=torch.device("cpu"))  # fmt: skip
     model.eval()

@@ -100,9 +100,7 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     # cannot undo that (the final LayerNorm fixes the logit scale).
     hook = None
     if text is not None:
-        items = _PretrainTextItems(model, text, with_ids=cfg.item_encoder == "id+text", id_dropout=cfg.id_dropout)
-        model.item_delta = items
-        hook = model.register_forward_pre_hook(lambda _m, _a: items.resample())
+        hook = attach_text_items(model, text, with_ids=cfg.item_encoder == "id+text", id_dropout=cfg.id_dropout)
     public = [int(u) for u in data.public]
     seqs = data.public_sequences()
     model.set_absent(data.cold)  # cold items never train: not as an input, a target or a softmax negative
@@ -142,6 +140,14 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     os.replace(tmp, path)  # atomic: concurrent readers see the old or the whole new file
     log(f"base model: saved {path}")
     return path
+
+
+def attach_text_items(model: nn.Module, text: torch.Tensor, with_ids: bool, id_dropout: float):
+    """Make the model's item table `_PretrainTextItems`, with a new ID-dropout draw before
+    every forward pass; returns the hook's handle, to remove once the table is baked."""
+    items = _PretrainTextItems(model, text, with_ids=with_ids, id_dropout=id_dropout)
+    model.item_delta = items
+    return model.register_forward_pre_hook(lambda _m, _a: items.resample())
 
 
 class _PretrainTextItems(nn.Module):
