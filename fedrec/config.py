@@ -138,6 +138,8 @@ class FedRecConfig:
     eval_every: int = field(default=5, metadata=_range(0))
     eval_users: int = field(default=0, metadata=_range(0))
     client_dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
+    # empirical privacy audit: M canary clients (fedrec.privacy.audit); 0 = off
+    audit_canaries: int = field(default=0, metadata=_range(0))
 
     # surviving failures: checkpoints every N rounds (0 = only at the end), resume from one
     checkpoint_every: int = field(default=10, metadata=_range(0))
@@ -205,6 +207,15 @@ class FedRecConfig:
                 raise ConfigError(f"secure-aggregation: secagg+ needs {'; '.join(problems)}")
         if self.client_dropout > 0 and (self.secure_aggregation != "none" or self.partition == "silo"):
             raise ConfigError("client-dropout: simulated for user-level runs without SecAgg+ (SecAgg+ handles real dropouts itself)")
+        if self.audit_canaries:
+            problems = [why for why, bad in (
+                ("clipping-norm > 0 (a canary sends a direction of norm C)", self.clipping_norm <= 0),
+                ("user-weighting=uniform (a canary weighs as one user)", self.user_weighting != "uniform"),
+                ("partition=user", self.partition == "silo"),
+                ("mode=federated", self.mode != "federated"),
+            ) if bad]  # fmt: skip
+            if problems:
+                raise ConfigError(f"audit-canaries: needs {'; '.join(problems)}")
         if self.lora_train == "b-only" and self.lora_share == "a-only":
             raise ConfigError("lora-share: a-only keeps B local and b-only freezes A; together nothing is shared")
         if self.lora_train == "none" and (self.item_kind == "none" or self.lora_share == "a-only"):

@@ -50,6 +50,9 @@ class ResultsDir:
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.path / "summary.txt").write_text(summary_text(summary))
 
+    def write_json(self, name: str, record: dict[str, Any]) -> None:
+        (self.path / name).write_text(json.dumps(record, indent=2) + "\n")
+
     def write_privacy(self, ledger: dict[str, Any]) -> None:
         (self.path / "privacy.json").write_text(json.dumps(ledger, indent=2) + "\n")
 

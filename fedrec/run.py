@@ -29,6 +29,7 @@ from fedrec.config import FedRecConfig
 from fedrec.local_state import client_state_dir
 from fedrec.metrics import metric_means, metric_sums, user_intervals
 from fedrec.model.types import AdapterState
+from fedrec.privacy.audit import CanarySet, audit
 from fedrec.privacy.mechanism import AdaptiveClip, Mechanism, NoPrivacy, user_level_gaussian
 from fedrec.results import ResultsDir
 
@@ -84,13 +85,24 @@ class FederatedRun:
 
     def __init__(
         self, cfg: FedRecConfig, initial: AdapterState, population: np.ndarray, *, dimension: int,
-        out: ResultsDir | None = None, log: Log = print,
+        out: ResultsDir | None = None, log: Log = print, sent_keys: list[str] | None = None,
     ) -> None:  # fmt: skip
+        """`sent_keys`: the tensors users send (the canaries' space; default every adapter tensor)."""
         self.cfg, self.out, self.log, self.dimension = cfg, out, log, dimension
         self.optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum)
-        self.sampler = make_sampler(cfg, population)
+        self.users = np.asarray(population, dtype=np.int64)  # the real users: the only ones evaluated
+        self.initial: AdapterState = {k: v.detach().clone() for k, v in initial.items()}
+        # Canaries join the sampled population (and so its size, q and the default δ = 1/N).
+        self.canaries = CanarySet.for_adapter(
+            cfg.audit_canaries, cfg.seed, {k: initial[k] for k in (sent_keys or sorted(initial))}) if cfg.audit_canaries else None
+        sampled = np.concatenate([self.users, self.canaries.included_ids]) if self.canaries else self.users
+        self.sampler = make_sampler(cfg, sampled)
+        if self.canaries is not None:
+            log(f"audit: {cfg.audit_canaries} canaries, {len(self.canaries.included_ids)} included; the sampled "
+                f"population is {len(self.users):,} users + {len(self.canaries.included_ids)} canaries, "
+                f"q={self.sampler.q:.4g}")  # fmt: skip
         self.mechanism = make_mechanism(cfg, self.sampler, log)
-        self.valid_users = validation_users(self.sampler.population, cfg.eval_users, cfg.seed)
+        self.valid_users = validation_users(self.users, cfg.eval_users, cfg.seed)
         self.adapter: AdapterState = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # the last round that has run
         self.rows: list[dict[str, Any]] = []
@@ -100,7 +112,7 @@ class FederatedRun:
 
     @property
     def population(self) -> np.ndarray:
-        return self.sampler.population
+        return self.users
 
     # ------------------------------------------------------------------ rounds
     def evaluate_base(self, port: RoundPort) -> None:
@@ -116,6 +128,8 @@ class FederatedRun:
     def train_round(self, port: RoundPort, rnd: int) -> dict[str, float]:
         """Draw, train, privatize, step; returns the round's train metrics."""
         cohort = self.sampler.draw(rnd)
+        canaries = cohort[cohort >= self.canaries.ids[0]] if self.canaries is not None else cohort[:0]
+        cohort = cohort[: len(cohort) - len(canaries)]  # the ids are sorted: canaries come last
         clip = self.mechanism.clipping_norm
         result = port.train(rnd, cohort, self.adapter, clip)
         total, n = result.total, max(result.total.num_users, 1)
@@ -126,6 +140,9 @@ class FederatedRun:
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
         }
+        if self.canaries is not None:  # after the metrics above: those describe real users only
+            metrics["canaries"] = len(canaries)
+            total.merge(self.canaries.update_sum(canaries, clip))
         mean = self.mechanism.privatize(total, self.adapter, rnd)
         self.adapter = self.optimizer.step(mean) if mean is not None else self.optimizer.state()
         if self.mechanism.enabled:
@@ -238,6 +255,11 @@ class FederatedRun:
             "num_items": about.get("num_items"),
             "results_dir": str(self.out.path) if self.out else None,
         }
+        if self.canaries is not None:
+            record = self.audit(report)
+            summary["audit"] = {k: v for k, v in record.items() if k not in ("scores", "included_mask", "one_run", "one_shot")}
+            if self.out is not None:
+                self.out.write_json("audit.json", record)
         if self.out is not None:
             self.out.save_adapter(self.best_adapter)
             self.out.save_adapter(self.adapter, "adapter_last_round.safetensors")
@@ -245,6 +267,21 @@ class FederatedRun:
             self.out.write_summary(summary)
             self.out.write_privacy(self.mechanism.privacy_record())
         return summary
+
+    def audit(self, report: dict[str, Any]) -> dict[str, Any]:
+        """The canaries against the model's whole change over the run (the last round's
+        adapter: every round's noise and every canary's visits are in it)."""
+        change = {k: self.adapter[k].double() - self.initial[k].double() for k in self.canaries.keys}
+        delta = report["delta"] if report["delta"] is not None else (self.cfg.target_delta or 1.0 / len(self.sampler.population))
+        record = audit(self.canaries, change, delta, report["epsilon"])
+        record |= {"real_users": len(self.users), "sampled_population": len(self.sampler.population),
+                   "sampling_rate": self.sampler.q, "rounds": self.round}  # fmt: skip
+        lb, est = record["epsilon_lower_bound"], record["epsilon_estimate"]
+        self.log(f"audit: ε lower bound {lb:.3f} (95%, ceiling {record['one_run']['ceiling']:.2f} with "
+                 f"{self.canaries.count} canaries), one-shot estimate "
+                 + ("–" if est is None else f"{est:.3f}") + f"; the accountant's ε "
+                 + ("– (no DP)" if report["epsilon"] is None else f"{report['epsilon']:.3f}") + f" at δ={delta:.3g}")  # fmt: skip
+        return record
 
     def _append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -92,13 +92,14 @@ class AdapterInfo:
     initial: AdapterState  # every adapter tensor at init (B = 0): the global adapter of round 0
     dimension: int  # parameters each user trains and sends: the d of the DP noise
     parameters: int  # all adapter parameters, frozen factors included
+    sent: list[str] = field(default_factory=list)  # the tensors a user sends (`update_keys`)
 
 
 def describe_adapter(cfg: FedRecConfig, model: PeftModel, side: ItemSide, log: Callable[[str], None] = print) -> AdapterInfo:
     """The adapter a run federates, said in one line (plus what its item adapter reveals)."""
     initial = adapter_state(model)
     info = AdapterInfo(initial, sum(p.numel() for p in adapter_parameters(model).values()),
-                       sum(t.numel() for t in initial.values()))  # fmt: skip
+                       sum(t.numel() for t in initial.values()), update_keys(cfg, model))  # fmt: skip
     item = describe_item_adapter(cfg, side, sum(v.numel() for k, v in initial.items() if ITEM_DELTA in k))
     log(
         f"adapter: LoRA r={cfg.lora_rank} on {cfg.lora_targets}{item}: {info.parameters:,} parameters, "

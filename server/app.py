@@ -65,7 +65,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     nodes = len(strategy.workers) or len(strategy.user_node)
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} "
                   f"of {len(strategy.population):,} users")  # fmt: skip
-    run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, out=out, log=console.print)
+    run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, out=out, log=console.print,
+                       sent_keys=adapter.sent)
     if state is not None:
         run.resume(state, folder)
     about = {"dataset": work.interactions.describe(), "adapter_parameters": adapter.parameters,

@@ -19,7 +19,9 @@ from fedrec.workload import describe_adapter, load_workload
 def _run(cfg: FedRecConfig, work, out=None) -> tuple[FederatedRun, InProcessPort]:
     port = InProcessPort(cfg, work)
     info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
-    return FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=out, log=lambda _m: None), port
+    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=out, log=lambda _m: None,
+                       sent_keys=info.sent)
+    return run, port
 
 
 def _rows(run: FederatedRun) -> list[dict]:
