@@ -25,6 +25,7 @@ import numpy as np
 from fedrec import checkpoint
 from fedrec.aggregate import ServerOptimizer, UpdateSum
 from fedrec.cohort import CohortSampler, validation_users
+from fedrec.communication import communication_summary
 from fedrec.config import FedRecConfig
 from fedrec.local_state import client_state_dir
 from fedrec.metrics import metric_means, metric_sums, user_intervals
@@ -92,9 +93,10 @@ class FederatedRun:
         self.optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum)
         self.users = np.asarray(population, dtype=np.int64)  # the real users: the only ones evaluated
         self.initial: AdapterState = {k: v.detach().clone() for k, v in initial.items()}
+        self.sent_keys = list(sent_keys or sorted(initial))
         # Canaries join the sampled population (and so its size, q and the default δ = 1/N).
         self.canaries = CanarySet.for_adapter(
-            cfg.audit_canaries, cfg.seed, {k: initial[k] for k in (sent_keys or sorted(initial))}) if cfg.audit_canaries else None
+            cfg.audit_canaries, cfg.seed, {k: initial[k] for k in self.sent_keys}) if cfg.audit_canaries else None
         sampled = np.concatenate([self.users, self.canaries.included_ids]) if self.canaries else self.users
         self.sampler = make_sampler(cfg, sampled)
         if self.canaries is not None:
@@ -155,7 +157,7 @@ class FederatedRun:
                      + (f"; {total.num_rejected} rejected ({why})" if total.num_rejected else ""))  # fmt: skip
         metrics |= {"worker-peak-rss-mb": 0.0, "worker-train-seconds": 0.0} | result.diagnostics
         self.round = rnd
-        self.users_trained += total.num_users
+        self.users_trained += int(metrics["users"])  # real users: canaries are not trained
         self.peak_rss = max(self.peak_rss, float(metrics["worker-peak-rss-mb"]))
         return {k: float(v) for k, v in metrics.items()}
 
@@ -254,6 +256,8 @@ class FederatedRun:
             "public_users": about.get("public_users"),
             "num_items": about.get("num_items"),
             "results_dir": str(self.out.path) if self.out else None,
+            "communication": communication_summary(self.adapter, self.sent_keys, self.users_trained, self.rows,
+                                                   cfg.placement, about.get("setup_traffic"), about.get("once_per_device")),
         }
         if self.canaries is not None:
             record = self.audit(report)

@@ -7,11 +7,13 @@ import json
 import os
 import time
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedrec import checkpoint
+from fedrec.communication import state_bytes
 from fedrec.config import FedRecConfig
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir, default_output_dir
@@ -71,7 +73,11 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
         run.resume(state, folder)
     about = {"dataset": work.interactions.describe(), "adapter_parameters": adapter.parameters,
              "public_users": len(work.data.public), "num_items": work.data.num_items,
-             "subsets": work.cold_subsets(strategy.population)}  # fmt: skip
+             "subsets": work.cold_subsets(strategy.population), "setup_traffic": strategy.setup_traffic}  # fmt: skip
+    if cfg.placement == "device":  # what a real device downloads once (FedRecStrategy._setup_devices ships it)
+        shipped = torch.load(work.base_path, map_location="cpu", weights_only=True)
+        about["once_per_device"] = {"base": state_bytes(shipped),
+                                    "catalogue": sum(len(str(i).encode()) for i in work.data.item_ids)}  # fmt: skip
     summary = run.execute(strategy, started=started, ready_seconds=ready_seconds, about=about)
     print_comparison(summary, console)
     console.print(f"results: {out.path}")

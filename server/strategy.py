@@ -30,6 +30,7 @@ from fedrec.metrics import add_sums, metric_means
 from fedrec.model.types import AdapterState
 from fedrec.run import EvalResult, TrainResult
 from fedrec.workload import ItemSide
+from server.traffic import CountingGrid
 
 NODE_WAIT_S = 120.0
 RESEND_ATTEMPTS = 4  # re-sends of a failed cohort worker's messages within one round
@@ -73,6 +74,7 @@ class FedRecStrategy(Strategy):
         self.cohort = np.zeros(0, dtype=np.int64)
         self.eval_target = np.zeros(0, dtype=np.int64)
         self._run_config = ConfigRecord(cfg.to_dict())  # resolved once; travels with every message
+        self.setup_traffic: dict[str, float] = {}  # bytes of the messages `connect` exchanged
 
     # ------------------------------------------------------------ node routing
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
@@ -82,13 +84,13 @@ class FedRecStrategy(Strategy):
         them and check their own data; a device that cannot is reported and left out, and
         the population becomes the users whose devices answered.
         """
-        self._grid = grid  # the port's messages go through it from now on
         if hasattr(grid, "pull_interval"):
             # The simulation's in-memory grid polls for replies every 0.1 s by default
             # (a constructor argument we cannot reach through run_simulation); a vectorized
             # round is short enough that this idle wait is a large share of it
             # (experiments/README.md, section "Throughput: how fast a cohort trains").
             grid.pull_interval = PULL_INTERVAL_S
+        grid = self._grid = CountingGrid(grid)  # the port's messages go through it from now on, counted
         device = self.cfg.placement == "device"
         need = len(self.population) if device else self.cfg.num_workers
         deadline = time.monotonic() + timeout
@@ -113,6 +115,7 @@ class FedRecStrategy(Strategy):
         replies = self._receive(grid, [self._query(n, "identify") for n in nodes], "identify", tolerate=device)
         if not device:
             self.workers = nodes
+            self.setup_traffic = grid.take()
             return
         to_setup: list[tuple[int, int, bool]] = []  # (node, user, needs the base)
         user_index = {self.base.user_ids[int(u)]: int(u) for u in self.population} if self.base else {}
@@ -135,6 +138,7 @@ class FedRecStrategy(Strategy):
             self.population = np.array(sorted(self.user_node), dtype=np.int64)
         if not len(self.population):
             raise RuntimeError("no device node can train: see the messages above")
+        self.setup_traffic = grid.take()  # identify, and the base and catalogue where shipped
 
     def _query(self, node: int, kind: str, user: int | None = None, shipment: dict | None = None) -> Message:
         task = {"kind": kind, "base": self.base.fingerprint if self.base else ""}
@@ -235,13 +239,17 @@ class FedRecStrategy(Strategy):
         """The cohort's sum of clipped updates, from worker sums, device replies or SecAgg+."""
         self.cohort = np.asarray(cohort, dtype=np.int64)
         arrays = ArrayRecord(adapter)
+        self._grid.take()  # what evaluation sent is not the round's training traffic
         if self.cfg.secure_aggregation == "secagg+":
-            return self._secagg_round(round_, arrays, clipping_norm)
-        grid = self._grid
-        msgs = list(self.configure_train(round_, arrays, ConfigRecord({"clipping-norm": float(clipping_norm)}), grid))
-        replies = self._receive(grid, msgs, "train", tolerate=self.cfg.placement == "device")
-        expected = {k: adapter[k].to(torch.float32) for k in self.update_keys} if self.update_keys else None
-        return self._sum_replies(round_, replies, expected, clipping_norm)
+            result = self._secagg_round(round_, arrays, clipping_norm)
+        else:
+            grid = self._grid
+            msgs = list(self.configure_train(round_, arrays, ConfigRecord({"clipping-norm": float(clipping_norm)}), grid))
+            replies = self._receive(grid, msgs, "train", tolerate=self.cfg.placement == "device")
+            expected = {k: adapter[k].to(torch.float32) for k in self.update_keys} if self.update_keys else None
+            result = self._sum_replies(round_, replies, expected, clipping_norm)
+        result.diagnostics |= self._grid.take()  # bytes on the round's messages, both ways
+        return result
 
     def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult:
         self.eval_target = np.asarray(users, dtype=np.int64)

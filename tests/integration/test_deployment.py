@@ -7,6 +7,7 @@ cohort, which never leaves one process.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,10 @@ def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, datas
     assert "devices: 3 real devices; base model and catalogue sent to 3" in out
     assert "round   2/2 | users    3" in out
     _assert_same_adapters(deployed, simulated, atol=1e-5)
+    # The base travelled once to each of the three devices, counted on the real setup messages.
+    comm = json.loads((deployed / "summary.json").read_text())["communication"]
+    assert comm["setup_wire"]["array-bytes-down"] == 3 * comm["once_per_device"]["base"]
+    assert comm["wire_per_user_round"]["down"] > comm["per_user_round"]["down"]
 
 
 def test_secagg_deployment_gives_the_same_sum(tmp_path, dataset, simulated):

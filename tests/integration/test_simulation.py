@@ -73,6 +73,19 @@ def test_cohort_and_device_placement_give_the_same_aggregate(tmp_path):
         for key in ("loss", "update-norm", "clipped-fraction"):
             assert rc["train"][key] == pytest.approx(rd["train"][key], rel=1e-5)
     assert cohort["last_round_test"]["ndcg@10"] == pytest.approx(device["last_round_test"]["ndcg@10"], abs=1e-6)
+    # Communication, counted on the real messages: each device gets the whole adapter and sends its update.
+    payload = device["communication"]["per_user_round"]
+    assert payload == cohort["communication"]["per_user_round"]
+    assert payload["down"] == device["adapter_bytes"] and payload["up"] == device["adapter_dimension"] * 4
+    for rc, rd in zip(rows[0][1:], rows[1][1:]):
+        assert rd["train"]["messages-down"] == rd["train"]["messages-up"] == 12  # one per sampled user
+        assert rd["train"]["array-bytes-down"] == 12 * payload["down"]
+        assert rd["train"]["array-bytes-up"] == 12 * payload["up"]
+        assert rc["train"]["array-bytes-down"] == 2 * payload["down"]  # one message per cohort worker
+        assert rc["train"]["array-bytes-up"] == 2 * payload["up"]  # a worker's sum has one user's shape
+        assert rd["train"]["wire-bytes-up"] > rd["train"]["array-bytes-up"]  # framing and counts on top
+    assert device["communication"]["run_total"]["up"] == 24 * payload["up"]
+    assert device["communication"]["once_per_device"]["base"] > payload["down"]
 
 
 def test_centralized_mode_reports_every_ceiling_early_stopped(tmp_path):
@@ -135,6 +148,9 @@ def test_secagg_with_dp_noise_releases_the_same_adapter_as_plain_central_dp(tmp_
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-5, k
     assert secure["epsilon"] == pytest.approx(plain["epsilon"]) and secure["epsilon"] > 0
+    # SecAgg+'s stages (keys, shares, masked vectors, unmasking) cost more than one plain exchange per user.
+    for way in ("down", "up"):
+        assert secure["communication"]["wire_total"][way] > 1.2 * plain["communication"]["wire_total"][way]
 
 
 def test_runs_sharing_one_simulation_equal_the_same_runs_on_their_own(tmp_path):
