@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 DATASETS = ("synthetic", "movielens", "seq-txt", "csv")
-MODES = ("federated", "centralized")
+MODES = ("federated", "centralized", "local")
 PLACEMENTS = ("cohort", "device")
 SAMPLINGS = ("fixed", "poisson")
 ACCOUNTANTS = ("auto", "pld", "prv", "rdp")

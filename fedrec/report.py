@@ -28,10 +28,11 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
         )  # fmt: skip
     console = Console(width=max(console.width, console.measure(table, options=console.options.update(max_width=10_000)).maximum))
     console.print(table)
-    gain = summary.get("test_gain_ci", {}).get("ndcg@10")
-    if gain:
-        verdict = "beats the base" if gain[0] > 0 else "falls below the base" if gain[1] < 0 else "is within noise of the base"
-        console.print(f"federated − base, test NDCG@10 paired by user: [{gain[0]:+.4f}, {gain[1]:+.4f}]: {verdict}")
+    for key, who in (("test_gain_ci", "federated"), ("local_test_gain_ci", "local only")):
+        gain = summary.get(key, {}).get("ndcg@10")
+        if gain:
+            verdict = "beats the base" if gain[0] > 0 else "falls below the base" if gain[1] < 0 else "is within noise of the base"
+            console.print(f"{who} − base, test NDCG@10 paired by user: [{gain[0]:+.4f}, {gain[1]:+.4f}]: {verdict}")
 
 
 def _num(value: float | None, digits: int = 3) -> str:

@@ -89,6 +89,7 @@ _ROWS = (
     ("most_popular_test", "most popular"),
     ("base_test", "base model"),
     ("test", "federated"),
+    ("local_test", "local only (no federation)"),
     ("last_round_test", "federated, last round"),
     ("base_test_warm", "base, warm targets"),
     ("test_warm", "federated, warm targets"),

@@ -90,7 +90,7 @@ def check_resources(cfg: FedRecConfig, log=print) -> None:
     Ray also hides the GPU from a worker that reserves none (CUDA_VISIBLE_DEVICES="",
     seen too), so device=cuda needs client-num-gpus.
     """
-    if cfg.mode == "centralized":
+    if cfg.mode in ("centralized", "local"):
         return  # no simulation: trains in this process
     cores = len(os.sched_getaffinity(0))
     if cfg.client_num_cpus > cores:
@@ -136,7 +136,7 @@ def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
         raise ConfigError("run_many: every run needs its own output-dir")
     groups: dict[str, list[int]] = {}
     for i, c in enumerate(cfgs):
-        alone = c.mode == "centralized" or c.placement != "cohort"
+        alone = c.mode in ("centralized", "local") or c.placement != "cohort"
         groups.setdefault(f"alone-{i}" if alone else c.fingerprint(*FEDERATION_KEYS), []).append(i)
     for members in groups.values():
         first = cfgs[members[0]]
@@ -144,6 +144,10 @@ def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
             from fedrec.centralized import run_centralized
 
             run_centralized(first)
+        elif first.mode == "local":
+            from fedrec.local_only import run_local
+
+            run_local(first)
         else:
             launch([cfgs[i] for i in members])
     summaries = []
