@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from rich.console import Console
 from rich.table import Table
@@ -62,16 +67,18 @@ def write_sweep_table(
                      "base_ndcg10": s["base_test"]["ndcg@10"], "epsilon": s.get("epsilon"),
                      **({key: s.get(key) for _, key in _PRIVACY_COLUMNS} if private else {}),
                      "adapter_dimension": s.get("adapter_dimension"), "rounds": s.get("rounds"),
+                     "up_kb_per_user_round": _per_user_kb(s, "up"), "down_kb_per_user_round": _per_user_kb(s, "down"),
                      "wall_s": s.get("wall_seconds"), "results_dir": s.get("results_dir")})  # fmt: skip
     extra = _PRIVACY_COLUMNS if private else ()
     cols = [*keys, "test NDCG@10 [95% CI] (best round)", "last round", "base", "ε", *(c for c, _ in extra), "d",
-            "rounds", "wall s"]  # fmt: skip
+            "KB down/up per user·round", "rounds", "wall s"]  # fmt: skip
 
     def cells(r: dict[str, Any]) -> list[str]:
         last = "–" if r["last_round_ndcg10"] is None else f"{r['last_round_ndcg10']:.4f}"
         return [*(str(r[k]) for k in keys), f"{interval_text(r['test_ndcg10'], r['test_ndcg10_ci'])} (r{r['best_round']})",
                 last, f"{r['base_ndcg10']:.4f}", _num(r["epsilon"]), *(_num(r[key]) for _, key in extra),
-                str(r["adapter_dimension"]), str(r["rounds"]), "–" if r["wall_s"] is None else f"{r['wall_s']:.1f}"]  # fmt: skip
+                str(r["adapter_dimension"]), f"{_num(r['down_kb_per_user_round'])} / {_num(r['up_kb_per_user_round'])}",
+                str(r["rounds"]), "–" if r["wall_s"] is None else f"{r['wall_s']:.1f}"]  # fmt: skip
 
     _print_sweep(f"Sweep: {len(rows)} runs under {root}", cols, [cells(r) for r in rows], len(keys), footer)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + ["| " + " | ".join(cells(r)) + " |" for r in rows]
@@ -79,6 +86,11 @@ def write_sweep_table(
     (root / "sweep.md").write_text("\n".join(lines) + (f"\n\n{footer}" if footer else "") + "\n")
     (root / "sweep.json").write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def _per_user_kb(summary: dict[str, Any], way: str) -> float | None:
+    per_user = (summary.get("communication") or {}).get("per_user_round") or {}
+    return per_user[way] / 1024 if way in per_user else None
 
 
 def _print_sweep(title: str, cols: list[str], cells: list[list[str]], swept: int, footer: str) -> None:
@@ -100,3 +112,210 @@ def _print_sweep(title: str, cols: list[str], cells: list[list[str]], swept: int
         console.print("the same in every run: " + ", ".join(f"{cols[i]} {cells[0][i]}" for i in same))
     if footer:
         console.print(footer)
+
+
+# ---------------------------------------------------------------- python -m fedrec.report
+# Keys that say which run of a method this is, or how its ε was set: never part of a method's name.
+_NOT_METHOD = {
+    "seed", "output-dir", "cache-dir", "resume-from", "client-state-dir", "target-epsilon", "noise-multiplier",
+    "max-epsilon", "sampling", "accountant", "target-delta", "audit-canaries", "mode",
+}  # fmt: skip
+
+
+@dataclass
+class Run:
+    """One results directory, as the report reads it."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+    audit: dict[str, Any] | None
+    label: str = ""
+
+    @property
+    def mode(self) -> str:
+        return self.summary.get("mode", "federated")
+
+
+def load_runs(dirs: list[Path]) -> list[Run]:
+    """Every results directory (one holding summary.json) under the given folders, sorted."""
+    found = sorted({p.parent.resolve() for d in dirs for p in ([d / "summary.json"] if (d / "summary.json").exists()
+                                                                 else Path(d).rglob("summary.json"))})  # fmt: skip
+    runs = []
+    for path in found:
+        config = tomllib.loads((path / "config.toml").read_text()) if (path / "config.toml").exists() else {}
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+            if (path / "metrics.jsonl").exists() else []  # fmt: skip
+        audit = json.loads((path / "audit.json").read_text()) if (path / "audit.json").exists() else None
+        runs.append(Run(path, json.loads((path / "summary.json").read_text()), config, rows, audit))
+    return runs
+
+
+def _method_keys(runs: list[Run]) -> list[str]:
+    keys = sorted({k for r in runs for k in r.config} - _NOT_METHOD)
+    return [k for k in keys if len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+
+
+def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
+    """Federated runs grouped by method and privacy setting; each group's seeds summarized."""
+    from fedrec.figures import mean_interval  # scipy: loaded only for reports, not by every run
+
+    federated = [r for r in runs if r.mode == "federated"]
+    keys = _method_keys(federated)
+    for r in federated:
+        r.label = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "federated"
+    by: dict[tuple, list[Run]] = {}
+    for r in federated:
+        privacy = (r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0))
+        by.setdefault((r.label, *privacy), []).append(r)
+    groups = []
+    for (label, _target, _z), members in by.items():
+        s = [m.summary for m in members]
+        eps = [x["epsilon"] for x in s if x.get("epsilon") is not None]
+        ndcg = [x["test"]["ndcg@10"] for x in s]
+        audit = [x.get("audit") or {} for x in s]
+        comm = s[0].get("communication") or {}
+        groups.append({
+            "method": label,
+            "seeds": sorted(m.config.get("seed", 0) for m in members),
+            "epsilon": float(np.mean(eps)) if eps else None,
+            "delta": s[0].get("delta"),
+            "z": s[0].get("noise_multiplier"),
+            "q": s[0].get("sampling_rate"),
+            "C": s[0].get("clipping_norm"),
+            "d": s[0].get("adapter_dimension"),
+            "noise_to_signal": s[0].get("noise_to_signal"),
+            "test_ndcg10": ndcg,
+            "test_hr10": [x["test"]["hr@10"] for x in s],
+            "test_ndcg10_ci": (s[0].get("test_ci") or {}).get("ndcg@10") if len(s) == 1 else None,
+            "ndcg": mean_interval(ndcg, (s[0].get("test_ci") or {}).get("ndcg@10") if len(s) == 1 else None),
+            "base_ndcg10": [x["base_test"]["ndcg@10"] for x in s],
+            "best_round": [x.get("best_round") for x in s],
+            "wall_s": [x.get("wall_seconds") for x in s],
+            "audit_lower_bound": [a.get("epsilon_lower_bound") for a in audit if a],
+            "audit_estimate": [a.get("epsilon_estimate") for a in audit if a],
+            "bytes_up_per_user_round": (comm.get("per_user_round") or {}).get("up"),
+            "bytes_down_per_user_round": (comm.get("per_user_round") or {}).get("down"),
+            "results_dirs": [str(m.path) for m in members],
+        })  # fmt: skip
+    return sorted(groups, key=lambda g: (g["method"], g["epsilon"] is None, g["epsilon"] or 0.0))
+
+
+def references(runs: list[Run]) -> dict[str, float]:
+    """The reference lines: base, most popular, local-only and the centralized ceilings (test NDCG@10)."""
+    out: dict[str, float] = {}
+    bases = sorted({r.summary["base_test"]["ndcg@10"] for r in runs if r.summary.get("base_test")})
+    if bases:
+        out["base model" + (f" (mean of {len(bases)})" if len(bases) > 1 else "")] = float(np.mean(bases))
+    for r in runs:
+        for key, label in (("most_popular_test", "most popular"), ("local_test", "local only"),
+                           ("ceiling_scratch_test", "ceiling: from scratch"), ("ceiling_full_test", "ceiling: full fine-tune"),
+                           ("ceiling_same_test", "ceiling: same parameters")):  # fmt: skip
+            if r.summary.get(key):
+                out.setdefault(label, r.summary[key]["ndcg@10"])
+    return out
+
+
+def _spread(values: list[float], ci: list[float] | None = None, digits: int = 4) -> str:
+    """One run: value [95% CI]; several seeds: mean ± std (n)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return interval_text(values[0], ci, digits)
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f} (n={len(values)})"
+
+
+def _kb(value: float | None) -> str:
+    return "–" if value is None else f"{value / 1024:,.1f}"
+
+
+def write_report(dirs: list[Path], out: Path) -> Path:
+    """report.md with its PNG figures in `out`, from every run under `dirs`."""
+    from fedrec import figures
+
+    runs = load_runs(dirs)
+    if not runs:
+        raise ValueError(f"no results directory (summary.json) under {', '.join(map(str, dirs))}")
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    refs = references(runs)
+    federated = [r for r in runs if r.mode == "federated"]
+    private = any(g["epsilon"] is not None for g in groups)
+    made = {}
+    if groups:
+        made["Test NDCG@10 against ε"] = figures.ndcg_vs_epsilon(groups, refs, out / "ndcg_vs_epsilon.png")
+    plots = (
+        ("Validation NDCG@10 against rounds", "valid_vs_rounds.png",
+         {"valid": lambda _run, r: r.get("valid", {}).get("ndcg@10")}, "validation NDCG@10", False),
+        ("Update norm and clip against rounds", "norm_vs_rounds.png",
+         {"mean update norm": lambda _run, r: r.get("train", {}).get("update-norm"),
+          "clip C": lambda _run, r: r.get("train", {}).get("clipping-norm") or None}, "L2 norm", True),
+        ("ε spent against rounds", "epsilon_vs_rounds.png",
+         {"ε": lambda _run, r: r.get("train", {}).get("epsilon")}, "ε", False),
+    )  # fmt: skip
+    for title, name, series, ylabel, log in plots:
+        path = figures.per_round(federated, out / name, title, series, ylabel, log)
+        if path:
+            made[title] = path
+    traffic = [r for r in federated if (r.summary.get("communication") or {}).get("per_user_round")]
+    if traffic:
+        def payload(way: str):
+            def pick(run: Run, row: dict[str, Any]) -> float | None:
+                per_user = run.summary["communication"]["per_user_round"][way]
+                return row["train"]["users"] * per_user if "train" in row and per_user else None
+
+            return pick
+
+        path = figures.per_round(traffic, out / "bytes_vs_rounds.png", "Bytes per round: the round's users × their payload",
+                                 {"down": payload("down"), "up": payload("up")}, "bytes", True)  # fmt: skip
+        if path:
+            made["Bytes per round"] = path
+    cols = ["method", "ε", "δ", "z", "q", "C", "d", "z·√d/m", "test NDCG@10", "test HR@10", "best round", "wall s",
+            "audit ε LB / est.", "KB up / user·round"]  # fmt: skip
+    lines = [f"# fedrec report", "", f"{len(runs)} runs from {', '.join(str(d) for d in dirs)}.", "",
+             "Test metrics: full ranking over all items at each run's best validated round; one run shows its 95% "
+             "bootstrap interval over users, several seeds mean ± std over seeds (n). ε is what the accountant "
+             "spent at δ; the audit columns are the canary audit's 95% lower bound and one-shot estimate "
+             "(`audit-canaries`).", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+    for g in groups:
+        audit = "–"
+        if g["audit_lower_bound"]:
+            audit = f"{np.mean(g['audit_lower_bound']):.2f} / " + (f"{np.mean(g['audit_estimate']):.2f}"
+                                                                     if all(e is not None for e in g["audit_estimate"]) else "–")  # fmt: skip
+        cells = [g["method"], _num(g["epsilon"]), _num(g["delta"]), _num(g["z"]), _num(g["q"]), _num(g["C"]),
+                 str(g["d"]), _num(g["noise_to_signal"]), _spread(g["test_ndcg10"], g["test_ndcg10_ci"]),
+                 _spread(g["test_hr10"]), ",".join(str(b) for b in g["best_round"]),
+                 _spread([w for w in g["wall_s"] if w is not None], digits=1), audit, _kb(g["bytes_up_per_user_round"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if refs:
+        lines += ["", "| reference | test NDCG@10 |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in refs.items()]
+    if not private:
+        lines += ["", "No run here is private (ε = –)."]
+    for title, path in made.items():
+        lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
+    (out / "report.json").write_text(json.dumps({"groups": [{k: v for k, v in g.items() if k != "ndcg"} | {
+        "ndcg_mean_interval": g["ndcg"]} for g in groups], "references": refs}, indent=2) + "\n")  # fmt: skip
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fedrec.report", description="runs and sweeps → report.md with PNG figures")
+    ap.add_argument("dirs", nargs="+", type=Path, help="results directories, or folders holding them (searched)")
+    ap.add_argument("--out", type=Path, help="where report.md and the figures go (default: the first DIR)")
+    args = ap.parse_args(argv)
+    try:
+        path = write_report(args.dirs, args.out or args.dirs[0])
+    except ValueError as e:
+        print(f"fedrec.report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         "point under --output-dir, a table of them at the end; cohort runs share one simulation",
     )  # fmt: skip
     parser.add_argument(
+        "--seeds", default="",
+        help='repeat every point of --sweep (or the one run) with each seed, e.g. "0,1,2"; the table and '
+        "the report (python -m fedrec.report) show mean ± std over seeds",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", metavar="DIR",
         help="continue the run in results folder DIR from its last checkpoint, with its stored config; "
         '--run-config may extend it, e.g. "num-rounds=100 max-epsilon=8"',
@@ -232,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         cfg = _config_from(args)
-        points = sweep_configs(cfg, args.sweep) if args.sweep else []
+        spec = args.sweep
+        if args.seeds:
+            if "seed=" in f" {spec}":
+                raise ConfigError("--seeds: the sweep already varies seed; give one or the other")
+            spec = f"{spec} seed={args.seeds}".strip()
+        points = sweep_configs(cfg, spec) if spec else []
         for c in [c for _, c in points] or [cfg]:
             check_resources(c, log=lambda _m: None)  # launch() says the note once, beside the run
     except ConfigError as e:
@@ -246,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"fedrec: data error: {e}", file=sys.stderr)
         return 2
-    from fedrec.report import write_sweep_table
+    from fedrec.report import write_report, write_sweep_table
 
     write_sweep_table([p for p, _ in points], summaries, Path(cfg.output_dir))
+    print(f"report: {write_report([Path(cfg.output_dir)], Path(cfg.output_dir))}")
     return 0
 
 

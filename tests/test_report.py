@@ -1,5 +1,8 @@
 import json
 
+import pytest
+
+from fedrec.report import main as report_main
 from fedrec.report import write_sweep_table
 
 
@@ -18,12 +21,59 @@ def test_sweep_table_shows_what_epsilon_rests_on_only_when_a_run_is_private(tmp_
     rows = write_sweep_table(points, [_summary(None), _summary(3.99, z=0.72, ndcg=0.21)], tmp_path, footer="took 9 s")
     head, rule, no_dp, dp, _blank, footer = (tmp_path / "sweep.md").read_text().splitlines()
     assert head.split(" | ")[5:10] == ["δ", "z", "C", "q", "z·√d/m"] and footer == "took 9 s"
-    assert "| 0.2100 [0.1900, 0.2300] (r3) | 0.2000 | 0.2000 | 3.99 | 0.0001 | 0.72 | 0.5 | 0.06 | 0.441 | 1536 | 5 | 12.3 |" in dp
+    assert "| 0.2100 [0.1900, 0.2300] (r3) | 0.2000 | 0.2000 | 3.99 | 0.0001 | 0.72 | 0.5 | 0.06 | 0.441 | 1536 | – / – | 5 | 12.3 |" in dp
     assert "| – | – | – | 0.5 | – | – |" in no_dp  # a run without DP: no ε, δ, z, q
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows and rows[1]["noise_multiplier"] == 0.72
     printed = capsys.readouterr().out  # 14 columns off a terminal (80 wide): nothing may be cut to "…"
     assert "…" not in printed and "0.441" in printed and "z·√d/m" in printed
-    assert "the same in every run: base 0.2000, C 0.5, d 1536, rounds 5, wall s 12.3" in printed
+    assert "the same in every run: base 0.2000, C 0.5, d 1536, KB down/up per user·round – / –, rounds 5, wall s 12.3" in printed
 
     write_sweep_table(points[:1], [_summary(None)], tmp_path / "public")
     assert "| z |" not in (tmp_path / "public" / "sweep.md").read_text()
+
+
+def _run_to(cfg, out):
+    """A whole tiny run through the in-process port, written to its results directory."""
+    from fedrec.inprocess import InProcessPort
+    from fedrec.results import ResultsDir
+    from fedrec.run import FederatedRun
+    from fedrec.workload import describe_adapter, load_workload
+
+    work = load_workload(cfg, log=lambda _m: None)
+    port = InProcessPort(cfg, work)
+    info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
+    results = ResultsDir(out)
+    results.write_config(cfg)
+    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=results,
+                       log=lambda _m: None, sent_keys=info.sent)  # fmt: skip
+    return run.execute(port, started=0.0, ready_seconds=0.0, about={})
+
+
+def test_report_of_two_tiny_runs_draws_every_figure_and_tabulates_the_summaries(tiny_cfg, tmp_path, capsys):
+    cfg = tiny_cfg.replace(num_rounds=4, cohort_size=30, eval_every=2, clipping_norm=0.5, bootstrap_samples=50)
+    plain = _run_to(cfg, tmp_path / "runs" / "plain")
+    private = _run_to(cfg.replace(target_epsilon=4.0, sampling="poisson", audit_canaries=40), tmp_path / "runs" / "dp")
+    assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    assert "report:" in capsys.readouterr().out
+    out = tmp_path / "report"
+    for name in ("report.md", "ndcg_vs_epsilon.png", "valid_vs_rounds.png", "norm_vs_rounds.png",
+                 "epsilon_vs_rounds.png", "bytes_vs_rounds.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    groups = json.loads((out / "report.json").read_text())["groups"]
+    assert len(groups) == 2
+    by_eps = {g["epsilon"] is None: g for g in groups}
+    assert by_eps[True]["test_ndcg10"] == [plain["test"]["ndcg@10"]]
+    dp = by_eps[False]
+    assert dp["test_ndcg10"] == [private["test"]["ndcg@10"]] and dp["epsilon"] == pytest.approx(private["epsilon"])
+    assert dp["z"] == private["noise_multiplier"] and dp["q"] == private["sampling_rate"]
+    assert dp["audit_lower_bound"] == [private["audit"]["epsilon_lower_bound"]]
+    text = (out / "report.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| ") and f"{private['epsilon']:.3g}" in line)
+    low, high = private["test_ci"]["ndcg@10"]
+    assert f"{private['test']['ndcg@10']:.4f} [{low:.4f}, {high:.4f}]" in row
+    assert f"{private['audit']['epsilon_lower_bound']:.2f} / " in row
+
+
+def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2
+    assert "no results directory" in capsys.readouterr().err

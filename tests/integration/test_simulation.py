@@ -200,18 +200,29 @@ def test_cli_sweep_runs_the_grid_and_writes_its_table(tmp_path):
     cmd = [
         sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out),
         "--run-config", f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=2 cohort-size=20 eval-every=0 clipping-norm=0.5",
-        "--sweep", "lora-train=both,b-only",
+        "--sweep", "lora-train=both,b-only", "--seeds", "0,1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "sweep.json").read_text())
-    assert [r["lora-train"] for r in rows] == ["both", "b-only"]
+    assert [(r["lora-train"], r["seed"]) for r in rows] == [("both", 0), ("both", 1), ("b-only", 0), ("b-only", 1)]
+    summaries = []
     for r in rows:
         summary = json.loads((Path(r["results_dir"]) / "summary.json").read_text())
         assert Path(r["results_dir"]).parent == out and summary["test"]["ndcg@10"] == r["test_ndcg10"]
-    dims = [json.loads((Path(r["results_dir"]) / "summary.json").read_text())["adapter_dimension"] for r in rows]
-    assert dims[0] == 2 * dims[1]  # each point really ran its own config
-    assert len((out / "sweep.md").read_text().splitlines()) == 4 and "run 2/2" in proc.stdout  # head, rule, 2 rows
+        assert r["up_kb_per_user_round"] == summary["communication"]["per_user_round"]["up"] / 1024
+        summaries.append(summary)
+    dims = [s["adapter_dimension"] for s in summaries]
+    assert dims[0] == 2 * dims[2]  # each point really ran its own config
+    assert summaries[0]["base_test"] != summaries[1]["base_test"]  # another seed: another split and base
+    assert len((out / "sweep.md").read_text().splitlines()) == 6 and "run 4/4" in proc.stdout  # head, rule, 4 rows
+    # The report the sweep ends with: one group per lora-train value, its two seeds summarized.
+    report = json.loads((out / "report.json").read_text())
+    groups = {g["method"]: g for g in report["groups"]}
+    assert set(groups) == {"lora-train=both", "lora-train=b-only"}
+    assert groups["lora-train=both"]["seeds"] == [0, 1]
+    assert groups["lora-train=both"]["test_ndcg10"] == [s["test"]["ndcg@10"] for s in summaries[:2]]
+    assert "± " in (out / "report.md").read_text() and (out / "ndcg_vs_epsilon.png").stat().st_size > 0
 
 
 def test_cli_sweep_errors_are_one_line_config_errors():

@@ -1,0 +1,104 @@
+"""The report's figures (matplotlib, Agg): one function per PNG, each from loaded runs.
+
+`runs` are `fedrec.report.Run` records; `groups` are runs that differ only in their seed,
+keyed by the method's label and ε (`fedrec.report.group_runs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def mean_interval(values: Sequence[float], ci: list[float] | None = None) -> tuple[float, float, float]:
+    """(mean, low, high): over seeds the 95% t-interval of the mean; one run, its bootstrap interval."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        lo, hi = ci if ci else (v[0], v[0])
+        return float(v[0]), float(lo), float(hi)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def ndcg_vs_epsilon(groups: list[dict[str, Any]], references: dict[str, float], path: Path) -> Path:
+    """Test NDCG@10 against ε, one line per method with its 95% intervals; the runs without
+    DP as dotted lines in the method's colour; base, ceilings and local-only as grey lines."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    methods = list(dict.fromkeys(g["method"] for g in groups))
+    private = [g for g in groups if g["epsilon"] is not None]
+    for i, method in enumerate(methods):
+        color = f"C{i}"
+        pts = sorted((g["epsilon"], *g["ndcg"]) for g in private if g["method"] == method)
+        if pts:
+            eps, mean, lo, hi = (np.array(c) for c in zip(*pts))
+            ax.errorbar(eps, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, color=color, label=method)
+        for g in groups:
+            if g["method"] == method and g["epsilon"] is None:
+                ax.axhline(g["ndcg"][0], color=color, linestyle=":", label=f"{method}, no DP")
+    styles = ["--", "-.", (0, (1, 2)), (0, (5, 2, 1, 2)), "-"]
+    for j, (name, value) in enumerate(references.items()):
+        ax.axhline(value, color="gray", linestyle=styles[j % len(styles)], linewidth=1, label=name)
+    # Horizontal lines do not move matplotlib's limits: frame every value drawn.
+    values = [v for g in groups for v in g["ndcg"]] + list(references.values())
+    lo, hi = min(values), max(values)
+    ax.set_ylim(max(0.0, lo - 0.1 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
+    if private:
+        ax.set_xscale("log")
+        ticks = sorted({g["epsilon"] for g in private})
+        ax.set_xticks(ticks, [f"{e:.3g}" for e in ticks])
+        ax.minorticks_off()
+    ax.set_xlabel("ε spent (accountant, at the run's δ)")
+    ax.set_ylabel("test NDCG@10 (best validated round)")
+    ax.set_title("Test NDCG@10 against ε (95% intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], ylabel: str, log: bool = False) -> Path | None:
+    """One line per run (and per series) of a per-round quantity from metrics.jsonl;
+    `series` maps a name to pick(run, row) → value or None."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    drawn = 0
+    for i, run in enumerate(runs):
+        for j, (name, pick) in enumerate(series.items()):
+            pts = [(r["round"], pick(run, r)) for r in run.rows]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                label = run.label + (f" ({name})" if len(series) > 1 else "")
+                ax.plot(*zip(*pts), color=f"C{i % 10}", linestyle=["-", "--", ":"][j % 3], marker="." if len(pts) < 30 else None,
+                        label=label)  # fmt: skip
+                drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
