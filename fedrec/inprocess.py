@@ -8,6 +8,10 @@ the order of float additions.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -15,11 +19,12 @@ from fedrec.config import FedRecConfig
 from fedrec.metrics import metric_means
 from fedrec.model.lora import load_adapter_state
 from fedrec.model.types import AdapterState
-from fedrec.run import EvalResult, TrainResult
+from fedrec.results import ResultsDir
+from fedrec.run import EvalResult, FederatedRun, TrainResult
 from fedrec.train.engine import train_cohort
 from fedrec.train.evaluate import rank_sums, rank_users
 from fedrec.local_state import local_store_for
-from fedrec.workload import Workload
+from fedrec.workload import Workload, describe_adapter, load_workload
 
 
 class InProcessPort:
@@ -41,3 +46,17 @@ class InProcessPort:
         full, sampled = rank_users(self.model, self.data, users, split, max_seq_len=self.cfg.max_seq_len,
                                    device=self.device, local_store=local_store_for(self.cfg))  # fmt: skip
         return EvalResult(metric_means(rank_sums(full, sampled)), dict(zip(users, full.tolist())))
+
+
+def run_in_process(cfg: FedRecConfig, out: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """A whole federated run through `InProcessPort` (no Flower): its summary, and its
+    results directory in `out` when given."""
+    work = load_workload(cfg, log=log)
+    port = InProcessPort(cfg, work)
+    info = describe_adapter(cfg, port.model, work.item_side, log=log)
+    results = ResultsDir(out) if out is not None else None
+    if results is not None:
+        results.write_config(cfg)
+    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=results, log=log,
+                       sent_keys=info.sent)  # fmt: skip
+    return run.execute(port, started=time.time(), ready_seconds=0.0, about={"dataset": work.interactions.describe()})

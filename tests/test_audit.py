@@ -13,13 +13,10 @@ from scipy import stats
 
 import fedrec.privacy.mechanism as mechanism
 from fedrec.config import ConfigError, FedRecConfig
-from fedrec.inprocess import InProcessPort
+from fedrec.inprocess import run_in_process
 from fedrec.privacy.audit import (
     CANARY_ID_BASE, CanarySet, audit_p_value, gaussian_pair_delta, one_run_lower_bound, one_shot_estimate,
 )  # fmt: skip
-from fedrec.results import ResultsDir
-from fedrec.run import FederatedRun
-from fedrec.workload import describe_adapter, load_workload
 
 
 def _gdp_delta(eps: float, mu: float) -> float:
@@ -96,18 +93,13 @@ def _audited(tmp_path, noise_factor: float = 1.0, **changes) -> tuple[dict, dict
     """A whole run through the in-process port (real training, the real mechanism); its
     summary and audit.json."""
     cfg = FedRecConfig(cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"), **AUDITED).replace(**changes)
-    work = load_workload(cfg, log=lambda _m: None)
-    port = InProcessPort(cfg, work)
-    info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
-    out = ResultsDir(tmp_path / "out" / f"{changes}-{noise_factor}")
-    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=out, log=lambda _m: None,
-                       sent_keys=info.sent)  # fmt: skip
+    out = tmp_path / "out" / f"{changes}-{noise_factor}"
     old, mechanism._TEST_NOISE_FACTOR = mechanism._TEST_NOISE_FACTOR, noise_factor
     try:
-        summary = run.execute(port, started=0.0, ready_seconds=0.0, about={})
+        summary = run_in_process(cfg, out, log=lambda _m: None)
     finally:
         mechanism._TEST_NOISE_FACTOR = old
-    return summary, json.loads((out.path / "audit.json").read_text())
+    return summary, json.loads((out / "audit.json").read_text())
 
 
 def test_the_audit_flags_a_run_without_noise(tmp_path):

@@ -19,12 +19,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("fedrec.config",)),
     ("data", ("fedrec.data",)),
     ("model", ("fedrec.model", "fedrec.baselines")),
-    ("round arithmetic", ("fedrec.metrics", "fedrec.aggregate", "fedrec.local_state", "fedrec.cohort")),
+    ("round arithmetic", ("fedrec.metrics", "fedrec.aggregate", "fedrec.local_state", "fedrec.cohort",
+                          "fedrec.communication")),
     ("privacy", ("fedrec.privacy",)),
     ("train", ("fedrec.train",)),
     ("workload", ("fedrec.workload",)),
-    ("results", ("fedrec.results", "fedrec.report")),
-    ("run", ("fedrec.checkpoint", "fedrec.run", "fedrec.inprocess", "fedrec.centralized")),
+    ("results", ("fedrec.results", "fedrec.report", "fedrec.figures")),
+    ("run", ("fedrec.checkpoint", "fedrec.run", "fedrec.inprocess", "fedrec.centralized", "fedrec.local_only")),
     ("entry point", ("fedrec.simulate",)),
 ]
 ENTRY_POINT = "fedrec.simulate"  # the one core module that starts the Flower apps

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from fedrec.inprocess import run_in_process
 from fedrec.report import main as report_main
 from fedrec.report import write_sweep_table
 
@@ -32,27 +33,11 @@ def test_sweep_table_shows_what_epsilon_rests_on_only_when_a_run_is_private(tmp_
     assert "| z |" not in (tmp_path / "public" / "sweep.md").read_text()
 
 
-def _run_to(cfg, out):
-    """A whole tiny run through the in-process port, written to its results directory."""
-    from fedrec.inprocess import InProcessPort
-    from fedrec.results import ResultsDir
-    from fedrec.run import FederatedRun
-    from fedrec.workload import describe_adapter, load_workload
-
-    work = load_workload(cfg, log=lambda _m: None)
-    port = InProcessPort(cfg, work)
-    info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
-    results = ResultsDir(out)
-    results.write_config(cfg)
-    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=results,
-                       log=lambda _m: None, sent_keys=info.sent)  # fmt: skip
-    return run.execute(port, started=0.0, ready_seconds=0.0, about={})
-
-
 def test_report_of_two_tiny_runs_draws_every_figure_and_tabulates_the_summaries(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg.replace(num_rounds=4, cohort_size=30, eval_every=2, clipping_norm=0.5, bootstrap_samples=50)
-    plain = _run_to(cfg, tmp_path / "runs" / "plain")
-    private = _run_to(cfg.replace(target_epsilon=4.0, sampling="poisson", audit_canaries=40), tmp_path / "runs" / "dp")
+    plain = run_in_process(cfg, tmp_path / "runs" / "plain", log=lambda _m: None)
+    private = run_in_process(cfg.replace(target_epsilon=4.0, sampling="poisson", audit_canaries=40), tmp_path / "runs" / "dp",
+                             log=lambda _m: None)
     assert report_main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     assert "report:" in capsys.readouterr().out
     out = tmp_path / "report"
