@@ -108,11 +108,20 @@ def test_dp_run_writes_ledger_and_stops_at_max_epsilon(tmp_path):
     s = simulate(
         tmp_path,
         "dp",
-        "num-rounds=30 cohort-size=20 eval-every=5 sampling=poisson noise-multiplier=0.8 clipping-norm=0.5 max-epsilon=3",
+        "num-rounds=30 cohort-size=20 eval-every=5 sampling=poisson noise-multiplier=0.8 clipping-norm=0.5 max-epsilon=3 "
+        "audit-canaries=60",
     )
     ledger = json.loads((Path(s["results_dir"]) / "privacy.json").read_text())
     assert ledger["accountant"] == "pld" and ledger["sampling"] == "poisson"
-    assert ledger["population"] == s["private_users"] and ledger["delta"] == pytest.approx(1 / s["private_users"])
+    # The canaries the audit included join the sampled population, and so its δ = 1/N; the
+    # evaluated users stay the private ones.
+    audit = json.loads((Path(s["results_dir"]) / "audit.json").read_text())
+    assert audit["real_users"] == s["private_users"] == s["test"]["users"] and len(audit["scores"]) == 60
+    assert ledger["population"] == audit["sampled_population"] == s["private_users"] + audit["included"]
+    assert ledger["delta"] == pytest.approx(1 / ledger["population"]) == audit["delta"]
+    assert s["audit"]["claimed_epsilon"] == s["epsilon"] and 0 <= s["audit"]["epsilon_lower_bound"] <= s["epsilon"]
+    rows = [json.loads(line) for line in (Path(s["results_dir"]) / "metrics.jsonl").read_text().splitlines()][1:]
+    assert sum(r["train"]["canaries"] for r in rows) > 0
     eps = [r["epsilon"] for r in ledger["rounds"]]
     assert 0 < len(eps) < 30 and eps == sorted(eps) and eps[-1] <= 3
     assert s["rounds"] == len(eps) and s["epsilon"] == eps[-1]
