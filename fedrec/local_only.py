@@ -63,6 +63,8 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
             f, s = rank_users(model, data, [u], "test", **rank)
             test[i], sampled[i] = f[0], s[0]
             progress.advance(task)
+            if not console.is_terminal and (i + 1) % max(1, len(users) // 10) == 0:  # a log file sees no bar
+                console.print(f"local only: {i + 1:,}/{len(users):,} users, {time.time() - t0:.0f} s")
     load_adapter_state(model, {k: v.to(device) for k, v in info.initial.items()})
     boot = dict(samples=cfg.bootstrap_samples, seed=cfg.seed)
     summary = {
