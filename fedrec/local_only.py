@@ -5,7 +5,9 @@ Every private user starts from the frozen base and the same initial adapter and 
 the local SGD steps it would take over the whole federated run (`local-epochs` ×
 the rounds it is expected to be sampled in, at least `local-epochs`), with the same
 local learning rate and no clipping, then is ranked on its own validation and test
-item with its own adapter. Nothing is shared, so there is no ε to report.
+item with its own adapter. Nothing is shared, so there is no ε to report. With
+`eval-users` > 0 the users are that seeded sample (the federated run's validation users):
+a user's local fine-tune is the loop engine's, one user at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fedrec.cohort import validation_users
 from fedrec.config import FedRecConfig
 from fedrec.metrics import bootstrap_intervals, metric_means, metric_sums
 from fedrec.model.lora import load_adapter_state
@@ -42,10 +45,12 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
     data, device = work.data, resolve_device(cfg.device)
     model = work.model(device)
     info = describe_adapter(cfg, model, work.item_side, log=console.print)
-    users = [int(u) for u in data.private]
-    epochs = local_steps(cfg, len(users))
-    console.print(f"local only: {len(users):,} users, each {epochs} local SGD steps at lr {cfg.learning_rate:g} "
-                  f"on its own sequence, from the base; {info.dimension:,} parameters each, nothing shared")  # fmt: skip
+    users = [int(u) for u in validation_users(data.private, cfg.eval_users, cfg.seed)]
+    epochs = local_steps(cfg, len(data.private))
+    sample = f" (eval-users={cfg.eval_users}, seeded)" if len(users) < len(data.private) else ""
+    console.print(f"local only: {len(users):,} of {len(data.private):,} private users{sample}, each {epochs} local SGD "
+                  f"steps at lr {cfg.learning_rate:g} on its own sequence, from the base; {info.dimension:,} parameters "
+                  "each, nothing shared")  # fmt: skip
     rank = dict(max_seq_len=cfg.max_seq_len, device=device)
     base_valid, _ = rank_users(model, data, users, "valid", **rank)
     base_test, base_sampled = rank_users(model, data, users, "test", **rank)
@@ -70,7 +75,8 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
     summary = {
         "mode": "local",
         "dataset": work.interactions.describe(),
-        "private_users": len(users),
+        "private_users": len(data.private),
+        "local_users": len(users),
         "public_users": len(data.public),
         "num_items": data.num_items,
         "local_epochs_per_user": epochs,

@@ -131,7 +131,8 @@ class Run:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     audit: dict[str, Any] | None
-    label: str = ""
+    method: str = ""  # the config keys that tell it from the other methods (`group_runs`)
+    label: str = ""  # method, privacy and seed: its line in the per-round figures
 
     @property
     def mode(self) -> str:
@@ -164,11 +165,16 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
     federated = [r for r in runs if r.mode == "federated"]
     keys = _method_keys(federated)
     for r in federated:
-        r.label = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "federated"
+        r.method = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "federated"
+    seeds = len({r.config.get("seed", 0) for r in federated}) > 1
+    for r in federated:  # a run's own name in the per-round figures: its method, privacy and seed
+        eps, z = r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0)
+        privacy = f"ε={eps:g}" if eps else f"z={z:g}" if z else "no DP"
+        r.label = f"{r.method}, {privacy}" + (f", seed {r.config.get('seed', 0)}" if seeds else "")
     by: dict[tuple, list[Run]] = {}
     for r in federated:
         privacy = (r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0))
-        by.setdefault((r.label, *privacy), []).append(r)
+        by.setdefault((r.method, *privacy), []).append(r)
     groups = []
     for (label, _target, _z), members in by.items():
         s = [m.summary for m in members]
@@ -205,7 +211,9 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
 def references(runs: list[Run]) -> dict[str, float]:
     """The reference lines: base, most popular, local-only and the centralized ceilings (test NDCG@10)."""
     out: dict[str, float] = {}
-    bases = sorted({r.summary["base_test"]["ndcg@10"] for r in runs if r.summary.get("base_test")})
+    # The base over all users: a local-only run on a user sample has its own base, for its pairing only.
+    with_base = [r for r in runs if r.mode == "federated"] or runs
+    bases = sorted({r.summary["base_test"]["ndcg@10"] for r in with_base if r.summary.get("base_test")})
     if bases:
         out["base model" + (f" (mean of {len(bases)})" if len(bases) > 1 else "")] = float(np.mean(bases))
     for r in runs:
