@@ -12,9 +12,9 @@ simulation (`fedrec.simulate.run_many`: Ray and the workers start once), or with
 keep the config's sampling and clipping and drop only the noise. The table is the one
 `python -m fedrec.simulate --sweep` ends with (`fedrec.report.write_sweep_table`: printed,
 OUT/sweep.md, rows in OUT/sweep.json), followed by the share of each value's non-private
-gain over the base that each ε keeps (OUT/gain_kept.md). Test NDCG@10 against ε is plotted
-to OUT/ndcg_vs_epsilon.png, with the base and, from a `mode=centralized` summary
-(`--ceilings`), the ceilings as horizontal lines.
+gain over the base that each ε keeps (OUT/gain_kept.md), and `python -m fedrec.report`'s
+report.md with its figures in OUT (test NDCG@10 against ε in OUT/ndcg_vs_epsilon.png, with the
+base and, from a `mode=centralized` summary (`--ceilings`), the ceilings as horizontal lines).
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def main() -> int:
     footer = f"wall s: each run's ServerApp, start-up excluded; the whole sweep ({how}) took {total:.1f} s."
     rows = write_sweep_table([{key: v, "target-epsilon": e} for v, e, _argv in runs], summaries, args.out, footer)
     print(gain_kept(rows, key, args.out / "gain_kept.md"))
-    ceilings = json.loads(args.ceilings.read_text()) if args.ceilings else None
-    print(f"plot: {plot(rows, key, args.out / 'ndcg_vs_epsilon.png', ceilings)}")
+    # The figures and report.md: fedrec's report over the sweep (and the ceilings' run, whose lines it draws).
+    from fedrec.report import write_report
+
+    print(f"report: {write_report([args.out] + ([args.ceilings.parent] if args.ceilings else []), args.out)}")
     return 0
 
 
@@ -94,49 +96,6 @@ def gain_kept(rows: list[dict], key: str, path: Path) -> str:
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
-
-
-def plot(rows: list[dict], key: str, path: Path, ceilings: dict | None = None) -> Path:
-    """Test NDCG@10 against target ε, one line per value of the varied key (with its 95%
-    interval as a band); the no-DP runs, the base and the ceilings as horizontal lines
-    (ε on a log axis: the question is usually 1 vs 4 vs 8)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, value in enumerate(dict.fromkeys(r[key] for r in rows)):
-        color = f"C{i}"
-        mine = [r for r in rows if r[key] == value]
-        dp = sorted((float(r["target-epsilon"]), r["test_ndcg10"], r.get("test_ndcg10_ci")) for r in mine
-                    if r["target-epsilon"] != "none")  # fmt: skip
-        if dp:
-            ax.plot([e for e, _, _ in dp], [v for _, v, _ in dp], marker="o", color=color, label=f"{value}, DP")
-            if all(ci for _, _, ci in dp):
-                ax.fill_between([e for e, _, _ in dp], [ci[0] for _, _, ci in dp], [ci[1] for _, _, ci in dp],
-                                color=color, alpha=0.12, linewidth=0)  # fmt: skip
-        for r in mine:
-            if r["target-epsilon"] == "none":
-                ax.axhline(r["test_ndcg10"], color=color, linestyle=":", label=f"{value}, no DP")
-    ax.axhline(rows[0]["base_ndcg10"], color="gray", linestyle="--", label="base model")
-    for name, style in (("scratch", "-"), ("full", "-."), ("same", (0, (1, 3)))):
-        m = (ceilings or {}).get(f"ceiling_{name}_test")
-        if m:
-            ax.axhline(m["ndcg@10"], color="black", linestyle=style, linewidth=1, label=f"ceiling: {name}")
-    ax.set_xscale("log")
-    targets = sorted({float(r["target-epsilon"]) for r in rows if r["target-epsilon"] != "none"})
-    ax.set_xticks(targets, [f"{e:g}" for e in targets])
-    ax.minorticks_off()
-    ax.set_xlabel("target ε (δ = 1/N)")
-    ax.set_ylabel("test NDCG@10 (best validated round)")
-    ax.set_title("What ε costs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":
