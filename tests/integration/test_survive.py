@@ -51,7 +51,9 @@ def _rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # wall-clock and memory readings differ between any two runs
         r.pop("seconds", None)
-        for k in ("worker-peak-rss-mb", "worker-train-seconds"):
+        # So do the messages' wire bytes: every message carries the run's config, whose
+        # output-dir (and resume-from) differ between the runs compared.
+        for k in ("worker-peak-rss-mb", "worker-train-seconds", "wire-bytes-down", "wire-bytes-up"):
             r.get("train", {}).pop(k, None)
     return rows
 
