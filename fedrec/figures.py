@@ -42,18 +42,18 @@ def ndcg_vs_epsilon(groups: list[dict[str, Any]], references: dict[str, float], 
     private = [g for g in groups if g["epsilon"] is not None]
     for i, method in enumerate(methods):
         color = f"C{i}"
-        pts = sorted((g["epsilon"], *g["ndcg"]) for g in private if g["method"] == method)
+        pts = sorted((g["epsilon"], *g["ndcg_mean_interval"]) for g in private if g["method"] == method)
         if pts:
             eps, mean, lo, hi = (np.array(c) for c in zip(*pts))
             ax.errorbar(eps, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, color=color, label=method)
         for g in groups:
             if g["method"] == method and g["epsilon"] is None:
-                ax.axhline(g["ndcg"][0], color=color, linestyle=":", label=f"{method}, no DP")
+                ax.axhline(g["ndcg_mean_interval"][0], color=color, linestyle=":", label=f"{method}, no DP")
     styles = ["--", "-.", (0, (1, 2)), (0, (5, 2, 1, 2)), "-"]
     for j, (name, value) in enumerate(references.items()):
         ax.axhline(value, color="gray", linestyle=styles[j % len(styles)], linewidth=1, label=name)
     # Horizontal lines do not move matplotlib's limits: frame every value drawn.
-    values = [v for g in groups for v in g["ndcg"]] + list(references.values())
+    values = [v for g in groups for v in g["ndcg_mean_interval"]] + list(references.values())
     lo, hi = min(values), max(values)
     ax.set_ylim(max(0.0, lo - 0.1 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
     if private:

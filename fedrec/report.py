@@ -130,7 +130,6 @@ class Run:
     summary: dict[str, Any]
     config: dict[str, Any]
     rows: list[dict[str, Any]]
-    audit: dict[str, Any] | None
     method: str = ""  # the config keys that tell it from the other methods (`group_runs`)
     label: str = ""  # method, privacy and seed: its line in the per-round figures
 
@@ -148,8 +147,7 @@ def load_runs(dirs: list[Path]) -> list[Run]:
         config = tomllib.loads((path / "config.toml").read_text()) if (path / "config.toml").exists() else {}
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()] \
             if (path / "metrics.jsonl").exists() else []  # fmt: skip
-        audit = json.loads((path / "audit.json").read_text()) if (path / "audit.json").exists() else None
-        runs.append(Run(path, json.loads((path / "summary.json").read_text()), config, rows, audit))
+        runs.append(Run(path, json.loads((path / "summary.json").read_text()), config, rows))
     return runs
 
 
@@ -164,17 +162,15 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
 
     federated = [r for r in runs if r.mode == "federated"]
     keys = _method_keys(federated)
-    for r in federated:
-        r.method = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "federated"
     seeds = len({r.config.get("seed", 0) for r in federated}) > 1
-    for r in federated:  # a run's own name in the per-round figures: its method, privacy and seed
-        eps, z = r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0)
-        privacy = f"ε={eps:g}" if eps else f"z={z:g}" if z else "no DP"
-        r.label = f"{r.method}, {privacy}" + (f", seed {r.config.get('seed', 0)}" if seeds else "")
     by: dict[tuple, list[Run]] = {}
     for r in federated:
-        privacy = (r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0))
-        by.setdefault((r.method, *privacy), []).append(r)
+        r.method = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "federated"
+        eps, z = r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0)
+        privacy = f"ε={eps:g}" if eps else f"z={z:g}" if z else "no DP"
+        # Its own name in the per-round figures: method, privacy and seed.
+        r.label = f"{r.method}, {privacy}" + (f", seed {r.config.get('seed', 0)}" if seeds else "")
+        by.setdefault((r.method, eps, z), []).append(r)
     groups = []
     for (label, _target, _z), members in by.items():
         s = [m.summary for m in members]
@@ -182,6 +178,7 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
         ndcg = [x["test"]["ndcg@10"] for x in s]
         audit = [x.get("audit") or {} for x in s]
         comm = s[0].get("communication") or {}
+        ci = (s[0].get("test_ci") or {}).get("ndcg@10") if len(s) == 1 else None  # one run: its bootstrap interval
         groups.append({
             "method": label,
             "seeds": sorted(m.config.get("seed", 0) for m in members),
@@ -194,8 +191,8 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "noise_to_signal": s[0].get("noise_to_signal"),
             "test_ndcg10": ndcg,
             "test_hr10": [x["test"]["hr@10"] for x in s],
-            "test_ndcg10_ci": (s[0].get("test_ci") or {}).get("ndcg@10") if len(s) == 1 else None,
-            "ndcg": mean_interval(ndcg, (s[0].get("test_ci") or {}).get("ndcg@10") if len(s) == 1 else None),
+            "test_ndcg10_ci": ci,
+            "ndcg_mean_interval": mean_interval(ndcg, ci),
             "base_ndcg10": [x["base_test"]["ndcg@10"] for x in s],
             "best_round": [x.get("best_round") for x in s],
             "wall_s": [x.get("wall_seconds") for x in s],
@@ -302,8 +299,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         lines += ["", "No run here is private (ε = –)."]
     for title, path in made.items():
         lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
-    (out / "report.json").write_text(json.dumps({"groups": [{k: v for k, v in g.items() if k != "ndcg"} | {
-        "ndcg_mean_interval": g["ndcg"]} for g in groups], "references": refs}, indent=2) + "\n")  # fmt: skip
+    (out / "report.json").write_text(json.dumps({"groups": groups, "references": refs}, indent=2) + "\n")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

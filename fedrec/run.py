@@ -65,6 +65,11 @@ def make_sampler(cfg: FedRecConfig, population: np.ndarray) -> CohortSampler:
     return CohortSampler(kind, population, cfg.cohort_size, cfg.seed)
 
 
+def run_delta(cfg: FedRecConfig, sampler: CohortSampler) -> float:
+    """δ: `target-delta`, or 1/N over the sampled population (canaries included)."""
+    return cfg.target_delta or 1.0 / len(sampler.population)
+
+
 def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) -> Mechanism:
     population, expected = len(sampler.population), sampler.size
     adaptive = None
@@ -77,7 +82,7 @@ def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) 
         noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
         clipping_norm=cfg.clipping_norm, q=min(1.0, expected / population), expected_users=expected,
         population=population, sampling=cfg.sampling, accountant=cfg.accountant,
-        delta=cfg.target_delta or 1.0 / population, seed=cfg.seed, adaptive=adaptive, log=log,
+        delta=run_delta(cfg, sampler), seed=cfg.seed, adaptive=adaptive, log=log,
     )  # fmt: skip
 
 
@@ -276,7 +281,7 @@ class FederatedRun:
         """The canaries against the model's whole change over the run (the last round's
         adapter: every round's noise and every canary's visits are in it)."""
         change = {k: self.adapter[k].double() - self.initial[k].double() for k in self.canaries.keys}
-        delta = report["delta"] if report["delta"] is not None else (self.cfg.target_delta or 1.0 / len(self.sampler.population))
+        delta = report["delta"] if report["delta"] is not None else run_delta(self.cfg, self.sampler)
         record = audit(self.canaries, change, delta, report["epsilon"])
         record |= {"real_users": len(self.users), "sampled_population": len(self.sampler.population),
                    "sampling_rate": self.sampler.q, "rounds": self.round}  # fmt: skip

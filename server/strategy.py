@@ -90,7 +90,8 @@ class FedRecStrategy(Strategy):
             # round is short enough that this idle wait is a large share of it
             # (experiments/README.md, section "Throughput: how fast a cohort trains").
             grid.pull_interval = PULL_INTERVAL_S
-        grid = self._grid = CountingGrid(grid)  # the port's messages go through it from now on, counted
+        self._plain_grid = grid  # evaluation's messages: a simulation's diagnostic, not training traffic
+        grid = self._grid = CountingGrid(grid)  # every other message goes through it from now on, counted
         device = self.cfg.placement == "device"
         need = len(self.population) if device else self.cfg.num_workers
         deadline = time.monotonic() + timeout
@@ -239,7 +240,6 @@ class FedRecStrategy(Strategy):
         """The cohort's sum of clipped updates, from worker sums, device replies or SecAgg+."""
         self.cohort = np.asarray(cohort, dtype=np.int64)
         arrays = ArrayRecord(adapter)
-        self._grid.take()  # what evaluation sent is not the round's training traffic
         if self.cfg.secure_aggregation == "secagg+":
             result = self._secagg_round(round_, arrays, clipping_norm)
         else:
@@ -253,8 +253,9 @@ class FedRecStrategy(Strategy):
 
     def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult:
         self.eval_target = np.asarray(users, dtype=np.int64)
-        msgs = list(self.configure_evaluate(round_, ArrayRecord(adapter), ConfigRecord({"split": split}), self._grid))
-        replies = self._receive(self._grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
+        grid = self._plain_grid
+        msgs = list(self.configure_evaluate(round_, ArrayRecord(adapter), ConfigRecord({"split": split}), grid))
+        replies = self._receive(grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
         result = self.aggregate_evaluate(round_, replies)
         return EvalResult({k: float(v) for k, v in (result or {}).items()}, dict(self.last_ranks))
 

@@ -36,7 +36,7 @@ class CountingGrid:
 
     def __init__(self, grid: Any) -> None:
         self._grid = grid
-        self.take()
+        self.counts = _zeros()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -58,6 +58,9 @@ class CountingGrid:
         self.counts[f"messages-{direction}"] += 1
 
     def take(self) -> dict[str, float]:
-        counts = getattr(self, "counts", {})
-        self.counts = {f"{k}-{d}": 0.0 for k in ("wire-bytes", "array-bytes", "messages") for d in ("down", "up")}
+        counts, self.counts = self.counts, _zeros()
         return counts
+
+
+def _zeros() -> dict[str, float]:
+    return {f"{k}-{d}": 0.0 for k in ("wire-bytes", "array-bytes", "messages") for d in ("down", "up")}
