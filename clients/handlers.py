@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
+import sys
 import time
 from dataclasses import dataclass
 
@@ -31,6 +33,14 @@ from fedrec.train.dpsgd import train_silo
 from fedrec.train.engine import train_cohort
 from fedrec.train.evaluate import rank_sums, rank_users
 from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_device
+
+
+def worker_place() -> dict[str, str]:
+    """Which process, and which Ray node, trained a reply: the evidence that a run's
+    workers spread over a cluster's machines (ray-address)."""
+    ray = sys.modules.get("ray")  # imported only where Ray runs this worker; never here
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
+    return {"process": f"{socket.gethostname()}:{os.getpid()}", "ray-node": node}
 
 
 def peak_rss_mb() -> float:
@@ -148,7 +158,8 @@ def train(msg: Message, context: Context) -> Message:
         return _train_silo(msg, node.cfg, node.data, node.model, node.device, _users(msg, context, node), state)
     total = _train_users(node, _users(msg, context, node), global_state, task)
     counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
-    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
+    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts),
+                          "where": ConfigRecord(worker_place())})  # fmt: skip
     return Message(content, reply_to=msg)
 
 

@@ -95,3 +95,13 @@ def validation_users(population: Sequence[int] | np.ndarray, eval_users: int, se
     if not 0 < eval_users < len(pop):
         return pop
     return np.sort(np.random.default_rng([seed, 0xE7A1]).choice(pop, eval_users, replace=False))
+
+
+def test_users(population: Sequence[int] | np.ndarray, sample: int, seed: int) -> np.ndarray:
+    """The users whose test item scores the run: a seeded sample of `sample` (drawn apart
+    from the validation sample), or everyone when that is 0 or covers the population. On a
+    large population the sample's bootstrap interval states what the sampling costs."""
+    pop = np.asarray(population, dtype=np.int64)
+    if not 0 < sample < len(pop):
+        return pop
+    return np.sort(np.random.default_rng([seed, 0x7E57]).choice(pop, sample, replace=False))

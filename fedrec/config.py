@@ -77,6 +77,7 @@ class FedRecConfig:
     dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
     pretrain_epochs: int = field(default=150, metadata=_range(0))
     pretrain_patience: int = field(default=5, metadata=_range(0))
+    pretrain_users: int = field(default=0, metadata=_range(0))  # 0 = every public user
     pretrain_learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     batch_size: int = field(default=128, metadata=_range(1))
 
@@ -130,6 +131,7 @@ class FedRecConfig:
     secagg_threshold: int = field(default=2, metadata=_range(2))
     placement: str = field(default="cohort", metadata=_choice(*PLACEMENTS))
     num_workers: int = field(default=2, metadata=_range(1))
+    ray_address: str = ""  # an existing Ray cluster (e.g. "127.0.0.1:6379"); "" starts a local one
     client_num_cpus: float = field(default=1.0, metadata=_range(0.0, lo_open=True))
     client_num_gpus: float = field(default=0.0, metadata=_range(0.0))
     local_engine: str = field(default="auto", metadata=_choice("auto", "vectorized", "loop"))
@@ -137,6 +139,7 @@ class FedRecConfig:
     scoring_dtype: str = field(default="float32", metadata=_choice("float32", "bfloat16"))
     eval_every: int = field(default=5, metadata=_range(0))
     eval_users: int = field(default=0, metadata=_range(0))
+    test_users: int = field(default=0, metadata=_range(0))
     client_dropout: float = field(default=0.0, metadata=_range(0.0, 0.99))
     # empirical privacy audit: M canary clients (fedrec.privacy.audit); 0 = off
     audit_canaries: int = field(default=0, metadata=_range(0))

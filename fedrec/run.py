@@ -24,7 +24,7 @@ import numpy as np
 
 from fedrec import checkpoint
 from fedrec.aggregate import ServerOptimizer, UpdateSum
-from fedrec.cohort import CohortSampler, validation_users
+from fedrec.cohort import CohortSampler, test_users, validation_users
 from fedrec.communication import communication_summary
 from fedrec.config import FedRecConfig
 from fedrec.local_state import client_state_dir
@@ -110,6 +110,10 @@ class FederatedRun:
                 f"q={self.sampler.q:.4g}")  # fmt: skip
         self.mechanism = make_mechanism(cfg, self.sampler, log)
         self.valid_users = validation_users(self.users, cfg.eval_users, cfg.seed)
+        self.test_users = test_users(self.users, cfg.test_users, cfg.seed)
+        if len(self.test_users) < len(self.users):
+            log(f"evaluation: test on a seeded sample of {len(self.test_users):,} of the {len(self.users):,} users "
+                "(test-users); the summary's intervals include the sampling")  # fmt: skip
         self.adapter: AdapterState = {k: v.detach().clone() for k, v in initial.items()}
         self.round = 0  # the last round that has run
         self.rows: list[dict[str, Any]] = []
@@ -126,7 +130,7 @@ class FederatedRun:
         """Round 0: the base model itself, the first candidate for the best round."""
         t0 = time.time()
         valid = port.evaluate(0, self.valid_users, self.adapter, "valid").metrics
-        test = port.evaluate(0, self.population, self.adapter, "test")
+        test = port.evaluate(0, self.test_users, self.adapter, "test")
         self.base = {"valid": valid, "test": test.metrics, "ranks": test.ranks}
         self.best_round, self.best_valid, self.best_adapter = 0, valid, self.adapter
         self._append({"round": 0, "valid": valid, "seconds": round(time.time() - t0, 3)})
@@ -218,8 +222,8 @@ class FederatedRun:
             self.log("lora-share=a-only: the last round (with each user's own B) is the run's result")
         else:
             self.log(f"best validation NDCG@10 at round {self.best_round}; its adapter is the run's result")
-        test = port.evaluate(self.best_round, self.population, self.best_adapter, "test")
-        last = test if self.best_round == self.round else port.evaluate(self.round, self.population, self.adapter, "test")
+        test = port.evaluate(self.best_round, self.test_users, self.best_adapter, "test")
+        last = test if self.best_round == self.round else port.evaluate(self.round, self.test_users, self.adapter, "test")
         boot = dict(samples=cfg.bootstrap_samples, seed=cfg.seed)  # 95% intervals over test users
         summary = {
             "mode": "federated",
@@ -258,6 +262,7 @@ class FederatedRun:
             "adapter_bytes": int(sum(t.numel() * t.element_size() for t in self.best_adapter.values())),
             "adapter_parameters": about.get("adapter_parameters"),
             "private_users": len(self.population),
+            "test_users": len(self.test_users),
             "public_users": about.get("public_users"),
             "num_items": about.get("num_items"),
             "results_dir": str(self.out.path) if self.out else None,

@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "the report (python -m fedrec.report) show mean ± std over seeds",
     )  # fmt: skip
     parser.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="run on an existing Ray cluster (`ray start --head` prints its address) instead of a local one; "
+        "the same as --run-config ray-address=HOST:PORT",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", metavar="DIR",
         help="continue the run in results folder DIR from its last checkpoint, with its stored config; "
         '--run-config may extend it, e.g. "num-rounds=100 max-epsilon=8"',
@@ -63,6 +68,8 @@ def _config_from(args: argparse.Namespace) -> FedRecConfig:
     cfg = FedRecConfig.from_mapping(parse_run_config(args.run_config), cfg)
     if args.output_dir:
         cfg = cfg.replace(output_dir=args.output_dir)
+    if args.ray_address:
+        cfg = cfg.replace(ray_address=args.ray_address)
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=default_output_dir(cfg.mode))
     # Ray workers may start elsewhere: every path they read must be absolute.
@@ -97,6 +104,10 @@ def check_resources(cfg: FedRecConfig, log=print) -> None:
     """
     if cfg.mode in ("centralized", "local"):
         return  # no simulation: trains in this process
+    if cfg.ray_address:
+        if cfg.placement != "cohort":
+            raise ConfigError("ray-address: a Ray cluster runs placement=cohort (device placement is one node per user)")
+        return  # the cluster's nodes have their own cores and GPUs; Ray places the workers there
     cores = len(os.sched_getaffinity(0))
     if cfg.client_num_cpus > cores:
         raise ConfigError(f"client-num-cpus={cfg.client_num_cpus:g}: this machine has {cores} CPU cores for the workers")
@@ -123,7 +134,7 @@ def run(cfg: FedRecConfig) -> dict:
 
 
 # The knobs that shape a simulation's federation: runs that agree on them can share one.
-FEDERATION_KEYS = ("placement", "num-workers", "client-num-cpus", "client-num-gpus")
+FEDERATION_KEYS = ("placement", "num-workers", "client-num-cpus", "client-num-gpus", "ray-address")
 
 
 def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
@@ -207,7 +218,8 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None, client_app=
         backend_config={
             # Ray starts a worker process again when one dies; the strategy re-sends its users.
             "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus, "max_restarts": -1},
-            "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+            "init_args": {"logging_level": logging.ERROR, "log_to_driver": False}
+            | ({"address": cfg.ray_address} if cfg.ray_address else {}),
         },
     )
 

@@ -6,7 +6,9 @@ data and the base weights once, not per message.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,7 @@ from peft import PeftModel
 from fedrec.config import FedRecConfig
 from fedrec.data import SplitData, load_interactions, split_users
 from fedrec.data.interactions import Interactions
+from fedrec.data.ragged import IndexIds, Ragged
 from fedrec.train.pretrain import ensure_base
 from fedrec.model.base import BASE_KEYS, base_path, cache_dir, load_base
 from fedrec.data.item_features import (
@@ -245,28 +248,34 @@ def resolve_device(name: str) -> torch.device:
 def _load_or_generate(cfg: FedRecConfig) -> Interactions:
     """Real data from its file; synthetic data from the cache dir once generated.
 
-    Generating the ML-1M-sized synthetic set is slow, pure Python (experiments/README.md,
-    section "Measurements behind design choices in the code"); every worker process would
-    pay it before round 1. It is deterministic in the config, so the first process writes
-    it beside the cached base model and the others read it in milliseconds.
+    Synthetic data is deterministic in the config, so the first process writes it beside
+    the cached base model as flat arrays, and every other process (each Ray worker)
+    memory-maps them: the workers share one copy in the page cache instead of generating
+    and holding their own (experiments/README.md, section "Million-user populations").
     """
     if cfg.dataset != "synthetic":
         return load_interactions(cfg)
+    from fedrec.data.synthetic import GENERATOR_VERSION
+
     keys = [k for k in DATA_KEYS if k.startswith("synthetic-")] + ["seed"]
-    path = cache_dir(cfg) / f"synthetic-{cfg.fingerprint(*keys)}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            flat, ends = z["items"], z["ends"]
-            sequences = np.split(flat, ends[:-1])
-            return Interactions(sequences, [str(u) for u in range(len(sequences))], int(z["num_items"]), str(z["source"]))
-    interactions = load_interactions(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    ends = np.cumsum([len(s) for s in interactions.sequences])
-    np.savez(tmp, items=np.concatenate(interactions.sequences), ends=ends, num_items=interactions.num_items,
-             source=interactions.source)  # fmt: skip
-    os.replace(tmp, path)
-    return interactions
+    folder = cache_dir(cfg) / f"synthetic-{cfg.fingerprint(*keys)}-g{GENERATOR_VERSION}"
+    if not (folder / "meta.json").exists():
+        interactions = load_interactions(cfg)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        seqs = interactions.sequences
+        np.save(tmp / "items.npy", seqs.flat)
+        np.save(tmp / "ends.npy", seqs.ends)
+        (tmp / "meta.json").write_text(json.dumps({"num_items": interactions.num_items, "source": interactions.source}))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process wrote it first: the same content
+            shutil.rmtree(tmp, ignore_errors=True)
+        return interactions
+    meta = json.loads((folder / "meta.json").read_text())
+    flat = np.load(folder / "items.npy", mmap_mode="r")
+    ends = np.load(folder / "ends.npy")
+    return Interactions(Ragged.from_ends(flat, ends), IndexIds(len(ends)), int(meta["num_items"]), str(meta["source"]))
 
 
 def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None, pretrain: bool = True) -> Workload:

@@ -79,6 +79,10 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
         about["once_per_device"] = {"base": state_bytes(shipped),
                                     "catalogue": sum(len(str(i).encode()) for i in work.data.item_ids)}  # fmt: skip
     summary = run.execute(strategy, started=started, ready_seconds=ready_seconds, about=about)
+    if strategy.worker_places:
+        ray_nodes = set(strategy.worker_places.values()) - {""}
+        console.print(f"workers: {len(strategy.worker_places)} processes trained"
+                      + (f", on {len(ray_nodes)} Ray node(s)" if ray_nodes else ""))  # fmt: skip
     print_comparison(summary, console)
     console.print(f"results: {out.path}")
     return summary

@@ -68,6 +68,7 @@ class FedRecStrategy(Strategy):
         self.silos = assign_silos(population, cfg.num_silos, cfg.seed) if cfg.partition == "silo" else []
         self.population = np.asarray(population, dtype=np.int64)
         self.workers: list[int] = []
+        self.worker_places: dict[str, str] = {}  # every process that trained → its Ray node ("" outside Ray)
         self.user_node: dict[int, int] = {}
         self.failed_users: list[int] = []  # device placement: users whose device failed the last exchange
         self.last_ranks: dict[int, int] = {}  # user → rank of their target in the last evaluation
@@ -279,8 +280,12 @@ class FedRecStrategy(Strategy):
         as rejected (the round goes on without them)."""
         total = UpdateSum()
         silo_eps = peak_rss = busiest = 0.0
+        places: dict[str, str] = {}  # worker process → its Ray node
         for reply in replies:
             counts = {k: float(v) for k, v in reply.content["counts"].items()}
+            if "where" in reply.content:
+                where = reply.content["where"]
+                places[str(where["process"])] = str(where["ray-node"])
             silo_eps = max(silo_eps, counts.get("silo-epsilon", 0.0))
             peak_rss = max(peak_rss, counts.get("peak-rss-mb", 0.0))
             busiest = max(busiest, counts.get("train-seconds", 0.0))
@@ -301,7 +306,11 @@ class FedRecStrategy(Strategy):
         diagnostics = {
             "worker-peak-rss-mb": peak_rss,  # the largest of the replying nodes' peak memory
             "worker-train-seconds": busiest,  # the slowest node's time inside its train handler
+            "worker-processes": len(places),  # distinct processes that trained this round
+            "worker-ray-nodes": len(set(places.values()) - {""}),  # and the Ray nodes they ran on
         }
+        for process, node in places.items():
+            self.worker_places[process] = node
         if self.silos:
             diagnostics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
         return TrainResult(total, diagnostics)

@@ -157,7 +157,7 @@ def test_synthetic_data_read_back_from_the_cache_equals_a_fresh_generation(tmp_p
     cfg = FedRecConfig(synthetic_users=80, synthetic_items=50, cache_dir=str(tmp_path))
     fresh = load_interactions(cfg)
     _load_or_generate(cfg)  # writes the cache
-    assert len(list(tmp_path.glob("synthetic-*.npz"))) == 1
+    assert len(list(tmp_path.glob("synthetic-*/items.npy"))) == 1
     cached = _load_or_generate(cfg)
     assert cached.describe() == fresh.describe() and cached.user_ids == fresh.user_ids
     assert all(np.array_equal(a, b) for a, b in zip(cached.sequences, fresh.sequences, strict=True))

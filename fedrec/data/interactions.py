@@ -16,8 +16,8 @@ class DataError(ValueError):
 class Interactions:
     """Chronological item sequences, item ids remapped to 1..num_items (0 is padding)."""
 
-    sequences: list[np.ndarray]
-    user_ids: list[str]
+    sequences: Sequence[np.ndarray]  # a list, or a Ragged (fedrec.data.ragged) for large populations
+    user_ids: Sequence[str]
     num_items: int
     source: str
     dropped_users: int = 0
@@ -34,7 +34,8 @@ class Interactions:
 
     @property
     def num_interactions(self) -> int:
-        return int(sum(len(s) for s in self.sequences))
+        lengths = getattr(self.sequences, "lengths", None)
+        return int(lengths.sum()) if lengths is not None else int(sum(len(s) for s in self.sequences))
 
     def describe(self) -> str:
         text = (

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedrec.data.interactions import Interactions
+from fedrec.data.ragged import Ragged
 
 
 @dataclass
@@ -19,12 +21,12 @@ class SplitData:
     """
 
     num_items: int
-    train: list[np.ndarray]
+    train: Sequence[np.ndarray]  # a list, or a Ragged view of the loaded sequences
     valid: np.ndarray
     test: np.ndarray
     public: np.ndarray
     private: np.ndarray
-    user_ids: list[str]
+    user_ids: Sequence[str]
     item_ids: list[str]  # the catalogue: raw id of item 1..N
     cold: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # held-out items (1-based)
 
@@ -34,10 +36,10 @@ class SplitData:
         targets = np.array([self.target(int(u), split) for u in users], dtype=np.int64)
         return users[np.isin(targets, self.cold)]
 
-    def public_sequences(self) -> list[np.ndarray]:
-        """What pretraining sees of the public users: all but their last item (which picks
-        the stopping epoch), without cold items, which never train."""
-        seqs = [self.history(int(u), "test") for u in self.public]
+    def public_sequences(self, users: Sequence[int] | None = None) -> list[np.ndarray]:
+        """What pretraining sees of the public users (or of `users` among them): all but
+        their last item (which picks the stopping epoch), without cold items, which never train."""
+        seqs = [self.history(int(u), "test") for u in (self.public if users is None else users)]
         return [s[~np.isin(s, self.cold)] for s in seqs] if len(self.cold) else seqs
 
     def history(self, user: int, split: str) -> np.ndarray:
@@ -55,7 +57,11 @@ class SplitData:
         return np.append(self.train[user], [self.valid[user], self.test[user]])
 
 
-def leave_one_out(sequences: list[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def leave_one_out(sequences: Sequence[np.ndarray]) -> tuple[Sequence[np.ndarray], np.ndarray, np.ndarray]:
+    if isinstance(sequences, Ragged):  # views into the same flat array, no per-user copies
+        if (sequences.lengths < 3).any():
+            raise ValueError("leave-one-out needs at least 3 interactions per user")
+        return sequences.trimmed(2), sequences.item_at_end(2), sequences.item_at_end(1)
     if any(len(s) < 3 for s in sequences):
         raise ValueError("leave-one-out needs at least 3 interactions per user")
     train = [np.asarray(s[:-2]) for s in sequences]

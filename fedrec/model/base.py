@@ -52,7 +52,9 @@ PRETRAIN_RECIPE = 2
 
 def base_path(cfg: FedRecConfig) -> Path:
     if cfg.dataset == "synthetic":
-        key = f"{cfg.fingerprint(*BASE_KEYS)}-r{PRETRAIN_RECIPE}"
+        from fedrec.data.synthetic import GENERATOR_VERSION
+
+        key = f"{cfg.fingerprint(*BASE_KEYS)}-r{PRETRAIN_RECIPE}-g{GENERATOR_VERSION}"
     else:
         # Keyed by the file's content, not its path or mtime: a copy, a re-sync or a touch
         # keeps the base (pretraining it is the longest step of a run's start:
@@ -64,6 +66,8 @@ def base_path(cfg: FedRecConfig) -> Path:
         key += f"-t{_content_digest(Path(cfg.item_text).expanduser().resolve())}"
     if cfg.item_encoder == "id+text":
         key += f"-i{cfg.id_dropout:g}"
+    if cfg.pretrain_users:  # only when set, so that every base cached before the key stays valid
+        key += f"-p{cfg.pretrain_users}"
     if cfg.cold_items:  # cold items' recipe 2: left out of the training softmax too
         key += "-c2"
     return cache_dir(cfg) / f"base-{key}.pt"

@@ -81,6 +81,15 @@ def fit_sequences(
     return epochs
 
 
+def pretraining_users(public: np.ndarray, cap: int, seed: int) -> list[int]:
+    """The public users the base trains on: all of them, or a seeded sample of `cap` so
+    that pretraining does not dominate a run on a large population."""
+    pop = np.asarray(public, dtype=np.int64)
+    if 0 < cap < len(pop):
+        pop = np.sort(np.random.default_rng([seed, 0x9E7]).choice(pop, cap, replace=False))
+    return [int(u) for u in pop]
+
+
 def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print,
                 text: torch.Tensor | None = None) -> Path:  # fmt: skip
     """Pretrain the base on public users unless a cached copy exists; return its path.
@@ -101,10 +110,11 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     hook = None
     if text is not None:
         hook = attach_text_items(model, text, with_ids=cfg.item_encoder == "id+text", id_dropout=cfg.id_dropout)
-    public = [int(u) for u in data.public]
-    seqs = data.public_sequences()
+    public = pretraining_users(data.public, cfg.pretrain_users, cfg.seed)
+    seqs = data.public_sequences(public)
     model.set_absent(data.cold)  # cold items never train: not as an input, a target or a softmax negative
-    log(f"base model: pretraining on {len(seqs):,} public users, up to {cfg.pretrain_epochs} epochs")
+    capped = f" (a seeded sample of the {len(data.public):,}: pretrain-users)" if len(public) < len(data.public) else ""
+    log(f"base model: pretraining on {len(seqs):,} public users{capped}, up to {cfg.pretrain_epochs} epochs")
 
     def validate() -> float:
         sums = evaluate_users(model, data, public, "test", max_seq_len=cfg.max_seq_len, device=torch.device("cpu"))
