@@ -29,7 +29,6 @@ from fedrec.data.interactions import DataError
 from fedrec.data.split import SplitData
 from fedrec.local_state import client_state_dir, local_store_for
 from fedrec.model.lora import load_adapter_state
-from fedrec.train.dpsgd import train_silo
 from fedrec.train.engine import train_cohort
 from fedrec.train.evaluate import rank_sums, rank_users
 from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_device
@@ -158,6 +157,8 @@ def train(msg: Message, context: Context) -> Message:
         return _train_silo(msg, node.cfg, node.data, node.model, node.device, _users(msg, context, node), state)
     total = _train_users(node, _users(msg, context, node), global_state, task)
     counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
+    if node.device.type == "cuda":
+        counts["peak-gpu-mb"] = torch.cuda.max_memory_allocated(node.device) / 2**20
     content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts),
                           "where": ConfigRecord(worker_place())})  # fmt: skip
     return Message(content, reply_to=msg)
@@ -190,6 +191,10 @@ def _train_users(node: _Node, users: list[int], global_state: dict, task) -> Upd
 
 def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
     """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""
+    # Imported here: Opacus (and the SciPy it pulls in) added ~1 s to every worker's start-up
+    # although only silo runs use it (experiments/README.md, "Where start-up goes").
+    from fedrec.train.dpsgd import train_silo
+
     task = msg.content["task"]
     ledger = client_state_dir(cfg) / f"silo-{int(task['silo'])}.json"
     history = [tuple(h) for h in json.loads(ledger.read_text())] if ledger.exists() else []

@@ -47,7 +47,7 @@ VARIANTS = {  # name -> (placement, local-engine, scoring dtype, rounds, quick r
 RESULT_FILE = "bench-rounds.json"
 
 
-def workload(quick: bool, device: str, cache_dir: str) -> dict:
+def workload(quick: bool, device: str, cache_dir: str, cohort: int = 0) -> dict:
     return {
         "synthetic-users": 300 if quick else 6040,
         "synthetic-items": 1000 if quick else 3700,
@@ -57,7 +57,7 @@ def workload(quick: bool, device: str, cache_dir: str) -> dict:
         "num-blocks": 2,
         "lora-rank": 8,
         "local-epochs": 1,
-        "cohort-size": 60 if quick else 500,
+        "cohort-size": cohort or (60 if quick else 500),
         "pretrain-epochs": 5,  # the rate does not depend on how good the base is
         "num-workers": 2,
         "client-num-cpus": 1,
@@ -96,6 +96,7 @@ def _bench_server_app():
             metrics = run.train_round(strategy, rnd)
             rounds.append({"round": rnd, "start": t, "seconds": time.time() - t, "users": int(metrics["users"]),
                            "worker_peak_rss_mb": metrics["worker-peak-rss-mb"],
+                           "worker_peak_gpu_mb": metrics.get("worker-peak-gpu-mb"),
                            "worker_train_s": metrics["worker-train-seconds"]})  # fmt: skip
             r = rounds[-1]
             print(f"  round {rnd}: {r['users']} users in {r['seconds']:.2f} s (slowest worker trained {r['worker_train_s']:.2f} s)",
@@ -169,6 +170,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="300 users, cohort 60, no bf16 row (smoke check, under 1 min; all in this process)")
     ap.add_argument("--json", type=Path, help="write the result here")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--cohort", type=int, default=0, help="users per round (default 500; --quick 60)")
     ap.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run only these placements")
     ap.add_argument("--variant-config", help=argparse.SUPPRESS)  # internal: run one variant
     args = ap.parse_args()
@@ -181,7 +183,7 @@ def main() -> int:
     from fedrec.workload import load_workload
 
     cache = os.environ.get("FEDREC_CACHE_DIR") or str(Path.home() / ".cache" / "fedrec")
-    base = FedRecConfig.from_mapping(workload(args.quick, args.device, cache))
+    base = FedRecConfig.from_mapping(workload(args.quick, args.device, cache, args.cohort))
     work = load_workload(base, log=print)  # pretrains (and caches) the base before any timing
     cohort = make_sampler(base, work.data.private).draw(1)
     # The machine's GEMM rate is the best of samples taken before, between and after the
@@ -206,7 +208,8 @@ def main() -> int:
             gemm_samples.append(gemm_flops_per_s())
 
     gemm = max(gemm_samples)
-    flops = local_step_flops(base, cohort)
+    counted = cohort[:500]  # FLOPs per user are counted on the CPU: a sample of a large cohort is enough
+    flops = local_step_flops(base, counted) * len(cohort) / len(counted)
     bound = len(cohort) / (flops / gemm)
     users_per_s = {name: rate(r)[0] for name, r in results.items()}
     users_per_s["compute_bound"] = bound
@@ -215,6 +218,7 @@ def main() -> int:
         "users_per_s": users_per_s,
         "startup_s": vec["rounds"][0]["start"] - vec["process_start"] if vec else None,
         "peak_rss_mb": max(r["worker_peak_rss_mb"] for r in vec["rounds"]) if vec else None,
+        "peak_gpu_mb": max((r.get("worker_peak_gpu_mb") or 0 for r in vec["rounds"]), default=0) if vec else None,
         "first_round_s": {name: rate(r)[1] for name, r in results.items()},
         # share of a round not spent in the slowest node's train handler: Flower transport,
         # polling, (de)serialization, server step (device placement: per-message overhead)
@@ -246,7 +250,8 @@ def main() -> int:
             print(f"{name} / loop: {c / users_per_s['cohort_loop']:.1f}x")
         print(f"compute bound / {name}: {bound / c:.2f}x{aim[1]}")
     if vec:
-        print(f"start-up to round 1: {out['startup_s']:.1f} s; peak memory per worker: {out['peak_rss_mb']:.0f} MB")
+        print(f"start-up to round 1: {out['startup_s']:.1f} s; peak memory per worker: {out['peak_rss_mb']:.0f} MB"
+              + (f"; peak GPU memory per worker: {out['peak_gpu_mb']:.0f} MB" if out["peak_gpu_mb"] else ""))
     print(f"fp32 GEMM {out['gemm_gflops']:.0f} GFLOP/s (best of {out['gemm_gflops_samples']}); "
           f"{out['mflops_per_user']:.1f} MFLOP per user's local training")
     if args.json:

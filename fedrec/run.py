@@ -257,6 +257,7 @@ class FederatedRun:
             "train_seconds": round(self.train_seconds, 3),
             "ready_seconds": round(ready_seconds, 3),  # start to all nodes warm
             "round1_at": round1_at,  # wall clock (epoch s) when round 1 started
+            "server_started_at": round(started, 3),  # wall clock (epoch s) when the ServerApp started
             "worker_peak_rss_mb": self.peak_rss,
             "wall_seconds": round(time.time() - started, 2),
             "adapter_bytes": int(sum(t.numel() * t.element_size() for t in self.best_adapter.values())),

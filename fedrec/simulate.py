@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -192,6 +193,18 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None, client_app=
     check_resources(cfg)
     for k, v in _MALLOC_ENV.items():
         os.environ.setdefault(k, v)
+    init_args = {"logging_level": logging.ERROR, "log_to_driver": False} | (
+        {"address": cfg.ray_address} if cfg.ray_address else {}
+    )
+    ray_start = _RayStart(init_args)  # Ray starts while this process imports torch, peft and Flower
+    try:
+        _simulate(cfgs, server_app, client_app, ray_start)
+    finally:
+        ray_start.close()
+
+
+def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayStart) -> None:
+    cfg = cfgs[0]
     from flwr.simulation import run_simulation
 
     from clients.app import app as default_client_app
@@ -211,6 +224,7 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None, client_app=
     poll_messages_faster()  # the 5 ms poll, applied only to simulations of few nodes
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    ray_start.wait()  # Flower's Ray backend finds Ray running and uses it
     run_simulation(
         server_app=server_app or default_server_app,
         client_app=client_app or default_client_app,
@@ -218,10 +232,58 @@ def launch(cfgs: FedRecConfig | list[FedRecConfig], server_app=None, client_app=
         backend_config={
             # Ray starts a worker process again when one dies; the strategy re-sends its users.
             "client_resources": {"num_cpus": cfg.client_num_cpus, "num_gpus": cfg.client_num_gpus, "max_restarts": -1},
-            "init_args": {"logging_level": logging.ERROR, "log_to_driver": False}
-            | ({"address": cfg.ray_address} if cfg.ray_address else {}),
+            "init_args": ray_start.init_args,
         },
     )
+
+
+class _RayStart:
+    """`ray.init` in a thread, started before this process's imports instead of after them.
+
+    Ray's start (~5-7 s here) is mostly waiting on the processes it spawns, so it overlaps
+    the driver's imports of torch, peft and Flower (experiments/README.md, "Where start-up
+    goes"). It does what Flower's Ray backend would do (`init_args`, the driver's sys.path as
+    the workers' PYTHONPATH, no dashboard), so that backend finds Ray running and uses it.
+    The thread stays alive until `close`: Ray's processes are bound to the thread that
+    started them and die with it (Linux's parent-death signal is per thread).
+    """
+
+    def __init__(self, init_args: dict) -> None:
+        self.init_args = init_args
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fedrec-ray-start", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            import ray
+
+            pythonpath = os.pathsep.join(sys.path + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+            os.environ["PYTHONPATH"] = pythonpath
+            # Ray 2.55 warns at every init about a future change for workers that reserve no
+            # GPU; fedrec relies on today's behaviour (check_resources) and says so there.
+            warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*", category=FutureWarning)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **self.init_args)
+        except BaseException as e:  # raised in the main thread by wait()
+            self._error = e
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> None:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._ready.wait()
+        import ray
+
+        if ray.is_initialized():  # Flower's backend shuts Ray down at a normal end; not after an error
+            ray.shutdown()
+        self._release.set()
+        self._thread.join()
 
 
 def sweep_configs(base: FedRecConfig, spec: str) -> list[tuple[dict, FedRecConfig]]:

@@ -279,7 +279,7 @@ class FedRecStrategy(Strategy):
         """The replies' sum; a reply that fails `reply_fault` is left out and its users counted
         as rejected (the round goes on without them)."""
         total = UpdateSum()
-        silo_eps = peak_rss = busiest = 0.0
+        silo_eps = peak_rss = peak_gpu = busiest = 0.0
         places: dict[str, str] = {}  # worker process → its Ray node
         for reply in replies:
             counts = {k: float(v) for k, v in reply.content["counts"].items()}
@@ -288,6 +288,7 @@ class FedRecStrategy(Strategy):
                 places[str(where["process"])] = str(where["ray-node"])
             silo_eps = max(silo_eps, counts.get("silo-epsilon", 0.0))
             peak_rss = max(peak_rss, counts.get("peak-rss-mb", 0.0))
+            peak_gpu = max(peak_gpu, counts.get("peak-gpu-mb", 0.0))
             busiest = max(busiest, counts.get("train-seconds", 0.0))
             part = UpdateSum.from_parts(reply.content["update"].to_torch_state_dict(), counts)
             fault = None
@@ -311,6 +312,8 @@ class FedRecStrategy(Strategy):
         }
         for process, node in places.items():
             self.worker_places[process] = node
+        if peak_gpu:
+            diagnostics["worker-peak-gpu-mb"] = peak_gpu  # the largest of the nodes' peak CUDA memory (torch's allocator)
         if self.silos:
             diagnostics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
         return TrainResult(total, diagnostics)

@@ -193,3 +193,49 @@ def test_the_cached_base_is_keyed_by_file_content_not_path_or_mtime(tmp_path):
     assert key(folder, "movielens") != before
     (folder / "u.item").write_text("unrelated\n")
     assert key(folder, "movielens") == key(folder / "u.data", "movielens")
+
+
+def test_the_vectorized_generator_draws_the_per_user_process_of_the_reference():
+    """Same config, other draws: the two must agree on every statistic of the process
+    (lengths, cluster stays, successor following, item popularity) to sampling error."""
+    from fedrec.data.synthetic import synthetic_item_clusters
+    from tests.synthetic_reference import reference_sequences
+
+    n, items, clusters = 3000, 300, 6
+    new = list(generate_synthetic(n, items, clusters, 20, seed=3).sequences)
+    ref = reference_sequences(n, items, clusters, 20, seed=3)
+    cluster_of = synthetic_item_clusters(items, clusters, 3)
+
+    def stats(seqs):
+        lengths = np.array([len(s) for s in seqs])
+        stay = np.mean([np.mean(cluster_of[s[1:] - 1] == cluster_of[s[:-1] - 1]) for s in seqs])
+        counts = np.bincount(np.concatenate(seqs), minlength=items + 1)[1:]
+        pairs = np.concatenate([s[:-1] * (items + 1) + s[1:] for s in seqs])
+        top_pairs = np.sort(np.bincount(pairs))[::-1][:200].sum() / len(pairs)  # successor following
+        return lengths, stay, counts / counts.sum(), top_pairs
+
+    (len_a, stay_a, pop_a, pairs_a), (len_b, stay_b, pop_b, pairs_b) = stats(new), stats(ref)
+    assert all(len(set(s.tolist())) == len(s) for s in new)  # no repeats within a user
+    assert abs(len_a.mean() - len_b.mean()) < 0.3 and abs(len_a.std() - len_b.std()) < 0.3
+    assert abs(stay_a - stay_b) < 0.01
+    assert abs(pairs_a - pairs_b) < 0.01
+    assert np.corrcoef(pop_a, pop_b)[0, 1] > 0.95  # the same items popular (the same catalogue draws)
+    assert np.abs(pop_a - pop_b).sum() < 0.1
+
+
+def test_ragged_sequences_split_like_lists():
+    from fedrec.data.ragged import IndexIds, Ragged
+
+    seqs = [np.array([3, 1, 2, 5]), np.array([4, 4, 1]), np.array([7, 8, 9, 1, 2, 3])]
+    ragged = Ragged.from_list(seqs)
+    assert len(ragged) == 3 and all(np.array_equal(a, b) for a, b in zip(ragged, seqs, strict=True))
+    (t1, v1, e1), (t2, v2, e2) = leave_one_out(ragged), leave_one_out(seqs)
+    assert all(np.array_equal(a, b) for a, b in zip(t1, t2, strict=True))
+    assert np.array_equal(v1, v2) and np.array_equal(e1, e2)
+    assert t1[2].base is not None  # a view into the flat array, not a copy
+    with pytest.raises(ValueError, match="at least 3"):
+        leave_one_out(Ragged.from_list([np.array([1, 2])]))
+    ids = IndexIds(3)
+    assert list(ids) == ["0", "1", "2"] and ids[-1] == "2" and ids == ["0", "1", "2"]
+    with pytest.raises(IndexError):
+        ids[3]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -24,12 +26,14 @@ from fedrec.train.vectorized import (
 from fedrec.workload import load_workload
 
 CPU = torch.device("cpu")
+# experiments/gpu_check.sh runs these comparisons on a GPU (FEDREC_TEST_DEVICE=cuda).
+DEVICE = torch.device(os.environ.get("FEDREC_TEST_DEVICE", "cpu"))
 
 
 def _kwargs(cfg, **over):
     kw = dict(
         local_epochs=2, learning_rate=0.5, clipping_norm=0.05, user_weighting="uniform",
-        max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=3, device=CPU,
+        max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=3, device=DEVICE,
     )  # fmt: skip
     return kw | over
 
@@ -37,7 +41,7 @@ def _kwargs(cfg, **over):
 def _workload(tiny_cfg, **over):
     cfg = tiny_cfg.replace(**over)
     work = load_workload(cfg)
-    return cfg, work, work.model()
+    return cfg, work, work.model(DEVICE)
 
 
 def _perturbed_state(model, seed=0):
@@ -47,7 +51,8 @@ def _perturbed_state(model, seed=0):
     """
     g = torch.Generator().manual_seed(seed)
     trained = adapter_parameters(model)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v for k, v in adapter_state(model).items()}
+    state = {k: v.cpu() for k, v in adapter_state(model).items()}
+    return {k: (v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v).to(DEVICE) for k, v in state.items()}
 
 
 def _mixed_users(data, k=24):
@@ -106,7 +111,7 @@ def test_dropout_is_per_user_so_grouping_does_not_matter(tiny_cfg):
     together = train_users_vectorized(model, state, work.data, users, **kw)
     alone = train_users_vectorized(model, state, work.data, users, group_tokens=1, **kw)  # one user per group
     _assert_same(together, alone, rtol=1e-5, atol=1e-7)
-    plain = train_users_vectorized(load_workload(cfg.replace(dropout=0.0)).model(), state, work.data, users, **kw)
+    plain = train_users_vectorized(load_workload(cfg.replace(dropout=0.0)).model(DEVICE), state, work.data, users, **kw)
     diff = max(float((together.delta[k] - plain.delta[k]).abs().max()) for k in plain.delta)
     assert diff > 1e-4  # dropout is really applied
     other_round = train_users_vectorized(model, state, work.data, users, **(kw | {"round_": 4}))
@@ -190,7 +195,7 @@ def vec_workload(tmp_path_factory):
         hidden_size=16, num_heads=2, num_blocks=1, max_seq_len=20, pretrain_epochs=5, cache_dir=str(tmp / "cache"),
     )  # fmt: skip
     work = load_workload(cfg)
-    model = work.model()
+    model = work.model(DEVICE)
     return cfg, work, model, _perturbed_state(model)
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import special, stats
 
 from fedrec.aggregate import UpdateSum
 from fedrec.model.types import AdapterState
@@ -107,6 +106,8 @@ def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float
     """P[at least v of r guesses right] under (ε, δ)-DP with m canaries each included with
     probability ½ (Steinke et al. 2023, Thm. 5.2):
     f(v) + 2mδ·max_i (f(v−i) − f(v))/i, with f(v) = P[Binomial(r, e^ε/(1+e^ε)) ≥ v]."""
+    from scipy import special, stats  # here, not at import: every run imports this module, few audit
+
     p = float(special.expit(epsilon))
     tail = float(stats.binom.sf(v - 1, r, p))
     if v <= 0 or delta <= 0:
@@ -182,6 +183,8 @@ def _hockey_stick(epsilon: float, p: tuple[float, float], q: tuple[float, float]
         else:
             r1, r2 = sorted(((-b - math.sqrt(disc)) / (2 * a), (-b + math.sqrt(disc)) / (2 * a)))
             intervals = [(-math.inf, r1), (r2, math.inf)] if a > 0 else [(r1, r2)]
+
+    from scipy import special
 
     def mass(mean: float, sd: float, lo: float, hi: float) -> float:
         return float(special.ndtr((hi - mean) / sd) - special.ndtr((lo - mean) / sd))

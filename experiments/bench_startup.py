@@ -1,0 +1,83 @@
+"""Issue-18 benchmark: where the default run's start-up to round 1 goes.
+
+    .venv/bin/python experiments/bench_startup.py [--repeats 3] [--run-config "..."]
+
+Runs `python -m fedrec.simulate` on the default config (one round; the base and data
+cached by a first, untimed run) and splits the wall time from launching the process to
+round 1 by the timestamps the run writes (`summary.json`):
+- launch → ServerApp start: the driver's imports, the cached data and base, Ray's start
+  and Flower's simulation engine;
+- ServerApp start → nodes warm: the workers' processes, their imports, data and model
+  (the `identify` message each node answers before round 1);
+- nodes warm → round 1: the base model's evaluation (round 0).
+Also timed alone, each in a fresh process: the driver's imports (`server.app`,
+`flwr.simulation`) and a local `ray.init` with 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(code: str) -> float:
+    t = time.time()
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+    return time.time() - t
+
+
+def one_run(out: Path, run_config: str) -> dict:
+    launched = time.time()
+    proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out), "--run-config",
+                           f"num-rounds=1 {run_config}"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode:
+        raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
+    s = json.loads((out / "summary.json").read_text())
+    server = s["server_started_at"] - launched
+    warm = server + s["ready_seconds"]
+    return {"to_server": server, "to_warm": warm, "to_round1": s["round1_at"] - launched,
+            "whole": time.time() - launched}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--run-config", default="")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedrec-startup-") as tmp:
+        one_run(Path(tmp, "warmup"), args.run_config)  # pretrains and caches the base
+        runs = [one_run(Path(tmp, f"r{i}"), args.run_config) for i in range(args.repeats)]
+    imports = timed("import server.app, flwr.simulation")
+    python = timed("pass")
+    ray_init = timed("import ray; ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR'); ray.shutdown()")
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    rows = [
+        ("launch -> ServerApp start (driver imports, data, Ray, Flower)", med("to_server")),
+        ("ServerApp start -> nodes warm (workers: processes, imports, data, model)", med("to_warm") - med("to_server")),
+        ("nodes warm -> round 1 (base model evaluated)", med("to_round1") - med("to_warm")),
+        ("launch -> round 1", med("to_round1")),
+        ("whole run (1 round)", med("whole")),
+        ("alone: python start", python),
+        ("alone: driver imports (server.app, flwr.simulation)", imports),
+        ("alone: ray.init + shutdown, 2 CPUs", ray_init),
+    ]
+    print(f"median of {args.repeats} runs (seconds)")
+    for name, value in rows:
+        print(f"  {name:<75} {value:6.1f}")
+    print(json.dumps({"runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
