@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedrec.data.synthetic import (
-    _DIRICHLET_CONCENTRATION, _FOLLOW_SUCCESSOR, _NUM_SUCCESSORS, _STAY_IN_CLUSTER, _ZIPF_EXPONENT, _clusters, _rng,
-)  # fmt: skip
+from fedrec.data.synthetic import _DIRICHLET_CONCENTRATION, _FOLLOW_SUCCESSOR, _NUM_SUCCESSORS, _STAY_IN_CLUSTER, _rng, catalogue
 
 
 def reference_sequences(
@@ -18,21 +16,10 @@ def reference_sequences(
     seed: int,
     min_length: int = 5,
 ) -> list[np.ndarray]:
+    """The same catalogue (`catalogue`), then each user alone, step by step."""
     rng = _rng(seed)
-    num_clusters = min(num_clusters, num_items)
-    cluster_of = _clusters(rng, num_items, num_clusters)
-    members = [np.flatnonzero(cluster_of == c) for c in range(num_clusters)]
-    # Zipf popularity inside each cluster, with a random rank order.
-    popularity = []
-    for m in members:
-        ranks = rng.permutation(len(m)) + 1
-        w = ranks.astype(float) ** -_ZIPF_EXPONENT
-        popularity.append(w / w.sum())
-    # Each item's preferred successors, drawn by popularity from its own cluster.
-    successors = np.empty((num_items, _NUM_SUCCESSORS), dtype=np.int64)
-    for c, m in enumerate(members):
-        for item in m:
-            successors[item] = rng.choice(m, size=_NUM_SUCCESSORS, p=popularity[c])
+    cluster_of, members, popularity, successors = catalogue(rng, num_items, num_clusters)
+    num_clusters = len(members)
     successor_p = np.array([0.6, 0.3, 0.1])
 
     sequences = []

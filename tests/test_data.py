@@ -239,3 +239,17 @@ def test_ragged_sequences_split_like_lists():
     assert list(ids) == ["0", "1", "2"] and ids[-1] == "2" and ids == ["0", "1", "2"]
     with pytest.raises(IndexError):
         ids[3]
+
+
+def test_pretrain_users_caps_pretraining_on_a_seeded_sample_with_its_own_base(tmp_path):
+    from fedrec.model.base import base_path
+    from fedrec.train.pretrain import pretraining_users
+
+    public = np.arange(0, 1000, 3)
+    sample = pretraining_users(public, 50, seed=4)
+    assert len(sample) == 50 and set(sample) <= set(public.tolist()) and sample == sorted(sample)
+    assert sample == pretraining_users(public, 50, seed=4) != pretraining_users(public, 50, seed=5)
+    assert pretraining_users(public, 0, seed=4) == pretraining_users(public, 10_000, seed=4) == public.tolist()
+    cfg = FedRecConfig(cache_dir=str(tmp_path))
+    assert base_path(cfg) != base_path(cfg.replace(pretrain_users=50))  # another base, not a stale cache hit
+    assert base_path(cfg).name.endswith("-g2.pt")  # keyed by the generator's version too

@@ -134,3 +134,36 @@ def test_a_checkpoint_puts_the_clients_own_state_back_as_it_was(tiny_cfg, tmp_pa
     checkpoint.save(tmp_path / "res", {"round": 6}, cfg, store_dir)
     assert checkpoint.load(tmp_path / "res")[0]["round"] == 6
     assert not (tmp_path / "res" / "checkpoint.tmp").exists() and not (tmp_path / "res" / "checkpoint.old").exists()
+
+
+class _RecordingPort(_FailingPort):
+    """The in-process port, remembering which users each evaluation asked for."""
+
+    def __init__(self, inner: InProcessPort) -> None:
+        super().__init__(inner)
+        self.asked: list[tuple[str, np.ndarray]] = []
+
+    def train(self, round_, cohort, adapter, clipping_norm):
+        return self.inner.train(round_, cohort, adapter, clipping_norm)
+
+    def evaluate(self, round_, users, adapter, split):
+        self.asked.append((split, np.asarray(users)))
+        return self.inner.evaluate(round_, users, adapter, split)
+
+
+def test_test_users_scores_a_seeded_sample_apart_from_validation(tiny_cfg):
+    cfg = tiny_cfg.replace(num_rounds=2, cohort_size=10, eval_every=1, eval_users=15, test_users=20, bootstrap_samples=50)
+    work = load_workload(cfg)
+    run, inner = _run(cfg, work)
+    port = _RecordingPort(inner)
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, about={})
+    tests = [u for split, u in port.asked if split == "test"]
+    valids = [u for split, u in port.asked if split == "valid"]
+    assert len(tests) >= 2 and all(np.array_equal(u, tests[0]) for u in tests)  # base and result on one sample
+    assert len(tests[0]) == 20 == summary["test_users"] and set(tests[0]) <= set(work.data.private.tolist())
+    assert len(valids[0]) == 15 and not np.array_equal(np.sort(valids[0])[:15], np.sort(tests[0])[:15])
+    again, _ = _run(cfg, work)
+    assert np.array_equal(again.test_users, run.test_users)  # seeded
+    assert len(_run(cfg.replace(test_users=0), work)[0].test_users) == len(work.data.private)
+    lo, hi = summary["test_ci"]["ndcg@10"]
+    assert lo <= summary["test"]["ndcg@10"] <= hi

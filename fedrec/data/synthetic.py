@@ -40,6 +40,24 @@ def synthetic_item_clusters(num_items: int, num_clusters: int, seed: int) -> np.
     return _clusters(_rng(seed), num_items, num_clusters)
 
 
+def catalogue(rng: np.random.Generator, num_items: int, num_clusters: int):
+    """The items' side of the process: each item's cluster, each cluster's members and
+    Zipf popularity (a random rank order), and each item's preferred successors, drawn by
+    popularity from its own cluster."""
+    num_clusters = min(num_clusters, num_items)
+    cluster_of = _clusters(rng, num_items, num_clusters)
+    members = [np.flatnonzero(cluster_of == c) for c in range(num_clusters)]
+    popularity = []
+    for m in members:
+        ranks = rng.permutation(len(m)) + 1
+        w = ranks.astype(float) ** -_ZIPF_EXPONENT
+        popularity.append(w / w.sum())
+    successors = np.empty((num_items, _NUM_SUCCESSORS), dtype=np.int64)
+    for c, m in enumerate(members):
+        successors[m] = rng.choice(m, size=(len(m), _NUM_SUCCESSORS), p=popularity[c])
+    return cluster_of, members, popularity, successors
+
+
 def generate_synthetic(
     num_users: int,
     num_items: int,
@@ -56,19 +74,8 @@ def generate_synthetic(
     (tests/test_data.py compares it with a per-user reference).
     """
     rng = _rng(seed)
-    num_clusters = min(num_clusters, num_items)
-    cluster_of = _clusters(rng, num_items, num_clusters)
-    members = [np.flatnonzero(cluster_of == c) for c in range(num_clusters)]
-    # Zipf popularity inside each cluster, with a random rank order.
-    popularity = []
-    for m in members:
-        ranks = rng.permutation(len(m)) + 1
-        w = ranks.astype(float) ** -_ZIPF_EXPONENT
-        popularity.append(w / w.sum())
-    # Each item's preferred successors, drawn by popularity from its own cluster.
-    successors = np.empty((num_items, _NUM_SUCCESSORS), dtype=np.int64)
-    for c, m in enumerate(members):
-        successors[m] = rng.choice(m, size=(len(m), _NUM_SUCCESSORS), p=popularity[c])
+    cluster_of, members, popularity, successors = catalogue(rng, num_items, num_clusters)
+    num_clusters = len(members)
     picker = _ClusterPicker(members, popularity)
 
     lengths = np.minimum(np.maximum(min_length, rng.poisson(mean_length, num_users)), num_items)
