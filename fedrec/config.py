@@ -77,6 +77,7 @@ class FedRecConfig:
     dropout: float = field(default=0.2, metadata=_range(0.0, 0.9))
     pretrain_epochs: int = field(default=150, metadata=_range(0))
     pretrain_patience: int = field(default=5, metadata=_range(0))
+    pretrain_min_epochs: int = field(default=30, metadata=_range(0))
     pretrain_users: int = field(default=0, metadata=_range(0))  # 0 = every public user
     pretrain_learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
     batch_size: int = field(default=128, metadata=_range(1))

@@ -252,4 +252,4 @@ def test_pretrain_users_caps_pretraining_on_a_seeded_sample_with_its_own_base(tm
     assert pretraining_users(public, 0, seed=4) == pretraining_users(public, 10_000, seed=4) == public.tolist()
     cfg = FedRecConfig(cache_dir=str(tmp_path))
     assert base_path(cfg) != base_path(cfg.replace(pretrain_users=50))  # another base, not a stale cache hit
-    assert base_path(cfg).name.endswith("-g2.pt")  # keyed by the generator's version too
+    assert "-g2-" in base_path(cfg).name  # keyed by the generator's version too

@@ -188,3 +188,9 @@ def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
                          epochs=5, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
                          validate=lambda: next(scores), patience=2) == 0  # fmt: skip
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    # min_epochs: patience may not stop it before then; the best epoch is still the one kept.
+    scores, seen = iter([0.0, 0.2, 0.1, 0.1, 0.3, 0.1, 0.1, 0.1, 0.1]), []
+    assert fit_sequences(model, [work.data.train[int(u)] for u in work.data.private], list(model.parameters()),
+                         epochs=8, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
+                         validate=lambda: next(scores), patience=2, min_epochs=5, on_epoch=on_epoch) == 4  # fmt: skip
+    assert [e for e, _ in seen] == [1, 2, 3, 4, 5, 6]  # without min_epochs: stopped after epoch 3

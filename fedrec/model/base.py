@@ -66,6 +66,8 @@ def base_path(cfg: FedRecConfig) -> Path:
         key += f"-t{_content_digest(Path(cfg.item_text).expanduser().resolve())}"
     if cfg.item_encoder == "id+text":
         key += f"-i{cfg.id_dropout:g}"
+    if cfg.pretrain_min_epochs:
+        key += f"-m{cfg.pretrain_min_epochs}"
     if cfg.pretrain_users:  # only when set, so that every base cached before the key stays valid
         key += f"-p{cfg.pretrain_users}"
     if cfg.cold_items:  # cold items' recipe 2: left out of the training softmax too

@@ -33,12 +33,13 @@ def fit_sequences(
     on_epoch: Callable[[int, float, float | None], None] | None = None,
     validate: Callable[[], float] | None = None,
     patience: int = 0,
+    min_epochs: int = 0,
 ) -> int:
     """Centralized next-item training with Adam over minibatches of whole sequences.
 
     With `validate` (higher is better) and `patience` > 0, stops after `patience`
-    epochs without improvement and restores the best epoch's weights, the starting
-    weights (epoch 0) included; returns the epoch whose weights the model ends with. `on_epoch` gets (epoch, mean loss,
+    epochs without improvement (but not before `min_epochs`) and restores the best epoch's
+    weights, the starting weights (epoch 0) included; returns the epoch whose weights the model ends with. `on_epoch` gets (epoch, mean loss,
     validation score or None).
     """
     usable = [s for s in seqs if len(s) >= 2]
@@ -73,7 +74,7 @@ def fit_sequences(
             if score > best_score:
                 best_score, best_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch + 1 - best_epoch >= patience:
+            elif epoch + 1 - best_epoch >= patience and epoch + 1 >= min_epochs:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -132,6 +133,10 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         device=torch.device("cpu"),
         validate=validate,
         patience=cfg.pretrain_patience,
+        # A small public set's validation is noisy on the early plateau, where patience alone
+        # stopped the default synthetic base far below what it reaches (experiments/README.md,
+        # "Million-user populations", "The base's early stop").
+        min_epochs=cfg.pretrain_min_epochs,
         on_epoch=lambda e, loss, score: log(
             f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}"
         ),
