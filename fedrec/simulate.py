@@ -212,7 +212,7 @@ def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayS
     from server.app import ENV_OVERRIDES
     from server.app import app as default_server_app
 
-    # The base model is pretrained here, before Ray starts, so that no worker races it.
+    # The base model is pretrained here, before Flower creates any worker, so that none races it.
     from fedrec.workload import load_workload
 
     works = [load_workload(c, log=print) for c in cfgs]
