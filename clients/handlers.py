@@ -36,7 +36,7 @@ from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_devic
 
 def worker_place() -> dict[str, str]:
     """Which process, and which Ray node, trained a reply: the evidence that a run's
-    workers spread over a cluster's machines (ray-address)."""
+    workers spread over a cluster's machines (ray-address). Outside Ray the node is ""."""
     ray = sys.modules.get("ray")  # imported only where Ray runs this worker; never here
     node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
     return {"process": f"{socket.gethostname()}:{os.getpid()}", "ray-node": node}
@@ -159,8 +159,10 @@ def train(msg: Message, context: Context) -> Message:
     counts = total.counts() | {"peak-rss-mb": peak_rss_mb(), "train-seconds": time.perf_counter() - t0}
     if node.device.type == "cuda":
         counts["peak-gpu-mb"] = torch.cuda.max_memory_allocated(node.device) / 2**20
-    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts),
-                          "where": ConfigRecord(worker_place())})  # fmt: skip
+    content = RecordDict({"update": ArrayRecord(total.delta), "counts": MetricRecord(counts)})
+    place = worker_place()
+    if place["ray-node"]:  # a simulated worker only: a real device's reply carries no host name
+        content["where"] = ConfigRecord(place)
     return Message(content, reply_to=msg)
 
 
