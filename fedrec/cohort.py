@@ -88,20 +88,23 @@ def assign_silos(population: Sequence[int] | np.ndarray, num_silos: int, seed: i
     return [np.sort(s) for s in np.array_split(pop, min(num_silos, len(pop)))]
 
 
+def seeded_sample(population: Sequence[int] | np.ndarray, size: int, seed: int, tag: int) -> np.ndarray:
+    """A seeded sample of `size` users (sorted), or everyone when that is 0 or covers the
+    population; `tag` keeps each purpose's sample apart from the others'."""
+    pop = np.asarray(population, dtype=np.int64)
+    if not 0 < size < len(pop):
+        return pop
+    return np.sort(np.random.default_rng([seed, tag]).choice(pop, size, replace=False))
+
+
 def validation_users(population: Sequence[int] | np.ndarray, eval_users: int, seed: int) -> np.ndarray:
     """The users whose validation item picks the best round (or epoch): a seeded sample of
     `eval_users`, or everyone when that is 0 or covers the population."""
-    pop = np.asarray(population, dtype=np.int64)
-    if not 0 < eval_users < len(pop):
-        return pop
-    return np.sort(np.random.default_rng([seed, 0xE7A1]).choice(pop, eval_users, replace=False))
+    return seeded_sample(population, eval_users, seed, 0xE7A1)
 
 
 def test_users(population: Sequence[int] | np.ndarray, sample: int, seed: int) -> np.ndarray:
     """The users whose test item scores the run: a seeded sample of `sample` (drawn apart
     from the validation sample), or everyone when that is 0 or covers the population. On a
     large population the sample's bootstrap interval states what the sampling costs."""
-    pop = np.asarray(population, dtype=np.int64)
-    if not 0 < sample < len(pop):
-        return pop
-    return np.sort(np.random.default_rng([seed, 0x7E57]).choice(pop, sample, replace=False))
+    return seeded_sample(population, sample, seed, 0x7E57)

@@ -310,8 +310,7 @@ class FedRecStrategy(Strategy):
             "worker-processes": len(places),  # distinct processes that trained this round
             "worker-ray-nodes": len(set(places.values()) - {""}),  # and the Ray nodes they ran on
         }
-        for process, node in places.items():
-            self.worker_places[process] = node
+        self.worker_places.update(places)
         if peak_gpu:
             diagnostics["worker-peak-gpu-mb"] = peak_gpu  # the largest of the nodes' peak CUDA memory (torch's allocator)
         if self.silos:

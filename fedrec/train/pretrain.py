@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedrec.cohort import seeded_sample
 from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
 from fedrec.metrics import metric_means
@@ -85,10 +86,7 @@ def fit_sequences(
 def pretraining_users(public: np.ndarray, cap: int, seed: int) -> list[int]:
     """The public users the base trains on: all of them, or a seeded sample of `cap` so
     that pretraining does not dominate a run on a large population."""
-    pop = np.asarray(public, dtype=np.int64)
-    if 0 < cap < len(pop):
-        pop = np.sort(np.random.default_rng([seed, 0x9E7]).choice(pop, cap, replace=False))
-    return [int(u) for u in pop]
+    return [int(u) for u in seeded_sample(public, cap, seed, 0x9E7)]
 
 
 def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] = print,
