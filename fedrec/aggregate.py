@@ -7,6 +7,7 @@ over users would reveal. Adding worker sums gives the cohort sum, in any placeme
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,10 @@ class UpdateSum:
     loss_sum: float = 0.0
     num_clipped: int = 0
     norm_sum: float = 0.0
+    # Σ (w·‖clipped Δ‖)² and Σ w²: with the sum itself they give the signal-to-noise meter's
+    # estimate of what the users agree on (fedrec.privacy.snr); NaN where not known (SecAgg+)
+    sq_norm_sum: float = 0.0
+    sq_weight_sum: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)  # users left out of the sum, by reason
     num_dropped: int = 0  # sampled users who never reported (client-dropout)
 
@@ -39,7 +44,9 @@ class UpdateSum:
     def num_rejected(self) -> int:
         return sum(self.rejected.values())
 
-    def add_user(self, delta: AdapterState, weight: float, loss: float, norm: float, clipped: bool) -> None:
+    def add_user(self, delta: AdapterState, weight: float, loss: float, norm: float, clipped: bool,
+                 clipped_norm: float | None = None) -> None:  # fmt: skip
+        """`norm` is the update's norm before clipping, `clipped_norm` after (default: `norm`)."""
         if not self.delta:
             self.delta = {k: v.detach().to(torch.float32).clone() * weight for k, v in delta.items()}
         else:
@@ -49,6 +56,8 @@ class UpdateSum:
         self.weight += weight
         self.loss_sum += loss
         self.norm_sum += norm
+        self.sq_norm_sum += (weight * (norm if clipped_norm is None else clipped_norm)) ** 2
+        self.sq_weight_sum += weight**2
         self.num_clipped += int(clipped)
 
     def merge(self, other: UpdateSum) -> None:
@@ -68,6 +77,8 @@ class UpdateSum:
         self.weight += other.weight
         self.loss_sum += other.loss_sum
         self.norm_sum += other.norm_sum
+        self.sq_norm_sum += other.sq_norm_sum
+        self.sq_weight_sum += other.sq_weight_sum
         self.num_clipped += other.num_clipped
 
     def counts(self) -> dict[str, float]:
@@ -76,6 +87,8 @@ class UpdateSum:
             "weight": self.weight,
             "loss-sum": self.loss_sum,
             "norm-sum": self.norm_sum,
+            "sq-norm-sum": self.sq_norm_sum,
+            "sq-weight-sum": self.sq_weight_sum,
             "num-clipped": float(self.num_clipped),
             "num-dropped": float(self.num_dropped),
         } | {f"{REJECTED}{reason}": float(n) for reason, n in self.rejected.items()}
@@ -88,6 +101,8 @@ class UpdateSum:
             weight=float(counts["weight"]),
             loss_sum=float(counts["loss-sum"]),
             norm_sum=float(counts.get("norm-sum", 0.0)),
+            sq_norm_sum=float(counts.get("sq-norm-sum", math.nan)),
+            sq_weight_sum=float(counts.get("sq-weight-sum", math.nan)),
             num_clipped=int(counts.get("num-clipped", 0)),
             rejected={k[len(REJECTED) :]: int(v) for k, v in counts.items() if k.startswith(REJECTED)},
             num_dropped=int(counts.get("num-dropped", 0)),

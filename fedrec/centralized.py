@@ -8,6 +8,9 @@ cut short or over-trained by a fixed epoch count:
 - `scratch`: the same architecture from random init on the public users' data and the
   private users' training prefixes: the bound without privacy and without federation;
 - `full`: every weight of the base, fine-tuned on the private users' pooled prefixes;
+- `transformer`: every weight of the base but the item table (which stays frozen), on the
+  same prefixes: whether any adaptation of the shared, non-item parameters can gain at all,
+  the bound for projection LoRA and every other adapter that leaves the items alone;
 - `same`: exactly what the federated config trains (its LoRA and item adapter) on the
   same pooled prefixes: what federation and privacy are measured against.
 
@@ -37,6 +40,7 @@ from fedrec.workload import load_workload, resolve_device
 CEILING_LABELS = {
     "scratch": "from scratch, public + private data",
     "full": "full fine-tune of the base",
+    "transformer": "every non-item weight of the base, item table frozen",
     "same": "the federated config's parameters",
 }
 
@@ -88,12 +92,12 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
             # Public users as the base saw them, private users' prefixes.
             seqs = data.public_sequences() + private_seqs
             params, lr = list(model.parameters()), cfg.pretrain_learning_rate
-        elif name == "full":
+        elif name in ("full", "transformer"):
             model = load_base(cfg, data.num_items, work.base_path).to(device)
             model.set_absent(data.cold)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            seqs, params, lr = private_seqs, list(model.parameters()), cfg.pretrain_learning_rate
+            for key, p in model.named_parameters():
+                p.requires_grad_(name == "full" or not key.startswith("item_emb"))
+            seqs, params, lr = private_seqs, [p for p in model.parameters() if p.requires_grad], cfg.pretrain_learning_rate
         else:
             model, seqs, lr = lora, private_seqs, cfg.centralized_learning_rate
             params = list(adapter_parameters(model).values())

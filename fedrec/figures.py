@@ -62,7 +62,7 @@ def ndcg_vs_epsilon(groups: list[dict[str, Any]], references: dict[str, float], 
         ax.set_xticks(ticks, [f"{e:.3g}" for e in ticks])
         ax.minorticks_off()
     ax.set_xlabel("ε spent (accountant, at the run's δ)")
-    ax.set_ylabel("test NDCG@10 (best validated round)")
+    ax.set_ylabel("test NDCG@10 (result round)")
     ax.set_title("Test NDCG@10 against ε (95% intervals)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))

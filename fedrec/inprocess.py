@@ -58,5 +58,5 @@ def run_in_process(cfg: FedRecConfig, out: Path | None = None, log: Callable[[st
     if results is not None:
         results.write_config(cfg)
     run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=results, log=log,
-                       sent_keys=info.sent)  # fmt: skip
+                       sent_keys=info.sent, public=work.data.public)  # fmt: skip
     return run.execute(port, started=time.time(), ready_seconds=0.0, about={"dataset": work.interactions.describe()})

@@ -195,6 +195,12 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "ndcg_mean_interval": mean_interval(ndcg, ci),
             "base_ndcg10": [x["base_test"]["ndcg@10"] for x in s],
             "best_round": [x.get("best_round") for x in s],
+            "selection": [x.get("selection", "private") for x in s],
+            # Under DP: the round un-noised private validation would have picked (a diagnostic only).
+            "diagnostic_private_best": [((x.get("diagnostic_private_best") or {}).get("test") or x["test"])["ndcg@10"]
+                                        for x in s if x.get("diagnostic_private_best")],
+            "snr_agreed_first": [_first_meter(m.rows, "snr-agreed") for m in members],
+            "snr_run_last": [_last_meter(m.rows, "snr-run") for m in members],
             "wall_s": [x.get("wall_seconds") for x in s],
             "audit_lower_bound": [a.get("epsilon_lower_bound") for a in audit if a],
             "audit_estimate": [a.get("epsilon_estimate") for a in audit if a],
@@ -203,6 +209,14 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "results_dirs": [str(m.path) for m in members],
         })  # fmt: skip
     return sorted(groups, key=lambda g: (g["method"], g["epsilon"] is None, g["epsilon"] or 0.0))
+
+
+def _first_meter(rows: list[dict[str, Any]], key: str) -> float | None:
+    return next((r["train"][key] for r in rows if key in r.get("train", {})), None)
+
+
+def _last_meter(rows: list[dict[str, Any]], key: str) -> float | None:
+    return next((r["train"][key] for r in reversed(rows) if key in r.get("train", {})), None)
 
 
 def references(runs: list[Run]) -> dict[str, float]:
@@ -216,6 +230,7 @@ def references(runs: list[Run]) -> dict[str, float]:
     for r in runs:
         for key, label in (("most_popular_test", "most popular"), ("local_test", "local only"),
                            ("ceiling_scratch_test", "ceiling: from scratch"), ("ceiling_full_test", "ceiling: full fine-tune"),
+                           ("ceiling_transformer_test", "ceiling: transformer, items frozen"),
                            ("ceiling_same_test", "ceiling: same parameters")):  # fmt: skip
             if r.summary.get(key):
                 out.setdefault(label, r.summary[key]["ndcg@10"])
@@ -258,6 +273,12 @@ def write_report(dirs: list[Path], out: Path) -> Path:
           "clip C": lambda _run, r: r.get("train", {}).get("clipping-norm") or None}, "L2 norm", True),
         ("ε spent against rounds", "epsilon_vs_rounds.png",
          {"ε": lambda _run, r: r.get("train", {}).get("epsilon")}, "ε", False),
+        # The signal-to-noise meter (fedrec.privacy.snr), in units of the clip C.
+        ("Signal and noise per round (units of C)", "snr_vs_rounds.png",
+         {"agreed signal": lambda _run, r: r.get("train", {}).get("snr-agreed"),
+          "noise on the mean": lambda _run, r: r.get("train", {}).get("snr-noise") or None}, "norm / C", True),
+        ("Signal over the run against the noise on it", "snr_run_vs_rounds.png",
+         {"Σ agreed / noise on Σ means": lambda _run, r: r.get("train", {}).get("snr-run")}, "ratio", True),
     )  # fmt: skip
     for title, name, series, ylabel, log in plots:
         path = figures.per_round(federated, out / name, title, series, ylabel, log)
@@ -276,13 +297,18 @@ def write_report(dirs: list[Path], out: Path) -> Path:
                                  {"down": payload("down"), "up": payload("up")}, "bytes", True)  # fmt: skip
         if path:
             made["Bytes per round"] = path
-    cols = ["method", "ε", "δ", "z", "q", "C", "d", "z·√d/m", "test NDCG@10", "test HR@10", "best round", "wall s",
+    cols = ["method", "ε", "δ", "z", "q", "C", "d", "z·√d/m", "test NDCG@10", "test HR@10", "round (picked by)",
+            "diagnostic: private-best round's test NDCG@10", "agreed/C (round 1)", "run SNR (last)", "wall s",
             "audit ε LB / est.", "KB up / user·round"]  # fmt: skip
     lines = [f"# fedrec report", "", f"{len(runs)} runs from {', '.join(str(d) for d in dirs)}.", "",
-             "Test metrics: full ranking over all items at each run's best validated round; one run shows its 95% "
-             "bootstrap interval over users, several seeds mean ± std over seeds (n). ε is what the accountant "
-             "spent at δ; the audit columns are the canary audit's 95% lower bound and one-shot estimate "
-             "(`audit-canaries`).", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+             "Test metrics: full ranking over all items at each run's result round: without DP the best round on "
+             "private validation, under DP the last round or the best on public users' held-out items "
+             "(`model-selection`), so that the headline stays inside the privacy guarantee. The diagnostic column is "
+             "the round that un-noised private validation would have picked: outside the guarantee, never a "
+             "headline. One run shows its 95% bootstrap interval over users, several seeds mean ± std over seeds "
+             "(n). ε is what the accountant spent at δ. agreed/C and run SNR are the signal-to-noise meter's "
+             "readings (`fedrec.privacy.snr`). The audit columns are the canary audit's 95% lower bound and one-shot "
+             "estimate (`audit-canaries`).", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
     for g in groups:
         audit = "–"
         if g["audit_lower_bound"]:
@@ -290,7 +316,10 @@ def write_report(dirs: list[Path], out: Path) -> Path:
                                                                      if all(e is not None for e in g["audit_estimate"]) else "–")  # fmt: skip
         cells = [g["method"], _num(g["epsilon"]), _num(g["delta"]), _num(g["z"]), _num(g["q"]), _num(g["C"]),
                  str(g["d"]), _num(g["noise_to_signal"]), _spread(g["test_ndcg10"], g["test_ndcg10_ci"]),
-                 _spread(g["test_hr10"]), ",".join(str(b) for b in g["best_round"]),
+                 _spread(g["test_hr10"]),
+                 ",".join(str(b) for b in g["best_round"]) + f" ({','.join(sorted(set(g['selection'])))})",
+                 _spread(g["diagnostic_private_best"]), _spread([a for a in g["snr_agreed_first"] if a is not None]),
+                 _spread([a for a in g["snr_run_last"] if a is not None], digits=3),
                  _spread([w for w in g["wall_s"] if w is not None], digits=1), audit, _kb(g["bytes_up_per_user_round"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     if refs:

@@ -97,6 +97,7 @@ _ROWS = (
     ("test_cold", "federated, cold targets"),
     ("ceiling_scratch_test", "ceiling: from scratch"),
     ("ceiling_full_test", "ceiling: full fine-tune"),
+    ("ceiling_transformer_test", "ceiling: transformer (items frozen)"),
     ("ceiling_same_test", "ceiling: same parameters"),
 )
 
@@ -128,7 +129,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines.append("")
     for key in ("rounds", "best_round", "epsilon", "delta", "noise_multiplier", "noise_to_signal", "adapter_dimension",
                 "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters", "ceiling_scratch_epoch",
-                "ceiling_full_epoch", "ceiling_same_epoch"):  # fmt: skip
+                "ceiling_full_epoch", "ceiling_transformer_epoch", "ceiling_same_epoch", "selection"):  # fmt: skip
         if key in summary:
             lines.append(f"{key}: {summary[key]}")
     return "\n".join(lines) + "\n"

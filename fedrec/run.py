@@ -31,7 +31,8 @@ from fedrec.local_state import client_state_dir
 from fedrec.metrics import metric_means, metric_sums, user_intervals
 from fedrec.model.types import AdapterState
 from fedrec.privacy.audit import CanarySet, audit
-from fedrec.privacy.mechanism import AdaptiveClip, Mechanism, NoPrivacy, user_level_gaussian
+from fedrec.privacy.mechanism import AdaptiveClip, Mechanism, NoPrivacy, banded_mf, user_level_gaussian
+from fedrec.privacy.snr import Meter
 from fedrec.results import ResultsDir
 
 Log = Callable[[str], None]
@@ -70,6 +71,14 @@ def run_delta(cfg: FedRecConfig, sampler: CohortSampler) -> float:
     return cfg.target_delta or 1.0 / len(sampler.population)
 
 
+def selection(cfg: FedRecConfig) -> str:
+    """How the run's result is picked: `private` (best round on private validation, only
+    without DP), `last`, or `public` (best round on public users' held-out items)."""
+    if cfg.model_selection != "auto":
+        return cfg.model_selection
+    return "last" if cfg.dp_enabled else "private"
+
+
 def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) -> Mechanism:
     population, expected = len(sampler.population), sampler.size
     adaptive = None
@@ -78,6 +87,13 @@ def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) 
         adaptive = AdaptiveClip(cfg.clip_quantile, cfg.clip_learning_rate, count_stddev)
     if not cfg.dp_enabled:
         return NoPrivacy(cfg.clipping_norm, adaptive)
+    if sampler.kind in ("all", "cyclic"):
+        return banded_mf(
+            noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
+            bands=cfg.mf_bands if cfg.mechanism == "banded-mf" else 1, clipping_norm=cfg.clipping_norm,
+            participation=sampler.kind, groups=getattr(sampler, "groups", 1), users_per_round=sampler.per_round,
+            population=population, delta=run_delta(cfg, sampler), seed=cfg.seed, log=log,
+        )  # fmt: skip
     return user_level_gaussian(
         noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
         clipping_norm=cfg.clipping_norm, q=min(1.0, expected / population), expected_users=expected,
@@ -92,8 +108,10 @@ class FederatedRun:
     def __init__(
         self, cfg: FedRecConfig, initial: AdapterState, population: np.ndarray, *, dimension: int,
         out: ResultsDir | None = None, log: Log = print, sent_keys: list[str] | None = None,
+        public: np.ndarray | None = None,
     ) -> None:  # fmt: skip
-        """`sent_keys`: the tensors users send (the canaries' space; default every adapter tensor)."""
+        """`sent_keys`: the tensors users send (the canaries' space; default every adapter tensor);
+        `public`: the public users, whose held-out items pick the round under model-selection=public."""
         self.cfg, self.out, self.log, self.dimension = cfg, out, log, dimension
         self.optimizer = ServerOptimizer(initial, cfg.server_optimizer, cfg.server_learning_rate, cfg.server_momentum)
         self.users = np.asarray(population, dtype=np.int64)  # the real users: the only ones evaluated
@@ -110,6 +128,15 @@ class FederatedRun:
                 f"q={self.sampler.q:.4g}")  # fmt: skip
         self.mechanism = make_mechanism(cfg, self.sampler, log)
         self.valid_users = validation_users(self.users, cfg.eval_users, cfg.seed)
+        self.selection = selection(cfg)
+        self.public_users = validation_users(np.asarray(public if public is not None else [], dtype=np.int64),
+                                             cfg.eval_users, cfg.seed)  # fmt: skip
+        if self.selection == "public" and not len(self.public_users):
+            raise ValueError("model-selection=public: the run was given no public users")
+        self.meter = Meter()
+        # The round the result is taken from, and the best round on private validation (the
+        # same under `private`; under DP only a diagnostic, as it carries no noise).
+        self.pick_round, self.pick_score, self.pick_adapter = 0, float("-inf"), None
         self.test_users = test_users(self.users, cfg.test_users, cfg.seed)
         if len(self.test_users) < len(self.users):
             log(f"evaluation: test on a seeded sample of {len(self.test_users):,} of the {len(self.users):,} users "
@@ -133,7 +160,11 @@ class FederatedRun:
         test = port.evaluate(0, self.test_users, self.adapter, "test")
         self.base = {"valid": valid, "test": test.metrics, "ranks": test.ranks}
         self.best_round, self.best_valid, self.best_adapter = 0, valid, self.adapter
-        self._append({"round": 0, "valid": valid, "seconds": round(time.time() - t0, 3)})
+        row: dict[str, Any] = {"round": 0, "valid": valid}
+        if self.selection == "public":
+            row["public-valid"] = port.evaluate(0, self.public_users, self.adapter, "test").metrics
+            self.pick_round, self.pick_score, self.pick_adapter = 0, row["public-valid"]["ndcg@10"], self.adapter
+        self._append(row | {"seconds": round(time.time() - t0, 3)})
         self.log(f"round   0/{self.cfg.num_rounds} | base model            | val NDCG@10 {valid['ndcg@10']:.4f}")
 
     def train_round(self, port: RoundPort, rnd: int) -> dict[str, float]:
@@ -151,6 +182,9 @@ class FederatedRun:
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
         }
+        if clip > 0:  # the signal-to-noise meter, on the real users' sum (fedrec.privacy.snr)
+            metrics |= self.meter.round(total, clip, self.mechanism.noise_on_mean(self.dimension, rnd),
+                                        self.mechanism.noise_on_sum(self.dimension, rnd))  # fmt: skip
         if self.canaries is not None:  # after the metrics above: those describe real users only
             metrics["canaries"] = len(canaries)
             total.merge(self.canaries.update_sum(canaries, clip))
@@ -190,6 +224,10 @@ class FederatedRun:
                 row["valid"] = port.evaluate(rnd, self.valid_users, self.adapter, "valid").metrics
                 if row["valid"]["ndcg@10"] > self.best_valid["ndcg@10"]:
                     self.best_round, self.best_valid, self.best_adapter = rnd, row["valid"], self.adapter
+                if self.selection == "public":
+                    row["public-valid"] = port.evaluate(rnd, self.public_users, self.adapter, "test").metrics
+                    if row["public-valid"]["ndcg@10"] > self.pick_score:
+                        self.pick_round, self.pick_score, self.pick_adapter = rnd, row["public-valid"]["ndcg@10"], self.adapter
             row["seconds"] = round(time.time() - t_round, 3)
             self._append(row)
             val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
@@ -215,13 +253,22 @@ class FederatedRun:
     def finish(self, port: RoundPort, *, started: float, ready_seconds: float, round1_at: float,
                about: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
         cfg = self.cfg
-        if cfg.lora_share == "a-only":
-            # Users' own B cannot be rolled back to an earlier round: the result is the last round.
+        how = "last" if cfg.lora_share == "a-only" else self.selection
+        # The private-validation best round, kept apart: under DP it is only a diagnostic.
+        private_round, private_valid, private_adapter = self.best_round, self.best_valid, self.best_adapter
+        if how == "last":
             self.best_round, self.best_adapter = self.round, self.adapter
-            self.best_valid = self.rows[-1].get("valid", self.best_valid)
-            self.log("lora-share=a-only: the last round (with each user's own B) is the run's result")
-        else:
-            self.log(f"best validation NDCG@10 at round {self.best_round}; its adapter is the run's result")
+            self.best_valid = self.rows[-1].get("valid", {})
+        elif how == "public":
+            self.best_round, self.best_adapter = self.pick_round, self.pick_adapter
+            self.best_valid = next((r.get("valid", {}) for r in self.rows if r["round"] == self.pick_round), {})
+        self.log({
+            "private": f"best validation NDCG@10 at round {self.best_round}; its adapter is the run's result",
+            "last": f"the last round ({self.round}) is the run's result"
+                    + (" (lora-share=a-only: users' own B cannot be rolled back)" if cfg.lora_share == "a-only"
+                       else " (model-selection=last" + (": under DP, private validation carries no noise)" if cfg.dp_enabled else ")")),
+            "public": f"best public held-out NDCG@10 at round {self.best_round}; its adapter is the run's result",
+        }[how])  # fmt: skip
         test = port.evaluate(self.best_round, self.test_users, self.best_adapter, "test")
         last = test if self.best_round == self.round else port.evaluate(self.round, self.test_users, self.adapter, "test")
         boot = dict(samples=cfg.bootstrap_samples, seed=cfg.seed)  # 95% intervals over test users
@@ -240,7 +287,19 @@ class FederatedRun:
             "last_round_test_ci": user_intervals(last.ranks, **boot),
             "test_gain_ci": user_intervals(test.ranks, self.base["ranks"], **boot),  # paired by user
             "rounds": self.round,
+            "selection": how,
         }
+        if how != "private" and private_round != self.best_round:
+            # Labelled: the round private validation (no noise) would have picked. Under DP this
+            # choice is outside the guarantee, so it is never the headline.
+            diag = port.evaluate(private_round, self.test_users, private_adapter, "test")
+            summary["diagnostic_private_best"] = {
+                "note": "round picked on private validation without noise: a diagnostic outside the privacy guarantee",
+                "round": private_round, "valid": private_valid, "test": diag.metrics,
+                "test_ci": user_intervals(diag.ranks, **boot),
+            }  # fmt: skip
+        elif how != "private":
+            summary["diagnostic_private_best"] = {"note": "private validation picks the same round", "round": private_round}
         for name, users in about.get("subsets", {}).items():  # e.g. test targets that are cold items
             summary |= {f"base_test_{name}": _subset_means(self.base["ranks"], users),
                         f"test_{name}": _subset_means(test.ranks, users)}  # fmt: skip
@@ -335,6 +394,8 @@ class FederatedRun:
             "sampler": self.sampler.state_dict(),
             "mechanism": self.mechanism.state_dict(),
             "best": {"round": self.best_round, "valid": self.best_valid, "adapter": self.best_adapter},
+            "pick": {"round": self.pick_round, "score": self.pick_score, "adapter": self.pick_adapter},
+            "meter": self.meter.state_dict(),
             "base": self.base,
             "rows": self.rows,
             "counters": {"users_trained": self.users_trained, "train_seconds": self.train_seconds,
@@ -350,6 +411,10 @@ class FederatedRun:
         best = state["best"]
         self.best_round, self.best_valid = int(best["round"]), dict(best["valid"])
         self.best_adapter = {k: v.clone() for k, v in best["adapter"].items()}
+        pick = state.get("pick", {"round": 0, "score": float("-inf"), "adapter": None})
+        self.pick_round, self.pick_score = int(pick["round"]), float(pick["score"])
+        self.pick_adapter = None if pick["adapter"] is None else {k: v.clone() for k, v in pick["adapter"].items()}
+        self.meter.load_state_dict(state.get("meter", {}))
         self.base = dict(state["base"])
         self.rows = [dict(r) for r in state["rows"]]
         c = state["counters"]

@@ -37,7 +37,7 @@ DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fr
 )
 # What build_model's adapter depends on (besides the base): a model cached by a worker is
 # reused only for configs that agree on these.
-ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text")
+ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text", "item-basis")
 ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-train", *ITEM_KEYS)
 _CACHE: dict[str, tuple[Interactions, SplitData]] = {}
 
@@ -50,6 +50,7 @@ class ItemSide:
     rows: np.ndarray | None = None
     features: ItemFeatures | None = None
     text: torch.Tensor | None = None  # (items × 384) frozen text embeddings (item-encoder)
+    basis: torch.Tensor | None = None  # (items × r) item-adapter=subspace's fixed A (fedrec.data.item_basis)
 
     def to_record(self) -> dict:
         """Plain lists, for a ConfigRecord (what a real device receives in `setup`)."""
@@ -58,6 +59,8 @@ class ItemSide:
         out: dict = {}
         if self.rows is not None:
             out["rows"] = [int(r) for r in self.rows]
+        if self.basis is not None:
+            out |= {"basis": [float(x) for x in self.basis.flatten()], "basis-rank": int(self.basis.shape[1])}
         if self.features is not None:
             f = self.features
             out |= {"feature-indptr": [int(i) for i in f.indptr], "feature-indices": [int(i) for i in f.indices],
@@ -72,7 +75,10 @@ class ItemSide:
             features = ItemFeatures(np.asarray(rec["feature-indptr"], dtype=np.int64),
                                     np.asarray(rec["feature-indices"], dtype=np.int64),
                                     int(rec["feature-count"]), str(rec["feature-source"]))  # fmt: skip
-        return cls(rows, features)
+        basis = None
+        if "basis" in rec:
+            basis = torch.tensor(rec["basis"], dtype=torch.float32).view(-1, int(rec["basis-rank"]))
+        return cls(rows, features, basis=basis)
 
 
 def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
@@ -84,6 +90,8 @@ def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
         "table": "dense item-table delta",
         "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
         "text": f"text projection delta (all-MiniLM-L6-v2 embeddings, item-encoder={cfg.item_encoder})",
+        "affine": "per-item score scale and bias",
+        "subspace": f"item delta A·B in a public {cfg.item_basis} basis (r={cfg.item_rank}, A fixed)",
     }[cfg.item_kind]
     if what and cfg.item_kind != "text" and cfg.item_encoder == "id+text":
         what += " on the id+text table (projection frozen)"
@@ -144,19 +152,30 @@ def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
     from `item-features`, or the dataset's own item file (MovieLens genres, the synthetic
     clusters).
     """
-    if cfg.item_adapter not in ("rows", "features") and cfg.item_encoder == "id":
+    if cfg.item_adapter not in ("rows", "features", "subspace") and cfg.item_encoder == "id":
         return ItemSide()
     key = cfg.fingerprint(*DATA_KEYS, *ITEM_KEYS)
     if key not in _ITEM_SIDE:
         text = item_text_embeddings(cfg, data) if cfg.item_encoder != "id" else None
-        rows = features = None
+        rows = features = basis = None
+        if cfg.item_adapter == "subspace":
+            basis = _item_basis(cfg, data, text)
         if cfg.item_adapter == "rows":
             public = [data.full_sequence(int(u)) for u in data.public]
             rows = public_top_items(public, data.num_items, cfg.item_rows)
         elif cfg.item_adapter == "features":
             features = _item_features(cfg, data)
-        _ITEM_SIDE[key] = ItemSide(rows, features, text)
+        _ITEM_SIDE[key] = ItemSide(rows, features, text, basis)
     return _ITEM_SIDE[key]
+
+
+def _item_basis(cfg: FedRecConfig, data: SplitData, text: torch.Tensor | None) -> torch.Tensor:
+    """item-adapter=subspace's A: public users' co-occurrence, or the items' text embeddings."""
+    from fedrec.data.item_basis import cooccurrence_basis, text_basis
+
+    if cfg.item_basis == "text":
+        return text_basis(text if text is not None else item_text_embeddings(cfg, data), cfg.item_rank)
+    return cooccurrence_basis(data.public_sequences(), data.num_items, cfg.item_rank)
 
 
 def _item_features(cfg: FedRecConfig, data: SplitData) -> ItemFeatures:
@@ -227,7 +246,7 @@ def build_model(
 
         def item():
             return make_item_adapter(cfg.item_kind, num_items, d, rank=cfg.item_rank, alpha=cfg.lora_alpha,
-                                     rows=side.rows, features=side.features, text=side.text)  # fmt: skip
+                                     rows=side.rows, features=side.features, text=side.text, basis=side.basis)  # fmt: skip
 
     model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_list(), cfg.seed, item_adapter=item)
     if cfg.lora_train == "b-only":

@@ -68,7 +68,7 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     console.print(f"federation: placement={cfg.placement}, {nodes} SuperNodes, cohort {cfg.cohort_size} "
                   f"of {len(strategy.population):,} users")  # fmt: skip
     run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, out=out, log=console.print,
-                       sent_keys=adapter.sent)
+                       sent_keys=adapter.sent, public=work.data.public)
     if state is not None:
         run.resume(state, folder)
     about = {"dataset": work.interactions.describe(), "adapter_parameters": adapter.parameters,

@@ -102,4 +102,5 @@ def secure_sum(
     mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
     delta = {k: torch.from_numpy(np.asarray(m, dtype=np.float32) * n) for k, m in zip(update_keys, mean, strict=True)}
     # Per-user loss and norm never leave the devices under SecAgg+: reported as NaN.
-    return UpdateSum(delta, num_users=n, weight=float(n), loss_sum=math.nan, norm_sum=math.nan), len(routes) - n
+    return UpdateSum(delta, num_users=n, weight=float(n), loss_sum=math.nan, norm_sum=math.nan,
+                     sq_norm_sum=math.nan, sq_weight_sum=math.nan), len(routes) - n

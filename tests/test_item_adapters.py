@@ -22,7 +22,7 @@ from fedrec.workload import ItemSide, item_side, load_workload
 from tests.conftest import shared_file
 
 CPU = torch.device("cpu")
-KINDS = ("lowrank", "rows", "table", "features")
+KINDS = ("lowrank", "rows", "table", "features", "subspace", "affine")
 
 
 def _setup(tiny_cfg, kind, **over):
@@ -50,7 +50,8 @@ def test_item_adapter_is_neutral_at_init_and_counted_in_d(tiny_cfg, kind):
     torch.testing.assert_close(model.item_scores(model(x)[:, -1]), base.item_scores(base(x)[:, -1]), rtol=0, atol=0)
     d, n = cfg.hidden_size, work.data.num_items
     expected = {"lowrank": n * cfg.item_rank + cfg.item_rank * d, "rows": 20 * d, "table": n * d,
-                "features": 4 * d}[kind]  # tiny_cfg: 4 synthetic clusters = 4 attributes  # fmt: skip
+                "features": 4 * d, "subspace": cfg.item_rank * d, "affine": 2 * n}[kind]  # fmt: skip
+    # (tiny_cfg: 4 synthetic clusters = 4 attributes)
     trained = adapter_parameters(model)
     assert sum(trained[k].numel() for k in _item_keys(trained)) == expected
     assert set(_item_keys(adapter_state(model))) == set(_item_keys(trained))  # they travel
@@ -58,6 +59,7 @@ def test_item_adapter_is_neutral_at_init_and_counted_in_d(tiny_cfg, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_item_delta_reaches_the_input_lookup_and_the_tied_scores(tiny_cfg, kind):
+    """(`affine` changes the scores alone, by design.)"""
     cfg, work, model = _setup(tiny_cfg, kind)
     model.eval()
     sasrec = model.get_base_model()
@@ -70,9 +72,13 @@ def test_item_delta_reaches_the_input_lookup_and_the_tied_scores(tiny_cfg, kind)
     with torch.no_grad():
         for p in sasrec.item_delta.parameters():
             p.add_(torch.randn(p.shape, generator=g))
-    delta = sasrec.item_delta.delta().detach()
-    assert float(delta[0].abs().sum()) == 0.0 and float(delta[item].abs().sum()) > 0  # padding stays zero
-    assert not torch.allclose(model(x)[:, -1], before_hidden)  # the lookup of `item` moved
+    delta = sasrec.item_delta.delta()
+    if kind == "affine":  # scores only: the lookups keep the base's rows
+        assert delta is None and torch.equal(model(x)[:, -1], before_hidden)
+    else:
+        delta = delta.detach()
+        assert float(delta[0].abs().sum()) == 0.0 and float(delta[item].abs().sum()) > 0  # padding stays zero
+        assert not torch.allclose(model(x)[:, -1], before_hidden)  # the lookup of `item` moved
     moved = (model.item_scores(h) - before_scores).abs().sum(0).detach()
     assert float(moved[item - 1]) > 0  # the tied output score of `item` moved
 

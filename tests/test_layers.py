@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("fedrec.train",)),
     ("workload", ("fedrec.workload",)),
     ("results", ("fedrec.results", "fedrec.report", "fedrec.figures")),
-    ("run", ("fedrec.checkpoint", "fedrec.run", "fedrec.inprocess", "fedrec.centralized", "fedrec.local_only")),
+    ("run", ("fedrec.checkpoint", "fedrec.run", "fedrec.inprocess", "fedrec.centralized", "fedrec.local_only", "fedrec.snr")),
     ("entry point", ("fedrec.simulate",)),
 ]
 ENTRY_POINT = "fedrec.simulate"  # the one core module that starts the Flower apps

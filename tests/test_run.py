@@ -20,7 +20,7 @@ def _run(cfg: FedRecConfig, work, out=None) -> tuple[FederatedRun, InProcessPort
     port = InProcessPort(cfg, work)
     info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
     run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=out, log=lambda _m: None,
-                       sent_keys=info.sent)
+                       sent_keys=info.sent, public=work.data.public)
     return run, port
 
 
@@ -28,9 +28,12 @@ def _rows(run: FederatedRun) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in run.rows]
 
 
-@pytest.mark.parametrize("dp", [False, True])
+@pytest.mark.parametrize("dp", [False, True, "banded-mf"])
 def test_a_run_resumed_from_its_state_dict_ends_where_an_uninterrupted_one_does(tiny_cfg, dp):
-    privacy = dict(noise_multiplier=0.8, sampling="poisson", adaptive_clipping=True, clip_count_stddev=2.0) if dp else {}
+    privacy = {False: {}, True: dict(noise_multiplier=0.8, sampling="poisson", adaptive_clipping=True, clip_count_stddev=2.0),
+               # correlated noise: the resumed run must carry the last bands' noise vectors
+               "banded-mf": dict(noise_multiplier=0.8, sampling="cyclic", mechanism="banded-mf", mf_bands=3,
+                                 model_selection="public")}[dp]  # fmt: skip
     cfg = tiny_cfg.replace(num_rounds=4, cohort_size=20, eval_every=2, clipping_norm=0.5, bootstrap_samples=0, **privacy)
     work = load_workload(cfg)
 
@@ -55,9 +58,12 @@ def test_a_run_resumed_from_its_state_dict_ends_where_an_uninterrupted_one_does(
         assert torch.equal(resumed.adapter[k], whole.adapter[k]), k
     assert resumed.mechanism.clipping_norm == whole.mechanism.clipping_norm
     assert resumed.users_trained == whole.users_trained
-    if dp:
+    if dp is True:
         assert resumed.mechanism.accountant.epsilons == whole.mechanism.accountant.epsilons
         assert resumed.mechanism.accountant.events == whole.mechanism.accountant.events
+    if dp == "banded-mf":
+        assert whole.mechanism.bands == 3 and resumed.mechanism.epsilons == whole.mechanism.epsilons
+        assert resumed.pick_round == whole.pick_round and resumed.meter.signal == whole.meter.signal
     assert _rows(resumed) == _rows(whole)
     assert resumed.best_round == whole.best_round
 
@@ -167,3 +173,20 @@ def test_test_users_scores_a_seeded_sample_apart_from_validation(tiny_cfg):
     assert len(_run(cfg.replace(test_users=0), work)[0].test_users) == len(work.data.private)
     lo, hi = summary["test_ci"]["ndcg@10"]
     assert lo <= summary["test"]["ndcg@10"] <= hi
+
+
+def test_under_dp_the_headline_is_the_last_round_and_the_private_pick_only_a_diagnostic(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(num_rounds=4, cohort_size=20, eval_every=1, clipping_norm=0.5, sampling="poisson",
+                           noise_multiplier=0.7, bootstrap_samples=0)  # fmt: skip
+    work = load_workload(cfg)
+    run, port = _run(cfg, work, out=ResultsDir(tmp_path / "res"))
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, about={})
+    assert summary["selection"] == "last" and summary["best_round"] == 4
+    assert summary["test"] == summary["last_round_test"]
+    valid = [r["valid"]["ndcg@10"] for r in run.rows]
+    diag = summary["diagnostic_private_best"]
+    assert diag["round"] == int(np.argmax(valid))
+    assert ("outside the privacy guarantee" in diag["note"]) == (diag["round"] != 4)
+    rows = [r["train"] for r in run.rows[1:]]
+    assert all(r["snr-noise"] == pytest.approx(0.7 * run.dimension**0.5 / 20) for r in rows)
+    assert all("snr-agreed" in r and "snr-run" in r for r in rows)

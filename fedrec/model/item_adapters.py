@@ -14,6 +14,8 @@ are noised together with the LoRA tensors as one update.
 | table | T on every row | T (N×d) |
 | features | mean over an item's public attributes of G[attribute] | G (attributes×d) |
 | text | E·V: the items' frozen text embeddings E (items×384) through a delta V on the projection | V (384×d, zero) |
+| affine | no table delta: each item's score h·E_i becomes (1 + s_i)·h·E_i + b_i | scale s, bias b (N each, zero) |
+| subspace | A·B with A (N×r) fixed from public data, B trained | B (r×d, zero) |
 
 Each kind gives its Δ two ways: `delta()`, the whole table for the one-model path (the
 per-user loop, evaluation, centralized training), and `lookup`/`scoring` over per-user
@@ -33,7 +35,7 @@ from torch import nn
 
 from fedrec.data.item_features import ItemFeatures
 
-KINDS = ("lowrank", "rows", "table", "features", "text")
+KINDS = ("lowrank", "rows", "table", "features", "text", "affine", "subspace")
 
 
 @dataclass
@@ -46,7 +48,10 @@ class ScoringExtra:
       L's rows also as padded (index, weight) pairs for gathering target rows;
     - `per-user`: L is user u's own dense `lstack[u]` (items × k), for the rows of user u
       (`row_user`, nondecreasing);
-    - `dense`: L is one shared dense matrix (`L`, items × k).
+    - `dense`: L is one shared dense matrix (`L`, items × k);
+    - `affine`: no z·Lᵀ: row t of user u's logits l (against the frozen table) becomes
+      l ⊙ (1 + s_u) + b_u, with `lstack[u]` = (s_u, b_u) stacked as (items × 2) and `z`
+      the hidden rows themselves (their extra gradient is ((p − e)⊙s_u)·E).
     """
 
     kind: str
@@ -73,12 +78,18 @@ class ItemAdapter(nn.Module):
         super().__init__()
         self.num_items, self.hidden = num_items, hidden
 
-    def delta(self) -> torch.Tensor:
-        """Δ over rows 0..N of the table (row 0, padding, stays zero)."""
+    def delta(self) -> torch.Tensor | None:
+        """Δ over rows 0..N of the table (row 0, padding, stays zero); None: the adapter
+        leaves the table alone and changes only the scores (`adjust_scores`)."""
         raise NotImplementedError
 
-    def lookup(self, p: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
-        """Δ[items] with user u's own tensors p[name][u]; items (U, n) 1-based, 0 = padding."""
+    def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The model's scores over items 1..N (B, N) as this adapter changes them beyond Δ."""
+        return scores
+
+    def lookup(self, p: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor | None:
+        """Δ[items] with user u's own tensors p[name][u]; items (U, n) 1-based, 0 = padding.
+        None where the adapter does not change the lookups."""
         raise NotImplementedError
 
     def scoring(self, p: dict[str, torch.Tensor], hidden: torch.Tensor, keep: torch.Tensor) -> ScoringExtra:
@@ -250,9 +261,74 @@ class TextItems(ItemAdapter):
         return ScoringExtra("dense", z, L=self.E)
 
 
+class AffineScores(ItemAdapter):
+    """Each item's score h·E_i becomes (1 + s_i)·h·E_i + b_i: a per-item scale and bias.
+
+    Why: on a sparse catalogue most of what private users can teach a frozen base, and
+    agree on, is per item and one-dimensional: how popular an item is among them (b_i)
+    and how sharply the base scores it (s_i; the base is over-confident on new users).
+    Two numbers per item instead of the table's hidden-size many: 2N parameters, and each
+    user's gradient on them is a count-like vector the users share far more than the
+    table's (experiments/README.md, "Accuracy that survives privacy"). The lookups keep the
+    base's rows; both tensors start at zero, so the untrained adapter is the base.
+    """
+
+    kind = "affine"
+
+    def __init__(self, num_items: int, hidden: int) -> None:
+        super().__init__(num_items, hidden)
+        self.scale = nn.Parameter(torch.zeros(num_items))
+        self.bias = nn.Parameter(torch.zeros(num_items))
+
+    def delta(self) -> None:
+        return None
+
+    def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores * (1 + self.scale) + self.bias
+
+    def lookup(self, p, items):
+        return None
+
+    def scoring(self, p, hidden, keep):
+        return ScoringExtra("affine", hidden[keep], lstack=torch.stack([p["scale"], p["bias"]], -1),
+                            row_user=keep.nonzero()[:, 0])  # fmt: skip
+
+
+class SubspaceItems(ItemAdapter):
+    """Δ = A·B: A (items × r) fixed from public information, only B (r × d) trained.
+
+    Every item moves within the span of A's columns: items that A places alike move alike,
+    so a user's update spreads over items they never touched, and only r·d numbers are
+    clipped, noised and sent (the public-subspace projection of Yu et al., ICLR 2021, and
+    Zhou et al., ICLR 2021, applied to the item table). A is built by
+    `fedrec.data.item_basis` from public users and public item data only.
+    """
+
+    kind = "subspace"
+
+    def __init__(self, num_items: int, hidden: int, basis: torch.Tensor) -> None:
+        super().__init__(num_items, hidden)
+        if basis.shape[0] != num_items:
+            raise ValueError(f"item basis covers {basis.shape[0]} items, the model has {num_items}")
+        self.B = nn.Parameter(torch.zeros(basis.shape[1], hidden))
+        self.register_buffer("A", basis.to(torch.float32).contiguous(), persistent=False)
+        self.register_buffer("A_pad", torch.cat([basis.new_zeros(1, basis.shape[1]), basis]).float(), persistent=False)
+
+    def delta(self) -> torch.Tensor:
+        return self._pad_row(self.A @ self.B)
+
+    def lookup(self, p, items):
+        return torch.bmm(self.A_pad[items], p["B"])
+
+    def scoring(self, p, hidden, keep):
+        z = torch.bmm(hidden, p["B"].transpose(1, 2))[keep]  # (rows, r)
+        return ScoringExtra("dense", z, L=self.A)
+
+
 def make_item_adapter(
     kind: str, num_items: int, hidden: int, *, rank: int = 8, alpha: float = 16.0,
     rows: np.ndarray | None = None, features: ItemFeatures | None = None, text: torch.Tensor | None = None,
+    basis: torch.Tensor | None = None,
 ) -> ItemAdapter:  # fmt: skip
     if kind == "lowrank":
         return LowRankItems(num_items, hidden, rank, alpha)
@@ -270,4 +346,10 @@ def make_item_adapter(
         if text is None:
             raise ValueError("item-encoder=text needs the items' text embeddings")
         return TextItems(num_items, hidden, text)
+    if kind == "affine":
+        return AffineScores(num_items, hidden)
+    if kind == "subspace":
+        if basis is None:
+            raise ValueError("item-adapter=subspace needs the public item basis (fedrec.data.item_basis)")
+        return SubspaceItems(num_items, hidden, basis)
     raise ValueError(f"unknown item adapter {kind!r}; choose from {', '.join(KINDS)}")

@@ -93,7 +93,8 @@ class SASRec(nn.Module):
 
     def item_table(self) -> torch.Tensor:
         table = self.item_emb.weight
-        return table if self.item_delta is None else table + self.item_delta.delta()
+        delta = None if self.item_delta is None else self.item_delta.delta()
+        return table if delta is None else table + delta
 
     def set_absent(self, items) -> None:
         """Leave `items` (1-based ids) out of the training softmax; empty: none."""
@@ -127,7 +128,8 @@ class SASRec(nn.Module):
 
     def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over real items 1..N (column j is item j+1)."""
-        return hidden @ self.item_table()[1:].T
+        scores = hidden @ self.item_table()[1:].T
+        return scores if self.item_delta is None else self.item_delta.adjust_scores(scores)
 
     def per_sequence_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of each sequence over its own targeted positions, shape (B,).

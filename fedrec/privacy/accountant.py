@@ -291,3 +291,22 @@ def _bisect(enough, lo: float, hi: float) -> tuple[float, float]:
         else:
             lo = mid
     return lo, hi
+
+
+# ------------------------------------------------------- one Gaussian mechanism
+@functools.lru_cache(maxsize=4096)
+def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
+    """ε at δ of one Gaussian mechanism (no sampling, add/remove-one) whose noise is
+    `noise_multiplier` times its L2 sensitivity: dp-accounting's PLD, as for the rounds above."""
+    if noise_multiplier <= 0:
+        return math.inf
+    dist = pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=noise_multiplier, value_discretization_interval=_PLD_INTERVAL)
+    return float(dist.get_epsilon_for_delta(delta))
+
+
+def calibrate_gaussian(target_epsilon: float, delta: float, lo: float = 0.05, hi: float = 500.0) -> float:
+    """Smallest multiplier (to 0.1%) with `gaussian_epsilon` within the target."""
+    if gaussian_epsilon(hi, delta) > target_epsilon:
+        raise ValueError(f"target-epsilon {target_epsilon} is out of reach within noise multiplier {hi}")
+    return _bisect(lambda z: gaussian_epsilon(z, delta) <= target_epsilon, lo, hi)[1]

@@ -61,6 +61,15 @@ class Mechanism(Protocol):
     def report(self, dimension: int) -> dict:
         """ε, δ, z, q and the noise-to-signal ratio over an adapter of `dimension` parameters."""
 
+    def privacy_record(self) -> dict:
+        """What privacy.json holds: the accountant's ledger and what ε rests on."""
+
+    def noise_on_mean(self, dimension: int, round_: int) -> float:
+        """Norm of the noise on round `round_`'s mean update, in units of the clip (0 without DP)."""
+
+    def noise_on_sum(self, dimension: int, round_: int) -> float:
+        """Norm of the noise on the sum of the means of rounds 1..round_, in units of the clip."""
+
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
@@ -116,6 +125,12 @@ class NoPrivacy:
 
     def privacy_record(self) -> dict:
         return {"accountant": None, "epsilon": None}
+
+    def noise_on_mean(self, dimension: int, round_: int) -> float:
+        return 0.0
+
+    def noise_on_sum(self, dimension: int, round_: int) -> float:
+        return 0.0
 
     def state_dict(self) -> dict:
         return {"clipping_norm": self.clipping_norm}
@@ -194,6 +209,12 @@ class GaussianUserLevel:
     def privacy_record(self) -> dict:
         return self.accountant.to_dict()
 
+    def noise_on_mean(self, dimension: int, round_: int) -> float:
+        return self.update_noise_multiplier * dimension**0.5 / self.expected_users
+
+    def noise_on_sum(self, dimension: int, round_: int) -> float:
+        return self.update_noise_multiplier * (dimension * max(round_, 1)) ** 0.5 / self.expected_users
+
     def state_dict(self) -> dict:
         # z as it was calibrated: a resumed run that extends num-rounds keeps the noise it ran with.
         return {"clipping_norm": self.clipping_norm, "noise_multiplier": self.noise_multiplier,
@@ -229,4 +250,143 @@ def user_level_gaussian(
            f"update z={mech.update_noise_multiplier:.4g})" if adaptive else "")
         + f", δ={delta:.3g}"
     )  # fmt: skip
+    return mech
+
+
+class BandedMatrixFactorization:
+    """DP-FTRL-style correlated noise for full or cyclic participation (no sampling).
+
+    Round t's sum gets w_t = ζ_t − Σ_{k≥1} c_k·w_{t−k}, ζ_t ~ N(0, (z·s_T·C)²) drawn exactly
+    as `add_gaussian_noise` draws today's noise, with s_T the sensitivity of C·x over the
+    planned T rounds for the participation run (`fedrec.privacy.factorization`). Coefficients
+    c = [1] (one band) are the identity: independent noise, every round with multiplier
+    z·√(rounds a user takes part in), the Gaussian mechanism composed without amplification.
+    The whole run is one Gaussian mechanism of multiplier z on the sensitivity s_T, so
+    after t rounds ε is that mechanism's at multiplier z·s_T/s_t (the rows released so
+    far), from `fedrec.privacy.accountant.gaussian_epsilon`.
+    """
+
+    enabled = True
+
+    def __init__(self, coefficients: np.ndarray, noise_multiplier: float, clipping_norm: float, rounds: int,
+                 participation: str, groups: int, users_per_round: float, population: int, delta: float,
+                 seed: int) -> None:  # fmt: skip
+        from fedrec.privacy import factorization as mf
+
+        self.c = np.asarray(coefficients, dtype=np.float64)
+        self.noise_multiplier, self.clipping_norm, self.rounds = noise_multiplier, clipping_norm, rounds
+        self.participation, self.groups, self.users_per_round = participation, groups, users_per_round
+        self.population, self.delta, self.seed = population, delta, seed
+        self.sens = mf.sensitivity(self.c, rounds, participation, groups)
+        self.q = 1.0 if participation == "all" else 1.0 / groups
+        self.recent: list[AdapterState] = []  # w_{t-1}, w_{t-2}, ... (b-1 of them): the noise state
+        self.epsilons: list[tuple[int, float]] = []
+        self._round_noise = mf.round_noise(self.c, rounds)
+        self._prefix_noise = mf.prefix_noise(self.c, rounds)
+
+    @property
+    def bands(self) -> int:
+        return len(self.c)
+
+    def epsilon_at(self, round_: int) -> float:
+        """ε once rounds 1..round_ have been released."""
+        from fedrec.privacy import factorization as mf
+        from fedrec.privacy.accountant import gaussian_epsilon
+
+        # A resumed run may extend num-rounds: the same noise, over more released rows.
+        released = mf.sensitivity(self.c, max(self.rounds, round_), self.participation, self.groups, released=round_)
+        return gaussian_epsilon(self.noise_multiplier * self.sens / released, self.delta)
+
+    def privatize(self, total: UpdateSum, template: AdapterState, round_: int) -> AdapterState | None:
+        summed = total.delta or {k: torch.zeros_like(v) for k, v in template.items()}
+        std = self.noise_multiplier * self.sens * self.clipping_norm * _TEST_NOISE_FACTOR
+        zeta = add_gaussian_noise({k: torch.zeros_like(v) for k, v in summed.items()}, std, self.seed, round_)
+        noise = zeta
+        if len(self.c) > 1:
+            noise = {k: v.double() for k, v in zeta.items()}
+            for ck, past in zip(self.c[1:], self.recent):
+                for k in noise:
+                    noise[k] -= ck * past[k]
+            self.recent = [noise, *self.recent][: len(self.c) - 1]
+            noise = {k: v.to(summed[k].dtype) for k, v in noise.items()}
+        self.epsilons.append((round_, self.epsilon_at(round_)))
+        return {k: (summed[k] + noise[k]) / self.users_per_round for k in summed}
+
+    def would_exceed(self, round_: int, max_epsilon: float) -> bool:
+        return bool(max_epsilon and self.epsilon_at(round_) > max_epsilon)
+
+    def prepare(self, rounds: range) -> None:
+        pass
+
+    def noise_on_mean(self, dimension: int, round_: int) -> float:
+        """Norm of round `round_`'s noise on the mean, in units of C."""
+        t = min(max(round_, 1), self.rounds) - 1
+        return self.noise_multiplier * self.sens * self._round_noise[t] * dimension**0.5 / self.users_per_round
+
+    def noise_on_sum(self, dimension: int, round_: int) -> float:
+        """Norm of the noise on the sum of the means of rounds 1..round_, in units of C."""
+        t = min(max(round_, 1), self.rounds) - 1
+        return self.noise_multiplier * self.sens * self._prefix_noise[t] * dimension**0.5 / self.users_per_round
+
+    def report(self, dimension: int) -> dict:
+        return {
+            "epsilon": self.epsilons[-1][1] if self.epsilons else 0.0,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.q,
+            # The last round's noise on the mean over a fully agreeing mean update (cf. z·√d/m).
+            "noise_to_signal": self.noise_on_mean(dimension, self.rounds),
+        }
+
+    def privacy_record(self) -> dict:
+        return {
+            "accountant": "gaussian (pld), matrix factorization",
+            "mechanism": "banded-mf" if len(self.c) > 1 else "gaussian, no sampling",
+            "participation": self.participation,
+            "groups": self.groups,
+            "population": self.population,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "coefficients": [float(x) for x in self.c],
+            "sensitivity": self.sens,
+            "planned_rounds": self.rounds,
+            "rounds": [{"round": r, "epsilon": e, "clipping_norm": self.clipping_norm} for r, e in self.epsilons],
+        }
+
+    def state_dict(self) -> dict:
+        return {"clipping_norm": self.clipping_norm, "noise_multiplier": self.noise_multiplier,
+                "coefficients": self.c.tolist(), "recent": self.recent, "epsilons": self.epsilons}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        if [float(x) for x in state["coefficients"]] != self.c.tolist():
+            raise ValueError("checkpoint: the matrix factorization's coefficients differ from this run's")
+        self.clipping_norm = float(state["clipping_norm"])
+        self.noise_multiplier = float(state["noise_multiplier"])
+        self.recent = [{k: v.clone() for k, v in w.items()} for w in state["recent"]]
+        self.epsilons = [(int(r), float(e)) for r, e in state["epsilons"]]
+
+
+def banded_mf(
+    *, noise_multiplier: float, target_epsilon: float, rounds: int, bands: int, clipping_norm: float,
+    participation: str, groups: int, users_per_round: float, population: int, delta: float, seed: int,
+    log: Callable[[str], None] = print,
+) -> BandedMatrixFactorization:  # fmt: skip
+    """The factorization for this run's rounds and participation, z given or calibrated."""
+    from fedrec.privacy import factorization as mf
+    from fedrec.privacy.accountant import calibrate_gaussian
+
+    c = mf.optimal_bands(rounds, bands, participation, groups)
+    if target_epsilon > 0:
+        noise_multiplier = calibrate_gaussian(target_epsilon, delta)
+    mech = BandedMatrixFactorization(c, noise_multiplier, clipping_norm, rounds, participation, groups,
+                                     users_per_round, population, delta, seed)  # fmt: skip
+    gain = mf.loss(c, rounds, participation, groups) / mf.loss(np.ones(1), rounds, participation, groups)
+    who = "every user in every round" if participation == "all" else f"{groups} cyclic groups, a user every {groups} rounds"
+    log(f"privacy: user-level DP, {who} (no sampling), {len(c)}-band Toeplitz factorization "
+        f"(prefix-sum error {gain:.3f}× independent noise's at equal ε), sensitivity {mech.sens:.4g}·C, "
+        f"z={noise_multiplier:.4g} on it (one Gaussian mechanism), C={clipping_norm}, δ={delta:.3g}"
+        + (f"; ε={target_epsilon} after {rounds} rounds" if target_epsilon > 0 else ""))  # fmt: skip
+    if bands > len(c):
+        log(f"privacy: {bands} bands asked, {len(c)} used"
+            + (" (the cyclic separation bounds the band)" if participation == "cyclic" else ""))
     return mech

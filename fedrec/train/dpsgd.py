@@ -92,5 +92,6 @@ def train_silo(
     total = UpdateSum(
         delta={k: v * n for k, v in update.items()}, num_users=n, weight=float(n),
         loss_sum=float(np.mean(losses)) * n if losses else 0.0, norm_sum=update_norm(update) * n,
+        sq_norm_sum=float("nan"), sq_weight_sum=float("nan"),  # a silo is not a user: no user-level meter
     )  # fmt: skip
     return total, epsilon, list(engine.accountant.history)

@@ -81,7 +81,8 @@ def train_users(
             local_store.save(user, {k: params[k] for k in local_keys})
         delta, norm = clip_update(delta, clipping_norm)
         weight = 1.0 if user_weighting == "uniform" else float(n_targets)
-        total.add_user(delta, weight, loss_value, norm, clipped=clipping_norm > 0 and norm > clipping_norm)
+        clipped = clipping_norm > 0 and norm > clipping_norm
+        total.add_user(delta, weight, loss_value, norm, clipped=clipped, clipped_norm=min(norm, clipping_norm) if clipped else norm)
     return total
 
 

@@ -172,7 +172,8 @@ class FrozenBase:
         if item_lookup is not None:
             emb = emb + item_lookup
         elif self.item is not None:  # user u's own item delta on the lookups
-            emb = emb + self.item.lookup(self.item_tensors(stack), seqs)
+            extra = self.item.lookup(self.item_tensors(stack), seqs)
+            emb = emb if extra is None else emb + extra
         x = dropped(emb * m.scale + m.pos_emb.weight[pos]) * valid.unsqueeze(-1)
         causal = torch.ones(n, n, dtype=torch.bool, device=seqs.device).tril()
         eye = torch.eye(n, dtype=torch.bool, device=seqs.device)
@@ -296,6 +297,7 @@ class _ScoringCrossEntropy(torch.autograd.Function):
             yc = targets[s:e]
             lc, pc = logits[: e - s], probs[: e - s]
             torch.mm(h[s:e].to(dtype), table_c.T, out=lc)
+            plain = lc.clone() if extra is not None and extra.kind == "affine" else None  # the logits it rescales
             if extra is not None:
                 _add_extra_logits(extra, lc, s, e, spans)
             if absent is not None:
@@ -311,7 +313,7 @@ class _ScoringCrossEntropy(torch.autograd.Function):
             wc = w[s:e, None]
             grad[s:e] = (expected - table[yc]) * wc
             if extra is not None:
-                _extra_grads(extra, pc, yc, wc, s, e, spans, grad_z, grad_l)
+                _extra_grads(extra, pc, yc, wc, s, e, spans, grad_z, grad_l, plain, table)
         ctx.save_for_backward(grad, grad_z, grad_l)
         ctx.mark_non_differentiable(ce)
         return (ce * w).sum(), ce
@@ -347,13 +349,19 @@ def _add_extra_logits(extra: ScoringExtra, lc: torch.Tensor, s: int, e: int, spa
         lc.add_(torch.sparse.mm(extra.L, z[s:e].T).T.to(lc.dtype))
     elif extra.kind == "dense":
         lc.addmm_(z[s:e].to(lc.dtype), extra.L.T.to(lc.dtype))
+    elif extra.kind == "affine":
+        for u, a, b in _in_chunk(spans, s, e):
+            sb = extra.lstack[u].to(lc.dtype)
+            lc[a - s : b - s].mul_(1 + sb[:, 0]).add_(sb[:, 1])
     else:
         for u, a, b in _in_chunk(spans, s, e):
             lc[a - s : b - s].addmm_(z[a:b].to(lc.dtype), extra.lstack[u].T.to(lc.dtype))
 
 
 def _extra_grads(extra: ScoringExtra, pc: torch.Tensor, yc: torch.Tensor, wc: torch.Tensor, s: int, e: int,
-                 spans, grad_z: torch.Tensor, grad_l: torch.Tensor | None) -> None:  # fmt: skip
+                 spans, grad_z: torch.Tensor, grad_l: torch.Tensor | None, plain: torch.Tensor | None = None,
+                 table: torch.Tensor | None = None) -> None:  # fmt: skip
+    """`plain`: the chunk's logits before an affine adapter rescaled them; `table`: the frozen E."""
     z = extra.z
     if extra.kind == "cols":
         gz = pc.index_select(1, extra.cols).to(z.dtype)
@@ -369,6 +377,14 @@ def _extra_grads(extra: ScoringExtra, pc: torch.Tensor, yc: torch.Tensor, wc: to
         grad_z[s:e] = (expected - at_target[:, :k]) * wc
     elif extra.kind == "dense":
         grad_z[s:e] = (pc.to(z.dtype) @ extra.L - extra.L[yc]) * wc  # softmax · L − L[target]
+    elif extra.kind == "affine":
+        for u, a, b in _in_chunk(spans, s, e):
+            scale, y_u, w_u = extra.lstack[u][:, 0].detach(), yc[a - s : b - s], wc[a - s : b - s]
+            r = pc[a - s : b - s].to(z.dtype) * w_u  # w·(p − e): the logits' gradient
+            r[torch.arange(len(y_u), device=r.device), y_u] -= w_u[:, 0]
+            grad_l[u][:, 0] += (r * plain[a - s : b - s].to(r.dtype)).sum(0)  # ∂/∂s: the plain logit times r
+            grad_l[u][:, 1] += r.sum(0)
+            grad_z[a:b] = (r * scale) @ table  # the scale's share of ∂/∂h: Σ_j r_j s_j E_j
     else:
         for u, a, b in _in_chunk(spans, s, e):
             lu, p_u, y_u = extra.lstack[u], pc[a - s : b - s].to(z.dtype), yc[a - s : b - s]
@@ -613,6 +629,7 @@ def train_users_vectorized(
         total.weight += float(weight[ok].sum())
         total.loss_sum += float(first_loss[ok].sum())
         total.norm_sum += float(norm[ok].sum())
+        _add_squares(total, coef, norm, weight, ok)
         total.num_clipped += int(clipped[ok].sum())
     if not shared_table:  # the shared-table groups merged their sums into `total` already
         total.delta = sums
@@ -628,6 +645,12 @@ def _clip_coefficients(norm: torch.Tensor, n_targets: torch.Tensor, clipping_nor
     clipped, scale = clip_scales(norm, clipping_norm)
     weight = torch.ones_like(norm) if user_weighting == "uniform" else n_targets.double()
     return clipped, weight, torch.where(ok, scale * weight, 0.0).to(torch.float32)
+
+
+def _add_squares(total: UpdateSum, coef: torch.Tensor, norm: torch.Tensor, weight: torch.Tensor, ok: torch.Tensor) -> None:
+    """The meter's Σ (w·‖clipped Δ‖)² and Σ w² over the users kept (coef = w·scale)."""
+    total.sq_norm_sum += float(((coef.double() * norm)[ok] ** 2).sum())
+    total.sq_weight_sum += float((weight[ok].double() ** 2).sum())
 
 
 def _finite_users(norm: torch.Tensor, loss: torch.Tensor, own: list[torch.Tensor], rows: list[torch.Tensor],
@@ -687,4 +710,5 @@ def _shared_table_group(base: FrozenBase, global_state: AdapterState, trainable:
     total.delta = {k: delta[k] for k in trainable}
     total.num_users, total.weight, total.loss_sum = int(ok.sum()), float(weight[ok].sum()), float(first_loss[ok].sum())
     total.norm_sum, total.num_clipped = float(norm[ok].sum()), int(clipped[ok].sum())
+    _add_squares(total, coef, norm, weight, ok)
     return total
