@@ -42,6 +42,9 @@ def main() -> int:
     ap.add_argument("--ceilings", type=Path, help="summary.json of a mode=centralized run, drawn as horizontal lines")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "sweep-privacy")
     ap.add_argument("--separate", action="store_true", help="one `python -m fedrec.simulate` process per run")
+    ap.add_argument("--label-settings", action="store_true",
+                    help="name each value with its own settings (affine+sampling=all), for values that differ only there")
+    ap.add_argument("--seeds", default="", help='repeat the runs of these ε with seeds 1.., e.g. "8,4:3" (ε list:seeds)')
     args = ap.parse_args()
     key, _, values = args.vary.partition("=")
     if not values:
@@ -49,12 +52,17 @@ def main() -> int:
     runs = []
     for spec in values.split(","):
         value, *own = spec.split("+")
+        value = spec if own and args.label_settings else value  # e.g. affine+sampling=all apart from affine+sampling=poisson
         for eps in args.epsilons.split(","):
             # ε = none: the config's sampling and clipping, without noise
             dp = "target-epsilon=0 noise-multiplier=0" if eps == "none" else f"{args.dp} target-epsilon={eps}"
             argv = ["--output-dir", str(args.out / f"{key}={value}" / f"eps{eps}"),
                     "--run-config", f"{args.run_config} {key}={value} {' '.join(own)} {dp}"]  # fmt: skip
             runs.append((value, eps, (["--config", str(args.config)] if args.config else []) + argv))
+            for seed in _extra_seeds(args.seeds, eps):
+                folder = args.out / f"{key}={value}" / f"eps{eps}-seed{seed}"
+                runs.append((value, eps, (["--config", str(args.config)] if args.config else []) + [
+                    "--output-dir", str(folder), "--run-config", f"{argv[-1]} seed={seed}"]))
     started = time.time()
     if args.separate:
         for value, eps, argv in runs:
@@ -80,19 +88,37 @@ def main() -> int:
     return 0
 
 
+def _extra_seeds(spec: str, eps: str) -> list[int]:
+    """`--seeds "8,4:3"`: ε = 8 and 4 run with seeds 1 and 2 too (3 seeds in all)."""
+    if not spec:
+        return []
+    which, _, count = spec.partition(":")
+    return list(range(1, int(count or 1))) if eps in which.split(",") else []
+
+
 def gain_kept(rows: list[dict], key: str, path: Path) -> str:
-    """Share of each value's non-private gain over the base kept at each ε, as a table."""
+    """Share of each value's non-private gain over the base kept at each ε, as a table.
+    With several seeds (each its own split and base), gains are taken per seed against that
+    seed's base and averaged over the seeds that ran."""
     epsilons = [e for e in dict.fromkeys(r["target-epsilon"] for r in rows) if e != "none"]
     lines = [f"| {key} | non-private gain | " + " | ".join(f"kept at ε = {e}" for e in epsilons) + " |",
              "|---|---:|" + "---:|" * len(epsilons)]  # fmt: skip
     for value in dict.fromkeys(r[key] for r in rows):
-        mine = {r["target-epsilon"]: r for r in rows if r[key] == value}
-        if "none" not in mine:
+        gains: dict[str, list[float]] = {}
+        for r in rows:
+            if r[key] == value:
+                gains.setdefault(r["target-epsilon"], []).append(r["test_ndcg10"] - r["base_ndcg10"])
+        if "none" not in gains:
             continue
-        base = mine["none"]["base_ndcg10"]
-        gain = mine["none"]["test_ndcg10"] - base
-        cells = [f"{(mine[e]['test_ndcg10'] - base) / gain:.0%}" if e in mine and gain > 0 else "–" for e in epsilons]
-        lines.append(f"| {value} | {gain:+.4f} | " + " | ".join(cells) + " |")
+        gain = sum(gains["none"]) / len(gains["none"])
+
+        def kept(e: str) -> str:
+            if e not in gains or gain <= 0:
+                return "–"
+            seeds = f" (n={len(gains[e])})" if len(gains[e]) > 1 else ""
+            return f"{sum(gains[e]) / len(gains[e]) / gain:.0%}{seeds}"
+
+        lines.append(f"| {value} | {gain:+.4f} | " + " | ".join(kept(e) for e in epsilons) + " |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

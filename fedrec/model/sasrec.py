@@ -91,6 +91,13 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
+    def set_dropout(self, p: float) -> None:
+        """Every dropout of the model at rate p (the frozen base's local training: `local-dropout`)."""
+        self.emb_drop.p = p
+        for block in self.blocks:
+            block.drop.p = p
+            block.attn.dropout = p
+
     def item_table(self) -> torch.Tensor:
         table = self.item_emb.weight
         delta = None if self.item_delta is None else self.item_delta.delta()
@@ -144,12 +151,16 @@ class SASRec(nn.Module):
         total = torch.zeros(inputs.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, rows, ce)
         return total / keep.sum(dim=1).clamp(min=1)
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """Mean full-softmax cross-entropy over positions that have a target (>0).
 
         Only those positions are scored: the scoring GEMM is most of the FLOPs.
+        `label_smoothing` spreads that share of each target's mass over the items
+        (pretraining's `pretrain-label-smoothing`: a less over-confident base).
         """
         hidden = self(inputs)
         keep = targets > 0
         logits = self.training_scores(hidden[keep])
-        return F.cross_entropy(logits, targets[keep] - 1)
+        if label_smoothing and self.absent is not None:  # no mass on items outside the softmax
+            logits = logits.masked_fill(self.absent, -1e9)
+        return F.cross_entropy(logits, targets[keep] - 1, label_smoothing=label_smoothing)

@@ -35,6 +35,7 @@ def fit_sequences(
     validate: Callable[[], float] | None = None,
     patience: int = 0,
     min_epochs: int = 0,
+    label_smoothing: float = 0.0,
 ) -> int:
     """Centralized next-item training with Adam over minibatches of whole sequences.
 
@@ -62,7 +63,7 @@ def fit_sequences(
         order = rng.permutation(len(usable))
         for start in range(0, len(order), batch_size):
             inputs, targets = next_item_batch([usable[i] for i in order[start : start + batch_size]], max_seq_len)
-            loss = model.loss(inputs.to(device), targets.to(device))
+            loss = model.loss(inputs.to(device), targets.to(device), label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -135,6 +136,7 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         # stopped the default synthetic base far below what it reaches (experiments/README.md,
         # "Million-user populations", "The base's early stop").
         min_epochs=cfg.pretrain_min_epochs,
+        label_smoothing=cfg.pretrain_label_smoothing,
         on_epoch=lambda e, loss, score: log(
             f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}"
         ),
