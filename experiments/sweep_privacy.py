@@ -44,7 +44,9 @@ def main() -> int:
     ap.add_argument("--separate", action="store_true", help="one `python -m fedrec.simulate` process per run")
     ap.add_argument("--label-settings", action="store_true",
                     help="name each value with its own settings (affine+sampling=all), for values that differ only there")
-    ap.add_argument("--seeds", default="", help='repeat the runs of these ε with seeds 1.., e.g. "8,4:3" (ε list:seeds)')
+    ap.add_argument("--keep-done", action="store_true",
+                    help="read the runs whose directory already holds a summary.json instead of running them again "
+                         "(a sweep cut short goes on where it stopped)")
     args = ap.parse_args()
     key, _, values = args.vary.partition("=")
     if not values:
@@ -52,33 +54,36 @@ def main() -> int:
     runs = []
     for spec in values.split(","):
         value, *own = spec.split("+")
-        value = spec if own and args.label_settings else value  # e.g. affine+sampling=all apart from affine+sampling=poisson
+        label = spec if own and args.label_settings else value  # e.g. affine+sampling=all apart from affine+sampling=poisson
         for eps in args.epsilons.split(","):
             # ε = none: the config's sampling and clipping, without noise
             dp = "target-epsilon=0 noise-multiplier=0" if eps == "none" else f"{args.dp} target-epsilon={eps}"
-            argv = ["--output-dir", str(args.out / f"{key}={value}" / f"eps{eps}"),
+            argv = ["--output-dir", str(args.out / f"{key}={label}" / f"eps{eps}"),
                     "--run-config", f"{args.run_config} {key}={value} {' '.join(own)} {dp}"]  # fmt: skip
-            runs.append((value, eps, (["--config", str(args.config)] if args.config else []) + argv))
-            for seed in _extra_seeds(args.seeds, eps):
-                folder = args.out / f"{key}={value}" / f"eps{eps}-seed{seed}"
-                runs.append((value, eps, (["--config", str(args.config)] if args.config else []) + [
-                    "--output-dir", str(folder), "--run-config", f"{argv[-1]} seed={seed}"]))
+            runs.append((label, eps, (["--config", str(args.config)] if args.config else []) + argv))
+    def out_of(argv: list[str]) -> Path:
+        return Path(argv[argv.index("--output-dir") + 1])
+
+    done = {i for i, (_v, _e, argv) in enumerate(runs) if args.keep_done and (out_of(argv) / "summary.json").exists()}
+    todo = [run for i, run in enumerate(runs) if i not in done]
+    if done:
+        print(f"--keep-done: {len(done)} of {len(runs)} runs read from their summary.json", flush=True)
     started = time.time()
     if args.separate:
-        for value, eps, argv in runs:
+        for value, eps, argv in todo:
             print(f"== {key}={value} eps{eps}", flush=True)
             subprocess.run([sys.executable, "-m", "fedrec.simulate", *argv], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        summaries = [json.loads((Path(argv[argv.index("--output-dir") + 1]) / "summary.json").read_text())
-                     for _v, _e, argv in runs]  # fmt: skip
-    else:
+    elif todo:
         from fedrec.simulate import build_config, run_many
 
-        summaries = run_many([build_config(argv) for _v, _e, argv in runs])
+        run_many([build_config(argv) for _v, _e, argv in todo])
+    summaries = [json.loads((out_of(argv) / "summary.json").read_text()) for _v, _e, argv in runs]
     total = time.time() - started
     from fedrec.report import write_sweep_table
 
     how = "one process per run" if args.separate else "one shared simulation"
-    footer = f"wall s: each run's ServerApp, start-up excluded; the whole sweep ({how}) took {total:.1f} s."
+    footer = f"wall s: each run's ServerApp, start-up excluded; the whole sweep ({how}) took {total:.1f} s"
+    footer += f" for the {len(todo)} runs it ran ({len(done)} read from an earlier sweep)." if done else "."
     rows = write_sweep_table([{key: v, "target-epsilon": e} for v, e, _argv in runs], summaries, args.out, footer)
     print(gain_kept(rows, key, args.out / "gain_kept.md"))
     # The figures and report.md: fedrec's report over the sweep (and the ceilings' run, whose lines it draws).
@@ -88,18 +93,10 @@ def main() -> int:
     return 0
 
 
-def _extra_seeds(spec: str, eps: str) -> list[int]:
-    """`--seeds "8,4:3"`: ε = 8 and 4 run with seeds 1 and 2 too (3 seeds in all)."""
-    if not spec:
-        return []
-    which, _, count = spec.partition(":")
-    return list(range(1, int(count or 1))) if eps in which.split(",") else []
-
-
 def gain_kept(rows: list[dict], key: str, path: Path) -> str:
     """Share of each value's non-private gain over the base kept at each ε, as a table.
-    With several seeds (each its own split and base), gains are taken per seed against that
-    seed's base and averaged over the seeds that ran."""
+    Rows of one value and ε from several runs (seeds, each with its own split and base) are
+    taken per run against that run's base and averaged."""
     epsilons = [e for e in dict.fromkeys(r["target-epsilon"] for r in rows) if e != "none"]
     lines = [f"| {key} | non-private gain | " + " | ".join(f"kept at ε = {e}" for e in epsilons) + " |",
              "|---|---:|" + "---:|" * len(epsilons)]  # fmt: skip

@@ -97,7 +97,10 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
             model.set_absent(data.cold)
             for key, p in model.named_parameters():
                 p.requires_grad_(name == "full" or not key.startswith("item_emb"))
-            seqs, params, lr = private_seqs, [p for p in model.parameters() if p.requires_grad], cfg.pretrain_learning_rate
+            # `full` trains as pretraining did; `transformer`, an adaptation of shared weights as
+            # LoRA's, at the adapters' `centralized-learning-rate`
+            lr = cfg.pretrain_learning_rate if name == "full" else cfg.centralized_learning_rate
+            seqs, params = private_seqs, [p for p in model.parameters() if p.requires_grad]
         else:
             model, seqs, lr = lora, private_seqs, cfg.centralized_learning_rate
             params = list(adapter_parameters(model).values())

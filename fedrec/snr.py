@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--epsilons: positive numbers, e.g. 8,4,2,1")
         plans = [Plan.parse(p.strip(), cfg) for p in args.plans.split(",") if p.strip()]
         # The measured rounds: the config's cohort and clip, no noise, no evaluation.
-        probe = cfg.replace(noise_multiplier=0.0, target_epsilon=0.0, num_rounds=args.rounds, audit_canaries=0,
+        probe = cfg.replace(noise_multiplier=0.0, target_epsilon=0.0, num_rounds=args.rounds, audit_canaries=0, model_selection="auto",
                             sampling="poisson" if cfg.sampling in ("all", "cyclic") else cfg.sampling)  # fmt: skip
     except (ConfigError, ValueError) as err:
         print(f"fedrec.snr: {err}", file=sys.stderr)

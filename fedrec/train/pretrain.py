@@ -196,6 +196,10 @@ class _PretrainTextItems(nn.Module):
         else:
             self.keep = None
 
+    def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Text items change the table only, never the scores."""
+        return scores
+
     def delta(self) -> torch.Tensor:
         table = self.text.delta()
         if self.ids is None:

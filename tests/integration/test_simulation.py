@@ -90,8 +90,8 @@ def test_cohort_and_device_placement_give_the_same_aggregate(tmp_path):
 
 def test_centralized_mode_reports_every_ceiling_early_stopped(tmp_path):
     s = simulate(tmp_path, "central", "mode=centralized centralized-epochs=30 centralized-patience=2 item-adapter=rows "
-                 "item-rows=20")  # fmt: skip
-    for name in ("scratch", "full", "same"):
+                 "item-rows=20 ceilings=scratch,full,transformer,same")  # fmt: skip
+    for name in ("scratch", "full", "transformer", "same"):
         m, ci, epoch = s[f"ceiling_{name}_test"], s[f"ceiling_{name}_test_ci"], s[f"ceiling_{name}_epoch"]
         assert m["users"] == s["private_users"] and ci["ndcg@10"][0] <= m["ndcg@10"] <= ci["ndcg@10"][1]
         # epoch 0 (the starting weights) may win for full/same; a random start never beats training
@@ -99,7 +99,7 @@ def test_centralized_mode_reports_every_ceiling_early_stopped(tmp_path):
     assert s["ceiling_full_test"]["ndcg@10"] > s["base_test"]["ndcg@10"]
     assert s["adapter_dimension"] == 20 * 32 + 2 * 8 * 32 * 6  # item rows + LoRA r=8 on six 32x32 projections
     rows = [json.loads(line) for line in (Path(s["results_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    for name in ("scratch", "full", "same"):  # each stopped `patience` epochs after its best
+    for name in ("scratch", "full", "transformer", "same"):  # each stopped `patience` epochs after its best
         epochs = [r["epoch"] for r in rows if r["variant"] == name]
         assert epochs[-1] == 30 or epochs[-1] == s[f"ceiling_{name}_epoch"] + 2, name
 
