@@ -56,7 +56,8 @@ def analyse(path: Path) -> str:
     if item is not None:
         with torch.no_grad():
             if item.kind == "affine":
-                size, what = item.scale.abs().numpy() + item.bias.abs().numpy(), "|s_i| + |b_i|"
+                size = (item.per_item(item.scale).abs() + item.per_item(item.bias).abs()).numpy()
+                what = "|s_i| + |b_i|"
             elif item.delta() is not None:
                 size = item.delta()[1:].norm(dim=1).numpy()
     private = counts([data.train[u] for u in users], data.num_items)

@@ -61,7 +61,8 @@ def main() -> int:
         predicted, measured = snr >= 1, lo > 0
         hits += predicted == measured
         total += 1
-        lines.append(f"| {cfg.item_adapter} | {plan.name} | {cfg.target_epsilon:g} | {a:.4f} | {snr:.3g} | "
+        name = "none (LoRA)" if cfg.item_adapter == "none" else cfg.item_adapter
+        lines.append(f"| {name} | {plan.name} | {cfg.target_epsilon:g} | {a:.4f} | {snr:.3g} | "
                      f"{'keeps' if predicted else 'loses'} | {s['test']['ndcg@10'] - s['base_test']['ndcg@10']:+.4f} "
                      f"[{lo:+.4f}, {hi:+.4f}] | {'keeps' if measured else 'loses'} | {'yes' if predicted == measured else 'no'} |")  # fmt: skip
     print("\n".join(lines))

@@ -6,6 +6,7 @@ keyed by the method's label and ε (`fedrec.report.group_runs`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
     `series` maps a name to pick(run, row) → value or None."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     drawn = 0
     for i, run in enumerate(runs):
         for j, (name, pick) in enumerate(series.items()):
@@ -81,8 +83,8 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
                 label = run.label + (f" ({name})" if len(series) > 1 else "")
-                ax.plot(*zip(*pts), color=f"C{i % 10}", linestyle=["-", "--", ":"][j % 3], marker="." if len(pts) < 30 else None,
-                        label=label)  # fmt: skip
+                ax.plot(*zip(*pts), color=colors(i % colors.N), linestyle=["-", "--", ":"][j % 3],
+                        marker="." if len(pts) < 30 else None, label=label)  # fmt: skip
                 drawn += 1
     if not drawn:
         plt.close(fig)
@@ -93,7 +95,8 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    # Below the axes, one entry per line: a sweep's labels name several keys and would be cut at the side.
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
     return _save(fig, path)
 
 
@@ -121,7 +124,9 @@ def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with warnings.catch_warnings():  # a legend outside the axes: bbox_inches="tight" keeps it whole
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     _plt().close(fig)
     return path

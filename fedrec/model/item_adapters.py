@@ -285,7 +285,7 @@ class AffineScores(ItemAdapter):
         self._dense = None if groups is None else groups.to(torch.float32)
         self._sparse: dict[str, torch.Tensor] = {}
 
-    def _per_item(self, v: torch.Tensor) -> torch.Tensor:
+    def per_item(self, v: torch.Tensor) -> torch.Tensor:
         """(…, K) group values → (…, N) item values (identity without groups)."""
         if self._dense is None:
             return v
@@ -301,13 +301,13 @@ class AffineScores(ItemAdapter):
         return None
 
     def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores * (1 + self._per_item(self.scale)) + self._per_item(self.bias)
+        return scores * (1 + self.per_item(self.scale)) + self.per_item(self.bias)
 
     def lookup(self, p, items):
         return None
 
     def scoring(self, p, hidden, keep):
-        stack = torch.stack([self._per_item(p["scale"]), self._per_item(p["bias"])], -1)  # (U, N, 2)
+        stack = torch.stack([self.per_item(p["scale"]), self.per_item(p["bias"])], -1)  # (U, N, 2)
         return ScoringExtra("affine", hidden[keep], lstack=stack, row_user=keep.nonzero()[:, 0])
 
 
