@@ -6,7 +6,6 @@ keyed by the method's label and ε (`fedrec.report.group_runs`).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,7 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
     ax.grid(alpha=0.3)
     # Below the axes, one entry per line: a sweep's labels name several keys and would be cut at the side.
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0.0, -0.14), frameon=False)
-    return _save(fig, path)
+    return _save(fig, path, layout=False)
 
 
 def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -123,9 +122,10 @@ def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
-    with warnings.catch_warnings():  # a legend outside the axes: bbox_inches="tight" keeps it whole
-        warnings.filterwarnings("ignore", message="Tight layout not applied")
+def _save(fig, path: Path, layout: bool = True) -> Path:
+    """layout=False for a legend outside the axes: tight_layout would shrink the axes to make
+    room for it; bbox_inches="tight" grows the image instead."""
+    if layout:
         fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     _plt().close(fig)
