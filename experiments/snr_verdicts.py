@@ -20,9 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedrec.config import FedRecConfig  # noqa: E402
 from fedrec.privacy.snr import predicted_run_snr  # noqa: E402
-from fedrec.snr import Plan, noise_on_sum  # noqa: E402
-
-MEASURED_ROUNDS = 3  # as `python -m fedrec.snr` measures by default
+from fedrec.snr import MEASURED_ROUNDS, Plan, noise_on_sum  # noqa: E402
 
 
 def load(path: Path) -> tuple[FedRecConfig, dict, list[dict]]:

@@ -61,6 +61,7 @@ def main() -> int:
             argv = ["--output-dir", str(args.out / f"{key}={label}" / f"eps{eps}"),
                     "--run-config", f"{args.run_config} {key}={value} {' '.join(own)} {dp}"]  # fmt: skip
             runs.append((label, eps, (["--config", str(args.config)] if args.config else []) + argv))
+
     def out_of(argv: list[str]) -> Path:
         return Path(argv[argv.index("--output-dir") + 1])
 

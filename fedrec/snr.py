@@ -23,6 +23,7 @@ from fedrec.config import ConfigError, FedRecConfig, parse_run_config
 from fedrec.privacy.snr import predicted_run_snr
 
 DEFAULT_PLANS = "config,poisson:1000x100,poisson:4000x25,all:x20,cyclic:1000x100"
+MEASURED_ROUNDS = 3  # rounds without noise whose agreed signal the prediction uses
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedrec.snr", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="TOML file (as for fedrec.simulate)")
     ap.add_argument("--run-config", default="", help='overrides, e.g. "item-adapter=table clipping-norm=5"')
-    ap.add_argument("--rounds", type=int, default=3, help="rounds measured without noise (default 3)")
+    ap.add_argument("--rounds", type=int, default=MEASURED_ROUNDS,
+                    help=f"rounds measured without noise (default {MEASURED_ROUNDS})")
     ap.add_argument("--epsilons", default="8,4,2,1", help="ε values to predict for (default 8,4,2,1)")
     ap.add_argument("--plans", default=DEFAULT_PLANS,
                     help=f"comma-separated plans SAMPLING:MxT, or config (default {DEFAULT_PLANS})")

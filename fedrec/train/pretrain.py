@@ -15,7 +15,7 @@ from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
 from fedrec.metrics import metric_means
 from fedrec.model.base import base_path, new_model
-from fedrec.model.item_adapters import TextItems
+from fedrec.model.item_adapters import ItemAdapter, TextItems
 from fedrec.train.batches import next_item_batch
 from fedrec.train.evaluate import evaluate_users
 
@@ -165,7 +165,7 @@ def attach_text_items(model: nn.Module, text: torch.Tensor, with_ids: bool, id_d
     return model.register_forward_pre_hook(lambda _m, _a: items.resample())
 
 
-class _PretrainTextItems(nn.Module):
+class _PretrainTextItems(ItemAdapter):
     """The item table while pretraining text items: E·P, plus ID rows R under id+text.
 
     P (384 × d) trains from a small random start; the model's own ID table stays zero and
@@ -179,8 +179,8 @@ class _PretrainTextItems(nn.Module):
     """
 
     def __init__(self, model: nn.Module, text: torch.Tensor, with_ids: bool, id_dropout: float) -> None:
-        super().__init__()
         d = model.item_emb.embedding_dim
+        super().__init__(model.num_items, d)  # SASRec.item_delta's type; it changes the table, not the scores
         self.text = TextItems(model.num_items, d, text, init_std=text.shape[1] ** -0.5)
         self.ids = nn.Parameter(torch.zeros(model.num_items + 1, d)) if with_ids else None
         self.id_dropout = id_dropout
@@ -195,10 +195,6 @@ class _PretrainTextItems(nn.Module):
             self.keep = (torch.rand(self.ids.shape[0], 1) >= self.id_dropout).to(self.ids.dtype)
         else:
             self.keep = None
-
-    def adjust_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Text items change the table only, never the scores."""
-        return scores
 
     def delta(self) -> torch.Tensor:
         table = self.text.delta()
