@@ -1,13 +1,13 @@
 """The Flower ClientApp: the same app in simulation and on real devices.
 
-One reply format for both placements (DESIGN.md): an ArrayRecord `update` holding the
+One reply format for both placements (docs/design.md#reply-format): an ArrayRecord `update` holding the
 sum of this node's users' clipped, weighted adapter updates, and a MetricRecord `counts`.
 A cohort worker trains whatever users it is sent; a device node holds exactly one user; a
 real device (node config `data-path`) reads only its own data (clients/device.py).
 
 The handlers live in `clients.handlers` and are imported on first use: Flower's deployment
 runtime starts a fresh ClientApp process per message, importing torch and peft was most of
-each such process's cost (experiments/README.md, section "Deployment on loopback"), and
+each such process's cost (experiments/README.md#loopback), and
 the SecAgg+ key-exchange and unmasking stages never touch them.
 """
 

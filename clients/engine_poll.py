@@ -2,8 +2,8 @@
 
 Flower 1.41 hard-codes `f_stop.wait(0.1)` in `vce_api.add_messages_to_queue`, so a train
 message waits 50 ms on average before a worker sees it; a vectorized round is short
-enough that this wait was a sizeable share of it (experiments/README.md, section
-"Throughput: how fast a cohort trains", "What moved"). No setting reaches that literal,
+enough that this wait was a sizeable share of it
+(experiments/README.md#throughput-what-moved). No setting reaches that literal,
 so the loop is handed a stop event whose wait is shorter. Only where the
 simulation has few nodes (cohort placement): each pass asks the state once per node, so
 with one node per user (device placement) a 5 ms wait would keep a core busy scanning.

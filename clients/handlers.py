@@ -1,6 +1,6 @@
 """What the ClientApp does with each message: a thin adapter between Flower messages and fedrec.
 
-One reply format for both placements (DESIGN.md): an ArrayRecord `update` holding the
+One reply format for both placements (docs/design.md#reply-format): an ArrayRecord `update` holding the
 sum of this node's users' clipped, weighted adapter updates, and a MetricRecord `counts`
 (num-users, weight, loss-sum, ...). A cohort worker trains whatever users it is sent; a
 device node (placement=device) holds exactly one user and refuses any other. A real
@@ -27,10 +27,9 @@ from fedrec.aggregate import UpdateSum
 from fedrec.config import FedRecConfig
 from fedrec.data.interactions import DataError
 from fedrec.data.split import SplitData
-from fedrec.local_state import client_state_dir, local_store_for
-from fedrec.model.lora import load_adapter_state
+from fedrec.local_state import client_state_dir
 from fedrec.train.engine import train_cohort
-from fedrec.train.evaluate import rank_sums, rank_users
+from fedrec.train.evaluate import rank_sums, rank_with_adapter
 from fedrec.workload import ADAPTER_KEYS, Workload, load_workload, resolve_device
 
 
@@ -89,7 +88,7 @@ def _node_from(run_config, task, context: Context) -> _Node:
         cfg = cfg.replace(client_state_dir=str(state_dir(nc) / "client-state"))
         model = _model(fingerprint, cfg, device, lambda: device_model(cfg, nc, fingerprint, own.data.num_items).to(device))
         return _Node(cfg, own.data, model, device, None, own.unknown_items)
-    work = load_workload(cfg, pretrain=False)
+    work = load_workload(cfg)
     model = _model(str(work.base_path), cfg, device, lambda: work.model(device))
     return _Node(cfg, work.data, model, device, work)
 
@@ -194,18 +193,14 @@ def _train_users(node: _Node, users: list[int], global_state: dict, task) -> Upd
 def _train_silo(msg, cfg, data, model, device, users, global_state) -> Message:
     """A cross-silo client: DP-SGD over its users' sequences; its ε ledger persists across rounds."""
     # Imported here: Opacus (and the SciPy it pulls in) added ~1 s to every worker's start-up
-    # although only silo runs use it (experiments/README.md, "Where start-up goes").
-    from fedrec.train.dpsgd import train_silo
+    # although only silo runs use it (experiments/README.md#startup).
+    from fedrec.train.dpsgd import SiloTraining, train_silo
 
     task = msg.content["task"]
     ledger = client_state_dir(cfg) / f"silo-{int(task['silo'])}.json"
     history = [tuple(h) for h in json.loads(ledger.read_text())] if ledger.exists() else []
-    total, epsilon, history = train_silo(
-        model, global_state, data, users, epochs=cfg.local_epochs, learning_rate=cfg.learning_rate,
-        noise_multiplier=cfg.dpsgd_noise_multiplier, max_grad_norm=cfg.dpsgd_max_grad_norm,
-        batch_size=cfg.dpsgd_batch_size, delta=cfg.target_delta or 1.0 / len(users), max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed, round_=int(task["round"]), device=device, history=history,
-    )  # fmt: skip
+    total, epsilon, history = train_silo(model, global_state, data, users, SiloTraining.from_config(cfg),
+                                         round_=int(task["round"]), device=device, history=history)  # fmt: skip
     ledger.parent.mkdir(parents=True, exist_ok=True)
     tmp = ledger.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(history))
@@ -220,11 +215,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     except (DataError, OSError) as err:
         return _data_error(msg, context, err)
     users = _users(msg, context, node)
-    load_adapter_state(node.model, msg.content["adapter"].to_torch_state_dict())
-    full, sampled = rank_users(
-        node.model, node.data, users, str(msg.content["task"]["split"]), max_seq_len=node.cfg.max_seq_len,
-        device=node.device, local_store=local_store_for(node.cfg),
-    )  # fmt: skip
+    full, sampled = rank_with_adapter(node.cfg, node.model, msg.content["adapter"].to_torch_state_dict(), node.data,
+                                      users, str(msg.content["task"]["split"]), node.device)  # fmt: skip
     # Each user's rank goes back beside the sums: the server's bootstrap intervals resample users.
     ranks = ArrayRecord({"users": torch.as_tensor(users, dtype=torch.int64), "ranks": torch.from_numpy(full)})
     return Message(RecordDict({"metrics": MetricRecord(rank_sums(full, sampled)), "ranks": ranks}), reply_to=msg)

@@ -9,6 +9,8 @@ with how many imports cross it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,7 +20,37 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_layers import LAYERS, import_graph, layer_of  # noqa: E402
 
-APPS = [("server/ (ServerApp, strategy = the run's port)", "server"), ("clients/ (ClientApp, device sources)", "clients")]
+DIGEST_KEY = "fedrec-import-digest"  # a PNG text chunk: tests/test_docs.py compares it with the code
+
+APPS = [("server/ (ServerApp; GridPort = the run's port)", "server"), ("clients/ (ClientApp, device sources)", "clients")]
+
+
+def layer_map(root: Path = ROOT) -> tuple[dict[int, list[str]], Counter]:
+    """Each layer's fedrec modules and the import count between each pair of layers: all the picture shows."""
+    graph = import_graph(root, ("fedrec", "clients", "server"))
+    members: dict[int, list[str]] = {}
+    for mod in graph:
+        i = layer_of(mod)
+        if i is not None and mod.startswith("fedrec."):
+            members.setdefault(i, []).append(mod.removeprefix("fedrec."))
+    crossing: Counter = Counter()
+    for mod, deps in graph.items():
+        src = layer_of(mod)
+        for dep in deps:
+            dst = layer_of(dep)
+            if src is not None and dst is not None and src != dst:
+                crossing[(src, dst)] += 1
+    return {i: sorted(m) for i, m in members.items()}, crossing
+
+
+def digest(root: Path = ROOT) -> str:
+    """A hash of `layer_map`, stored in the PNG, so a test can tell a stale picture without drawing one."""
+    members, crossing = layer_map(root)
+    content = {
+        "layers": {LAYERS[i][0]: mods for i, mods in sorted(members.items())},
+        "crossings": sorted(f"{LAYERS[s][0]} -> {LAYERS[d][0]}: {n}" for (s, d), n in crossing.items()),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def main(out: Path = ROOT / "docs" / "architecture.png") -> Path:
@@ -28,26 +60,14 @@ def main(out: Path = ROOT / "docs" / "architecture.png") -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
-    graph = import_graph(ROOT, ("fedrec", "clients", "server"))
-    members: dict[int, list[str]] = {}
-    for mod in graph:
-        i = layer_of(mod)
-        if i is not None and mod.startswith("fedrec."):
-            members.setdefault(i, []).append(mod.removeprefix("fedrec."))
-    crossing = Counter()
-    for mod, deps in graph.items():
-        src = layer_of(mod)
-        for dep in deps:
-            dst = layer_of(dep)
-            if src is not None and dst is not None and src != dst:
-                crossing[(src, dst)] += 1
+    members, crossing = layer_map()
 
     n = len(LAYERS)
     fig, ax = plt.subplots(figsize=(13, 0.95 * n + 1.5))
     ax.set_xlim(0, 13)
     ax.set_ylim(-0.6, n + 0.3)
     ax.axis("off")
-    y_of = {i: n - 1 - i for i in range(n)}  # config on top, as DESIGN.md lists the modules
+    y_of = {i: n - 1 - i for i in range(n)}  # config on top, as docs/design.md lists the modules
     for i, (name, _prefixes) in enumerate(LAYERS):
         y = y_of[i]
         ax.add_patch(FancyBboxPatch((0.2, y + 0.12), 8.6, 0.7, boxstyle="round,pad=0.02", fc="#eef3fb", ec="#4a6fa5"))
@@ -76,7 +96,7 @@ def main(out: Path = ROOT / "docs" / "architecture.png") -> Path:
     ax.text(9.4, n - 5.6, "Flower is imported only by\nserver/, clients/ and the entry\npoint fedrec/simulate.py", fontsize=8)
     ax.set_title("fedrec: the module map (generated from the imports)", fontsize=12, loc="left")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, metadata={DIGEST_KEY: digest()})
     plt.close(fig)
     return out
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedrec.communication import per_user_round, state_bytes  # noqa: E402
 from fedrec.config import FedRecConfig, parse_run_config  # noqa: E402
-from fedrec.workload import describe_adapter, load_workload  # noqa: E402
+from fedrec.workload import describe_adapter, prepare_workload  # noqa: E402
 
 VARIANTS = {
     "LoRA (A and B)": "item-adapter=none lora-train=both",
@@ -45,7 +45,7 @@ def main() -> int:
     once = None
     for name, spec in VARIANTS.items():
         cfg = FedRecConfig.from_mapping(parse_run_config(spec), base)
-        work = load_workload(cfg, log=lambda _m: None)
+        work = prepare_workload(cfg, log=lambda _m: None)
         model = work.model()
         info = describe_adapter(cfg, model, work.item_side, log=lambda _m: None)
         pay = per_user_round(info.initial, info.sent)

@@ -33,8 +33,9 @@ def main() -> int:
 
     from fedrec.config import FedRecConfig, parse_run_config
     from fedrec.model.lora import adapter_parameters, adapter_state
+    from fedrec.train.settings import LocalTraining, RoundContext
     from fedrec.train.vectorized import train_users_vectorized
-    from fedrec.workload import load_workload
+    from fedrec.workload import prepare_workload
 
     torch.set_num_threads(1)
     base = FedRecConfig.from_mapping(parse_run_config(args.run_config), FedRecConfig.from_toml(args.config))
@@ -45,7 +46,7 @@ def main() -> int:
     for kind in args.kinds.split(","):
         # `none` is projection LoRA alone, so it trains LoRA even where the config freezes it
         cfg = base.replace(item_adapter=kind, **({"lora_train": "both"} if kind == "none" else {}))
-        work = load_workload(cfg, log=print)
+        work = prepare_workload(cfg, log=print)
         model = work.model()
         state = adapter_state(model)
         users = [int(u) for u in work.data.private[: args.users]]
@@ -53,10 +54,8 @@ def main() -> int:
         best = float("inf")
         for rep in range(args.repeats):
             t0 = time.perf_counter()
-            train_users_vectorized(model, state, work.data, users, local_epochs=cfg.local_epochs,
-                                   learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm,
-                                   user_weighting=cfg.user_weighting, max_seq_len=cfg.max_seq_len, seed=cfg.seed,
-                                   round_=rep + 1, device=torch.device("cpu"), group_tokens=cfg.vector_tokens)  # fmt: skip
+            ctx = RoundContext(round=rep + 1, clipping_norm=cfg.clipping_norm, device=torch.device("cpu"))
+            train_users_vectorized(model, state, work.data, users, LocalTraining.from_config(cfg), ctx)
             best = min(best, time.perf_counter() - t0)
         results[kind] = {"d": d, "users_per_s": len(users) / best}
         print(f"{kind:>9}: d = {d:>9,}  {len(users) / best:8.0f} users/s  (one core, {cfg.local_epochs} local steps)")

@@ -76,17 +76,17 @@ def _bench_server_app():
     from fedrec.run import FederatedRun
     from fedrec.workload import describe_adapter, load_workload, update_keys
     from server.app import server_configs
-    from server.strategy import FedRecStrategy
+    from server.grid_port import GridPort
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         (cfg,) = server_configs(context.run_config)
-        work = load_workload(cfg, pretrain=False)
+        work = load_workload(cfg)
         model = work.model()
         adapter = describe_adapter(cfg, model, work.item_side, log=lambda _m: None)
-        strategy = FedRecStrategy(cfg, work.data.private, update_keys=update_keys(cfg, model), log=lambda _m: None)
+        strategy = GridPort(cfg, work.data.private, update_keys=update_keys(cfg, model), log=lambda _m: None)
         strategy.connect(grid)  # also warms every node: data, base model, torch
         run = FederatedRun(cfg, adapter.initial, strategy.population, dimension=adapter.dimension, log=lambda _m: None)
         ready_at, cpu_at = time.time(), time.process_time()
@@ -146,7 +146,7 @@ def local_step_flops(cfg, users) -> float:
     from fedrec.train.engine import train_cohort
     from fedrec.workload import load_workload
 
-    work = load_workload(cfg, pretrain=False)
+    work = load_workload(cfg)
     model = work.model()
     # torch's counter has no formula for the in-place baddbmm_ the LoRA path adds with
     # (it would count 0); the same FLOPs as the out-of-place op.
@@ -180,11 +180,11 @@ def main() -> int:
         run_variant(FedRecConfig.from_mapping(json.loads(args.variant_config)), _T_PROCESS)
         return 0
     from fedrec.run import make_sampler
-    from fedrec.workload import load_workload
+    from fedrec.workload import prepare_workload
 
     cache = os.environ.get("FEDREC_CACHE_DIR") or str(Path.home() / ".cache" / "fedrec")
     base = FedRecConfig.from_mapping(workload(args.quick, args.device, cache, args.cohort))
-    work = load_workload(base, log=print)  # pretrains (and caches) the base before any timing
+    work = prepare_workload(base, log=print)  # pretrains (and caches) the base before any timing
     cohort = make_sampler(base, work.data.private).draw(1)
     # The machine's GEMM rate is the best of samples taken before, between and after the
     # placements: one sample can land on a slow moment, which would flatter (d)/(c).

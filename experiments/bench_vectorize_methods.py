@@ -23,8 +23,9 @@ from fedrec.config import FedRecConfig
 from fedrec.model.lora import adapter_state
 from fedrec.train.batches import next_item_batch
 from fedrec.train.loop import train_users
+from fedrec.train.settings import LocalTraining, RoundContext
 from fedrec.train.vectorized import train_users_vectorized
-from fedrec.workload import load_workload
+from fedrec.workload import prepare_workload
 
 
 def vmap_step(model, state, data, users, max_len: int, lr: float) -> dict[str, torch.Tensor]:
@@ -51,17 +52,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = FedRecConfig(synthetic_users=6040, synthetic_items=3700, synthetic_mean_length=165, dropout=0.0,
                        pretrain_epochs=5, local_epochs=1)  # fmt: skip
-    work = load_workload(cfg, log=print)
+    work = prepare_workload(cfg, log=print)
     model = work.model().eval()
     state = adapter_state(model)
     users = [int(u) for u in work.data.private[: args.users]]
-    kw = dict(local_epochs=1, learning_rate=0.5, clipping_norm=0.0, user_weighting="uniform",
-              max_seq_len=cfg.max_seq_len, seed=0, round_=1, device=torch.device("cpu"))  # fmt: skip
+    args = (LocalTraining(local_epochs=1, learning_rate=0.5, max_seq_len=cfg.max_seq_len, seed=0),
+            RoundContext(round=1, clipping_norm=0.0, device=torch.device("cpu")))  # fmt: skip
     runs = {
-        "loop (peft model, autograd per user)": lambda: train_users(model, state, work.data, users, **kw).delta,
+        "loop (peft model, autograd per user)": lambda: train_users(model, state, work.data, users, *args).delta,
         "torch.func vmap(grad(functional_call))": lambda: vmap_step(model, state, work.data, users, cfg.max_seq_len, 0.5),
         "stacked batched matmuls (fedrec.train.vectorized)": lambda: train_users_vectorized(
-            model, state, work.data, users, **kw
+            model, state, work.data, users, *args
         ).delta,
     }
     reference = None

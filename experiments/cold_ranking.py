@@ -81,7 +81,7 @@ def main() -> None:
         cfg = FedRecConfig.from_toml(str(run / "config.toml"), FedRecConfig())
         if not cfg.cold_items:
             sys.exit(f"{run}: the run has no cold items (cold-items=0)")
-        work = load_workload(cfg, pretrain=False)
+        work = load_workload(cfg)
         model = work.model()
         base = adapter_state(model)
         for label, state in (("base", base), ("federated", load_file(str(run / "adapter.safetensors")))):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedrec.config import FedRecConfig  # noqa: E402
 from fedrec.model.lora import load_adapter_state  # noqa: E402
 from fedrec.train.evaluate import rank_users  # noqa: E402
-from fedrec.workload import load_workload  # noqa: E402
+from fedrec.workload import prepare_workload  # noqa: E402
 
 
 def ndcg(ranks: np.ndarray) -> np.ndarray:
@@ -44,7 +44,7 @@ def counts(seqs, num_items: int) -> np.ndarray:
 
 def analyse(path: Path) -> str:
     cfg = FedRecConfig.from_mapping(tomllib.loads((path / "config.toml").read_text()))
-    work = load_workload(cfg, log=lambda _m: None)
+    work = prepare_workload(cfg, log=lambda _m: None)
     data, users = work.data, [int(u) for u in work.data.private]
     model = work.model()
     base_ranks, _ = rank_users(model, data, users, "test", max_seq_len=cfg.max_seq_len, device=torch.device("cpu"))

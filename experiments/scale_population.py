@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedrec.summary import RunSummary  # noqa: E402
+
 # The base: 120 public users (as the default 1,200-user run has), stopped by patience alone
 # (pretrain-min-epochs=0), which leaves it on the early plateau: a weak start with a large
 # non-private gain, so the share of it each ε keeps is measured precisely.
@@ -84,11 +86,11 @@ def report(rows: list[dict], args) -> int:
     return 0
 
 
-def row(n: int, eps: str, cfg, s: dict) -> dict:
-    return {"users": n, "epsilon": eps, "private_users": s["private_users"], "cohort": cfg.cohort_size,
-            "q": s["sampling_rate"], "z": s["noise_multiplier"], "reported_epsilon": s["epsilon"],
-            "base": s["base_test"]["ndcg@10"], "test": s["test"]["ndcg@10"], "gain_ci": s["test_gain_ci"]["ndcg@10"],
-            "best_round": s["best_round"], "test_users": s["test_users"], "wall_s": s["wall_seconds"]}  # fmt: skip
+def row(n: int, eps: str, cfg, s: RunSummary) -> dict:
+    return {"users": n, "epsilon": eps, "private_users": s.private_users, "cohort": cfg.cohort_size,
+            "q": s.sampling_rate, "z": s.noise_multiplier, "reported_epsilon": s.epsilon,
+            "base": s.base_test["ndcg@10"], "test": s.test["ndcg@10"], "gain_ci": s.test_gain_ci["ndcg@10"],
+            "best_round": s.best_round, "test_users": s.test_users, "wall_s": s.wall_seconds}  # fmt: skip
 
 
 def kept(r: dict, none: dict) -> tuple[float | None, list[float] | None]:

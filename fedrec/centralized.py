@@ -34,8 +34,8 @@ from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state
 from fedrec.report import print_comparison
 from fedrec.results import ResultsDir
 from fedrec.train.evaluate import evaluate_users, rank_sums, rank_users
-from fedrec.train.pretrain import fit_sequences
-from fedrec.workload import load_workload, resolve_device
+from fedrec.train.pretrain import Fitting, fit_sequences
+from fedrec.workload import prepare_workload, resolve_device
 
 CEILING_LABELS = {
     "scratch": "from scratch, public + private data",
@@ -50,7 +50,7 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
     t0 = time.time()
     out = ResultsDir(cfg.output_dir)
     out.write_config(cfg)
-    work = load_workload(cfg, log=console.print)
+    work = prepare_workload(cfg, log=console.print)
     data = work.data
     device = resolve_device(cfg.device)
     users = [int(u) for u in data.private]
@@ -107,11 +107,10 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
         console.print(f"ceiling {name} ({CEILING_LABELS[name]}): {sum(p.numel() for p in params):,} parameters, "
                       f"{len(seqs):,} sequences, Adam lr {lr:g}, up to {cfg.centralized_epochs} epochs, "
                       f"patience {cfg.centralized_patience}")  # fmt: skip
-        best = fit_sequences(
-            model, seqs, params, epochs=cfg.centralized_epochs, lr=lr, batch_size=cfg.batch_size,
-            max_seq_len=cfg.max_seq_len, seed=cfg.seed, device=device, validate=lambda: valid_ndcg(model),
-            patience=cfg.centralized_patience, on_epoch=_epoch_log(console, name, cfg.centralized_epochs, out),
-        )  # fmt: skip
+        fit = Fitting(epochs=cfg.centralized_epochs, lr=lr, batch_size=cfg.batch_size, max_seq_len=cfg.max_seq_len,
+                      seed=cfg.seed, device=device, patience=cfg.centralized_patience)  # fmt: skip
+        best = fit_sequences(model, seqs, params, fit, validate=lambda: valid_ndcg(model),
+                             on_epoch=_epoch_log(console, name, cfg.centralized_epochs, out))  # fmt: skip
         summary[f"ceiling_{name}_epoch"] = best
         summary[f"ceiling_{name}_seconds"] = round(time.time() - t_start, 1)
         test(f"ceiling_{name}_test", model)

@@ -1,6 +1,6 @@
 """The server's cohort draw and the routing of cohort users to worker nodes.
 
-The server draws users itself from a seeded RNG (DESIGN.md fact 3): Flower's node
+The server draws users itself from a seeded RNG (docs/design.md#server-draws-cohort): Flower's node
 sampling is not reproducible and knows nothing of privacy amplification.
 """
 

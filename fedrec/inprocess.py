@@ -17,14 +17,13 @@ import torch
 
 from fedrec.config import FedRecConfig
 from fedrec.metrics import metric_means
-from fedrec.model.lora import load_adapter_state
 from fedrec.model.types import AdapterState
-from fedrec.results import ResultsDir
-from fedrec.run import EvalResult, FederatedRun, TrainResult
+from fedrec.assemble import build_run, open_results, run_facts
+from fedrec.port import EvalResult, TrainResult
+from fedrec.summary import RunSummary
 from fedrec.train.engine import train_cohort
-from fedrec.train.evaluate import rank_sums, rank_users
-from fedrec.local_state import local_store_for
-from fedrec.workload import Workload, describe_adapter, load_workload
+from fedrec.train.evaluate import rank_sums, rank_with_adapter
+from fedrec.workload import Workload, describe_adapter, prepare_workload
 
 
 class InProcessPort:
@@ -41,22 +40,21 @@ class InProcessPort:
         return TrainResult(total)
 
     def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult:
-        load_adapter_state(self.model, {k: v.to(self.device) for k, v in adapter.items()})
         users = [int(u) for u in users]
-        full, sampled = rank_users(self.model, self.data, users, split, max_seq_len=self.cfg.max_seq_len,
-                                   device=self.device, local_store=local_store_for(self.cfg))  # fmt: skip
+        full, sampled = rank_with_adapter(self.cfg, self.model, adapter, self.data, users, split, self.device)
         return EvalResult(metric_means(rank_sums(full, sampled)), dict(zip(users, full.tolist())))
 
 
-def run_in_process(cfg: FedRecConfig, out: Path | None = None, log: Callable[[str], None] = print) -> dict:
-    """A whole federated run through `InProcessPort` (no Flower): its summary, and its
-    results directory in `out` when given."""
-    work = load_workload(cfg, log=log)
+def run_in_process(cfg: FedRecConfig, out: Path | None = None, log: Callable[[str], None] = print) -> RunSummary:
+    """A whole federated run through `InProcessPort` (no Flower), set up as the ServerApp
+    sets one up (`fedrec.assemble`): its summary, and its results directory in `out` when given."""
+    results = state = folder = None
+    if out is not None:
+        cfg, results, state, folder = open_results(cfg.replace(output_dir=str(out)))
+    work = prepare_workload(cfg, log=log)
     port = InProcessPort(cfg, work)
     info = describe_adapter(cfg, port.model, work.item_side, log=log)
-    results = ResultsDir(out) if out is not None else None
-    if results is not None:
-        results.write_config(cfg)
-    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=results, log=log,
-                       sent_keys=info.sent, public=work.data.public)  # fmt: skip
-    return run.execute(port, started=time.time(), ready_seconds=0.0, about={"dataset": work.interactions.describe()})
+    run = build_run(cfg, work, info, work.data.private, out=results, log=log)
+    if state is not None:  # resume-from: the checkpoint's state and the clients' folder
+        run.resume(state, folder)
+    return run.execute(port, started=time.time(), ready_seconds=0.0, facts=run_facts(work, info, work.data.private))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -27,7 +26,8 @@ from fedrec.report import print_comparison
 from fedrec.results import ResultsDir
 from fedrec.train.evaluate import rank_sums, rank_users
 from fedrec.train.loop import train_users
-from fedrec.workload import describe_adapter, load_workload, resolve_device
+from fedrec.train.settings import LocalTraining, RoundContext
+from fedrec.workload import describe_adapter, prepare_workload, resolve_device
 
 
 def local_steps(cfg: FedRecConfig, population: int) -> int:
@@ -41,7 +41,7 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
     t0 = time.time()
     out = ResultsDir(cfg.output_dir)
     out.write_config(cfg)
-    work = load_workload(cfg, log=console.print)
+    work = prepare_workload(cfg, log=console.print)
     data, device = work.data, resolve_device(cfg.device)
     model = work.model(device)
     info = describe_adapter(cfg, model, work.item_side, log=console.print)
@@ -52,6 +52,9 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
                   f"steps at lr {cfg.learning_rate:g} on its own sequence, from the base; {info.dimension:,} parameters "
                   "each, nothing shared")  # fmt: skip
     rank = dict(max_seq_len=cfg.max_seq_len, device=device)
+    # each user alone, unclipped, with weight 1: their own full update
+    local = LocalTraining(local_epochs=epochs, learning_rate=cfg.learning_rate, max_seq_len=cfg.max_seq_len, seed=cfg.seed)
+    alone = RoundContext(round=1, clipping_norm=0.0, device=device)
     base_valid, _ = rank_users(model, data, users, "valid", **rank)
     base_test, base_sampled = rank_users(model, data, users, "test", **rank)
     valid, test, sampled = (np.zeros(len(users), dtype=np.int64) for _ in range(3))
@@ -59,9 +62,7 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
     with progress:
         task = progress.add_task("users", total=len(users))
         for i, u in enumerate(users):
-            delta = train_users(model, info.initial, data, [u], local_epochs=epochs, learning_rate=cfg.learning_rate,
-                                clipping_norm=0.0, user_weighting="uniform", max_seq_len=cfg.max_seq_len,
-                                seed=cfg.seed, round_=1, device=device).delta  # fmt: skip
+            delta = train_users(model, info.initial, data, [u], local, alone).delta
             own = {k: v + delta[k].to(v.device) if k in delta else v for k, v in info.initial.items()}
             load_adapter_state(model, {k: v.to(device) for k, v in own.items()})
             valid[i] = rank_users(model, data, [u], "valid", **rank)[0][0]

@@ -14,15 +14,16 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from fedrec.results import comparison_rows, interval_text
+from fedrec.results import as_summary, comparison_rows, interval_text
+from fedrec.summary import RunSummary
 
 
-def print_comparison(summary: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+def print_comparison(summary: RunSummary | dict[str, Any], console: Console | None = None) -> None:
+    console, summary = console or Console(), as_summary(summary)
     table = Table(title="Test split, full ranking over all items; [95% bootstrap interval over users]")
     for col in ("model", "HR@10", "NDCG@10", "vs base", "NDCG@20", "users"):
         table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
-    base = summary.get("base_test") or {}
+    base = summary.base_test
     for label, m, ci in comparison_rows(summary):
         gain = ""
         if base and m is not base and base.get("ndcg@10"):
@@ -33,8 +34,8 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
         )  # fmt: skip
     console = Console(width=max(console.width, console.measure(table, options=console.options.update(max_width=10_000)).maximum))
     console.print(table)
-    for key, who in (("test_gain_ci", "federated"), ("local_test_gain_ci", "local only")):
-        gain = summary.get(key, {}).get("ndcg@10")
+    for gain, who in ((summary.test_gain_ci.get("ndcg@10"), "federated"),
+                      ((summary.extra.get("local_test_gain_ci") or {}).get("ndcg@10"), "local only")):
         if gain:
             verdict = "beats the base" if gain[0] > 0 else "falls below the base" if gain[1] < 0 else "is within noise of the base"
             console.print(f"{who} − base, test NDCG@10 paired by user: [{gain[0]:+.4f}, {gain[1]:+.4f}]: {verdict}")
@@ -52,23 +53,24 @@ _PRIVACY_COLUMNS = (
 
 
 def write_sweep_table(
-    points: list[dict[str, Any]], summaries: list[dict[str, Any]], root: Path, footer: str = ""
+    points: list[dict[str, Any]], summaries: list[RunSummary | dict[str, Any]], root: Path, footer: str = ""
 ) -> list[dict[str, Any]]:
     """One row per run of a sweep: its swept values, test NDCG@10 and ε (and, when any run
     is private, δ, z, C, q and the noise-to-signal z·√d/m); printed, and written to
     ROOT/sweep.md and ROOT/sweep.json. Returns the rows."""
     keys = list(dict.fromkeys(k for p in points for k in p))
-    private = any(s.get("epsilon") is not None for s in summaries)
+    summaries = [as_summary(s) for s in summaries]
+    private = any(s.epsilon is not None for s in summaries)
     rows = []
     for point, s in zip(points, summaries):
-        rows.append({**{k: point.get(k) for k in keys}, "test_ndcg10": s["test"]["ndcg@10"],
-                     "test_ndcg10_ci": (s.get("test_ci") or {}).get("ndcg@10"), "best_round": s.get("best_round"),
-                     "last_round_ndcg10": (s.get("last_round_test") or {}).get("ndcg@10"),
-                     "base_ndcg10": s["base_test"]["ndcg@10"], "epsilon": s.get("epsilon"),
-                     **({key: s.get(key) for _, key in _PRIVACY_COLUMNS} if private else {}),
-                     "adapter_dimension": s.get("adapter_dimension"), "rounds": s.get("rounds"),
-                     "up_kb_per_user_round": _per_user_kb(s, "up"), "down_kb_per_user_round": _per_user_kb(s, "down"),
-                     "wall_s": s.get("wall_seconds"), "results_dir": s.get("results_dir")})  # fmt: skip
+        rows.append({**{k: point.get(k) for k in keys}, "test_ndcg10": s.test["ndcg@10"],
+                     "test_ndcg10_ci": s.test_ci.get("ndcg@10"), "best_round": s.best_round,
+                     "last_round_ndcg10": s.last_round_test.get("ndcg@10"),
+                     "base_ndcg10": s.base_test["ndcg@10"], "epsilon": s.epsilon,
+                     **({key: getattr(s, key) for _, key in _PRIVACY_COLUMNS} if private else {}),
+                     "adapter_dimension": s.adapter_dimension, "rounds": s.rounds,
+                     "up_kb_per_user_round": s.per_user_kb("up"), "down_kb_per_user_round": s.per_user_kb("down"),
+                     "wall_s": s.wall_seconds, "results_dir": s.results_dir})  # fmt: skip
     extra = _PRIVACY_COLUMNS if private else ()
     cols = [*keys, "test NDCG@10 [95% CI] (best round)", "last round", "base", "ε", *(c for c, _ in extra), "d",
             "KB down/up per user·round", "rounds", "wall s"]  # fmt: skip
@@ -86,11 +88,6 @@ def write_sweep_table(
     (root / "sweep.md").write_text("\n".join(lines) + (f"\n\n{footer}" if footer else "") + "\n")
     (root / "sweep.json").write_text(json.dumps(rows, indent=2))
     return rows
-
-
-def _per_user_kb(summary: dict[str, Any], way: str) -> float | None:
-    per_user = (summary.get("communication") or {}).get("per_user_round") or {}
-    return per_user[way] / 1024 if way in per_user else None
 
 
 def _print_sweep(title: str, cols: list[str], cells: list[list[str]], swept: int, footer: str) -> None:
@@ -127,7 +124,7 @@ class Run:
     """One results directory, as the report reads it."""
 
     path: Path
-    summary: dict[str, Any]
+    summary: RunSummary
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     method: str = ""  # the config keys that tell it from the other methods (`group_runs`)
@@ -135,7 +132,7 @@ class Run:
 
     @property
     def mode(self) -> str:
-        return self.summary.get("mode", "federated")
+        return self.summary.mode
 
 
 def load_runs(dirs: list[Path]) -> list[Run]:
@@ -147,7 +144,7 @@ def load_runs(dirs: list[Path]) -> list[Run]:
         config = tomllib.loads((path / "config.toml").read_text()) if (path / "config.toml").exists() else {}
         rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()] \
             if (path / "metrics.jsonl").exists() else []  # fmt: skip
-        runs.append(Run(path, json.loads((path / "summary.json").read_text()), config, rows))
+        runs.append(Run(path, RunSummary.from_dict(json.loads((path / "summary.json").read_text())), config, rows))
     return runs
 
 
@@ -174,41 +171,44 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
     groups = []
     for (label, _target, _z), members in by.items():
         s = [m.summary for m in members]
-        eps = [x["epsilon"] for x in s if x.get("epsilon") is not None]
-        ndcg = [x["test"]["ndcg@10"] for x in s]
-        audit = [x.get("audit") or {} for x in s]
-        comm = s[0].get("communication") or {}
-        ci = (s[0].get("test_ci") or {}).get("ndcg@10") if len(s) == 1 else None  # one run: its bootstrap interval
+        eps = [x.epsilon for x in s if x.epsilon is not None]
+        ndcg = [x.test["ndcg@10"] for x in s]
+        audit = [x.audit or {} for x in s]
+        ci = s[0].test_ci.get("ndcg@10") if len(s) == 1 else None  # one run: its bootstrap interval
         groups.append({
             "method": label,
             "seeds": sorted(m.config.get("seed", 0) for m in members),
             "epsilon": float(np.mean(eps)) if eps else None,
-            "delta": s[0].get("delta"),
-            "z": s[0].get("noise_multiplier"),
-            "q": s[0].get("sampling_rate"),
-            "C": s[0].get("clipping_norm"),
-            "d": s[0].get("adapter_dimension"),
-            "noise_to_signal": s[0].get("noise_to_signal"),
+            "delta": s[0].delta,
+            "z": s[0].noise_multiplier,
+            "q": s[0].sampling_rate,
+            "C": s[0].clipping_norm,
+            "d": s[0].adapter_dimension,
+            "noise_to_signal": s[0].noise_to_signal,
             "test_ndcg10": ndcg,
-            "test_hr10": [x["test"]["hr@10"] for x in s],
+            "test_hr10": [x.test["hr@10"] for x in s],
             "test_ndcg10_ci": ci,
             "ndcg_mean_interval": mean_interval(ndcg, ci),
-            "base_ndcg10": [x["base_test"]["ndcg@10"] for x in s],
-            "best_round": [x.get("best_round") for x in s],
-            "selection": [x.get("selection", "private") for x in s],
+            "base_ndcg10": [x.base_test["ndcg@10"] for x in s],
+            "best_round": [x.best_round for x in s],
+            "selection": [x.selection or "private" for x in s],
             # Under DP: the round un-noised private validation would have picked (a diagnostic only).
-            "diagnostic_private_best": [((x.get("diagnostic_private_best") or {}).get("test") or x["test"])["ndcg@10"]
-                                        for x in s if x.get("diagnostic_private_best")],
+            "diagnostic_private_best": [(x.diagnostic_private_best.get("test") or x.test)["ndcg@10"]
+                                        for x in s if x.diagnostic_private_best],
             "snr_agreed_first": [_first_meter(m.rows, "snr-agreed") for m in members],
             "snr_run_last": [_last_meter(m.rows, "snr-run") for m in members],
-            "wall_s": [x.get("wall_seconds") for x in s],
+            "wall_s": [x.wall_seconds for x in s],
             "audit_lower_bound": [a.get("epsilon_lower_bound") for a in audit if a],
             "audit_estimate": [a.get("epsilon_estimate") for a in audit if a],
-            "bytes_up_per_user_round": (comm.get("per_user_round") or {}).get("up"),
-            "bytes_down_per_user_round": (comm.get("per_user_round") or {}).get("down"),
+            "bytes_up_per_user_round": _per_user_bytes(s[0], "up"),
+            "bytes_down_per_user_round": _per_user_bytes(s[0], "down"),
             "results_dirs": [str(m.path) for m in members],
         })  # fmt: skip
     return sorted(groups, key=lambda g: (g["method"], g["epsilon"] is None, g["epsilon"] or 0.0))
+
+
+def _per_user_bytes(summary: RunSummary, way: str) -> float | None:
+    return ((summary.communication or {}).get("per_user_round") or {}).get(way)
 
 
 def _first_meter(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -224,7 +224,7 @@ def references(runs: list[Run]) -> dict[str, float]:
     out: dict[str, float] = {}
     # The base over all users: a local-only run on a user sample has its own base, for its pairing only.
     with_base = [r for r in runs if r.mode == "federated"] or runs
-    bases = sorted({r.summary["base_test"]["ndcg@10"] for r in with_base if r.summary.get("base_test")})
+    bases = sorted({r.summary.base_test["ndcg@10"] for r in with_base if r.summary.base_test})
     if bases:
         out["base model" + (f" (mean of {len(bases)})" if len(bases) > 1 else "")] = float(np.mean(bases))
     for r in runs:
@@ -232,8 +232,9 @@ def references(runs: list[Run]) -> dict[str, float]:
                            ("ceiling_scratch_test", "ceiling: from scratch"), ("ceiling_full_test", "ceiling: full fine-tune"),
                            ("ceiling_transformer_test", "ceiling: transformer, items frozen"),
                            ("ceiling_same_test", "ceiling: same parameters")):  # fmt: skip
-            if r.summary.get(key):
-                out.setdefault(label, r.summary[key]["ndcg@10"])
+            metrics, _ci = r.summary.model_metrics(key)
+            if metrics:
+                out.setdefault(label, metrics["ndcg@10"])
     return out
 
 
@@ -284,11 +285,11 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         path = figures.per_round(federated, out / name, title, series, ylabel, log)
         if path:
             made[title] = path
-    traffic = [r for r in federated if (r.summary.get("communication") or {}).get("per_user_round")]
+    traffic = [r for r in federated if (r.summary.communication or {}).get("per_user_round")]
     if traffic:
         def payload(way: str):
             def pick(run: Run, row: dict[str, Any]) -> float | None:
-                per_user = run.summary["communication"]["per_user_round"][way]
+                per_user = _per_user_bytes(run.summary, way)
                 return row["train"]["users"] * per_user if "train" in row and per_user else None
 
             return pick

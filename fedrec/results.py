@@ -9,6 +9,7 @@ from typing import Any
 
 from fedrec.config import FedRecConfig
 from fedrec.model.types import AdapterState
+from fedrec.summary import Intervals, Metrics, RunSummary
 
 
 def default_output_dir(mode: str) -> str:
@@ -46,9 +47,11 @@ class ResultsDir:
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        (self.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (self.path / "summary.txt").write_text(summary_text(summary))
+    def write_summary(self, summary: RunSummary | dict[str, Any]) -> None:
+        """A federated run's typed summary, or the centralized and local-only modes' dicts."""
+        data = summary.to_dict() if isinstance(summary, RunSummary) else summary
+        (self.path / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
+        (self.path / "summary.txt").write_text(summary_text(as_summary(summary)))
 
     def write_json(self, name: str, record: dict[str, Any]) -> None:
         (self.path / name).write_text(json.dumps(record, indent=2) + "\n")
@@ -102,12 +105,17 @@ _ROWS = (
 )
 
 
-def comparison_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float], dict[str, list[float]]]]:
+def as_summary(summary: RunSummary | dict[str, Any]) -> RunSummary:
+    return summary if isinstance(summary, RunSummary) else RunSummary.from_dict(summary)
+
+
+def comparison_rows(summary: RunSummary) -> list[tuple[str, Metrics, Intervals]]:
     """(label, test metrics, their 95% intervals) for every model the summary holds, base first."""
     labels = list(_ROWS)
-    if summary.get("best_round") == summary.get("rounds"):
+    if summary.best_round == summary.rounds:
         labels.remove(("last_round_test", "federated, last round"))  # the same adapter
-    return [(label, summary[key], summary.get(f"{key}_ci") or {}) for key, label in labels if summary.get(key)]
+    rows = [(label, *summary.model_metrics(key)) for key, label in labels]
+    return [row for row in rows if row[1]]
 
 
 def interval_text(value: float, ci: list[float] | None, digits: int = 4) -> str:
@@ -117,19 +125,20 @@ def interval_text(value: float, ci: list[float] | None, digits: int = 4) -> str:
     return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def summary_text(summary: dict[str, Any]) -> str:
-    lines = [f"fedrec {summary.get('mode', 'federated')} run", "", "test split, full ranking; [95% bootstrap interval over users]"]
+def summary_text(summary: RunSummary) -> str:
+    lines = [f"fedrec {summary.mode} run", "", "test split, full ranking; [95% bootstrap interval over users]"]
     lines.append(f"{'model':<28} {'HR@10':>26} {'NDCG@10':>26} {'HR@20':>8} {'NDCG@20':>8}")
     for label, m, ci in comparison_rows(summary):
         lines.append(f"{label:<28} {interval_text(m['hr@10'], ci.get('hr@10')):>26} "
                      f"{interval_text(m['ndcg@10'], ci.get('ndcg@10')):>26} {m['hr@20']:8.4f} {m['ndcg@20']:8.4f}")  # fmt: skip
-    gain = summary.get("test_gain_ci", {}).get("ndcg@10")
+    gain = summary.test_gain_ci.get("ndcg@10")
     if gain:
         lines.append(f"federated − base, NDCG@10 (paired by user): [{gain[0]:+.4f}, {gain[1]:+.4f}]")
     lines.append("")
+    flat = summary.to_dict()
     for key in ("rounds", "best_round", "epsilon", "delta", "noise_multiplier", "noise_to_signal", "adapter_dimension",
                 "users_trained", "wall_seconds", "adapter_bytes", "adapter_parameters", "ceiling_scratch_epoch",
                 "ceiling_full_epoch", "ceiling_transformer_epoch", "ceiling_same_epoch", "selection"):  # fmt: skip
-        if key in summary:
-            lines.append(f"{key}: {summary[key]}")
+        if key in flat:
+            lines.append(f"{key}: {flat[key]}")
     return "\n".join(lines) + "\n"

@@ -19,11 +19,13 @@ from pathlib import Path
 
 from fedrec.config import ConfigError, FedRecConfig, parse_run_config
 from fedrec.data.interactions import DataError
+from fedrec.data.load import check_inputs
 from fedrec.results import default_output_dir
+from fedrec.summary import RunSummary
 
 # Otherwise glibc hands the large logits buffer back to the OS after every step and maps
-# it afresh on the next, a large slowdown on CPU (experiments/README.md, section
-# "Measurements behind design choices in the code"); Ray workers inherit these from this
+# it afresh on the next, a large slowdown on CPU
+# (experiments/README.md#malloc-thresholds); Ray workers inherit these from this
 # process.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
@@ -129,7 +131,7 @@ def check_resources(cfg: FedRecConfig, log=print) -> None:
         log("device=auto: the workers reserve no GPU (client-num-gpus=0), so Ray hides it and they train on the CPU")
 
 
-def run(cfg: FedRecConfig) -> dict:
+def run(cfg: FedRecConfig) -> RunSummary:
     """Run one experiment in this process and return its summary."""
     return run_many([cfg])[0]
 
@@ -138,14 +140,13 @@ def run(cfg: FedRecConfig) -> dict:
 FEDERATION_KEYS = ("placement", "num-workers", "client-num-cpus", "client-num-gpus", "ray-address")
 
 
-def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
+def run_many(cfgs: list[FedRecConfig]) -> list[RunSummary]:
     """Run several experiments and return their summaries, in order.
 
     Cohort-placement runs that agree on FEDERATION_KEYS run one after another inside one
     Flower simulation: Ray, the workers' imports and data, and the shutdown are paid
     once per group instead of once per run: together they are most of a default run's wall
-    time (experiments/README.md, section "What ε costs: synthetic default, user-level DP",
-    "One simulation for the whole sweep"). Each run is still a whole run with its own results directory and the same results as on
+    time (experiments/README.md#shared-simulation). Each run is still a whole run with its own results directory and the same results as on
     its own (tests/integration/test_simulation.py).
     """
     dirs = [c.output_dir for c in cfgs]
@@ -172,7 +173,7 @@ def run_many(cfgs: list[FedRecConfig]) -> list[dict]:
         path = Path(c.output_dir) / "summary.json"
         if not path.exists():
             raise RuntimeError(f"{c.output_dir}: the run ended without a summary; see the Flower log above")
-        summaries.append(json.loads(path.read_text()))
+        summaries.append(RunSummary.from_dict(json.loads(path.read_text())))
     return summaries
 
 
@@ -213,9 +214,9 @@ def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayS
     from server.app import app as default_server_app
 
     # The base model is pretrained here, before Flower creates any worker, so that none races it.
-    from fedrec.workload import load_workload
+    from fedrec.workload import prepare_workload
 
-    works = [load_workload(c, log=print) for c in cfgs]
+    works = [prepare_workload(c, log=print) for c in cfgs]
     for w in works:  # the item adapter's public inputs: a bad features file stops here, in one line
         w.item_side
     work = works[0]
@@ -241,8 +242,8 @@ class _RayStart:
     """`ray.init` in a thread, started before this process's imports instead of after them.
 
     Ray's start (~5-7 s here) is mostly waiting on the processes it spawns, so it overlaps
-    the driver's imports of torch, peft and Flower (experiments/README.md, "Where start-up
-    goes"). It does what Flower's Ray backend would do (`init_args`, the driver's sys.path as
+    the driver's imports of torch, peft and Flower (experiments/README.md#startup).
+    It does what Flower's Ray backend would do (`init_args`, the driver's sys.path as
     the workers' PYTHONPATH, no dashboard), so that backend finds Ray running and uses it.
     The thread stays alive until `close`: Ray's processes are bound to the thread that
     started them and die with it (Linux's parent-death signal is per thread).
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = f"{spec} seed={args.seeds}".strip()
         points = sweep_configs(cfg, spec) if spec else []
         for c in [c for _, c in points] or [cfg]:
+            check_inputs(c)  # the files and packages it names, here, before anything starts
             check_resources(c, log=lambda _m: None)  # launch() says the note once, beside the run
     except ConfigError as e:
         print(f"fedrec: config error: {e}", file=sys.stderr)
@@ -341,6 +343,6 @@ if __name__ == "__main__":
     code = main()
     # Everything is written by now; the interpreter's last garbage collection over torch's,
     # Ray's and Flower's objects was a noticeable share of every run's exit, so it skips them
-    # (experiments/README.md, section "What ε costs: synthetic default, user-level DP").
+    # (experiments/README.md#shared-simulation).
     gc.freeze()
     sys.exit(code)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedrec.config import ConfigError, FedRecConfig, parse_run_config
+from fedrec.data.load import check_inputs
 from fedrec.privacy.snr import predicted_run_snr
 
 DEFAULT_PLANS = "config,poisson:1000x100,poisson:4000x25,all:x20,cyclic:1000x100"
@@ -78,9 +79,9 @@ def measure(cfg: FedRecConfig, rounds: int, log=print) -> tuple[list[float], int
     """(agreed/C per round, d, N) from `rounds` rounds of `cfg` without noise."""
     from fedrec.inprocess import InProcessPort
     from fedrec.run import FederatedRun
-    from fedrec.workload import describe_adapter, load_workload
+    from fedrec.workload import describe_adapter, prepare_workload
 
-    work = load_workload(cfg, log=log)
+    work = prepare_workload(cfg, log=log)
     port = InProcessPort(cfg, work)
     info = describe_adapter(cfg, port.model, work.item_side, log=log)
     run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, log=lambda _m: None,
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = FedRecConfig.from_toml(args.config) if args.config else FedRecConfig()
         cfg = FedRecConfig.from_mapping(parse_run_config(args.run_config), cfg)
+        check_inputs(cfg)
         if cfg.clipping_norm <= 0:
             raise ConfigError("clipping-norm: the meter measures in units of the clip; set clipping-norm > 0")
         if args.rounds < 1:
@@ -125,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     agreed_rounds, dimension, population = measure(probe, args.rounds)
     agreed = float(np.mean(agreed_rounds))
-    delta = cfg.target_delta or 1.0 / population
+    from fedrec.run import run_delta
+
+    delta = run_delta(cfg, population)
     print(f"\nagreed signal {agreed:.4f}·C per round (mean of {args.rounds} rounds without noise), d = {dimension:,}, "
           f"N = {population:,}, δ = {delta:.3g}; predicted ratio of the run's summed signal to the noise on it "
           "(> 1: keeps a gain):")  # fmt: skip

@@ -291,7 +291,7 @@ def _load_or_generate(cfg: FedRecConfig) -> Interactions:
     Synthetic data is deterministic in the config, so the first process writes it beside
     the cached base model as flat arrays, and every other process (each Ray worker)
     memory-maps them: the workers share one copy in the page cache instead of generating
-    and holding their own (experiments/README.md, section "Million-user populations").
+    and holding their own (experiments/README.md#populations).
     """
     if cfg.dataset != "synthetic":
         return load_interactions(cfg)
@@ -318,12 +318,28 @@ def _load_or_generate(cfg: FedRecConfig) -> Interactions:
     return Interactions(Ragged.from_ends(flat, ends), IndexIds(len(ends)), int(meta["num_items"]), str(meta["source"]))
 
 
-def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None, pretrain: bool = True) -> Workload:
-    """Data split and base model for `cfg`; pretrains the base if allowed and missing.
+def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None) -> Workload:
+    """Data split and base model for `cfg`, the base already made (`prepare_workload`):
+    loading never trains, so a worker or a device only ever reads what the driver made.
 
     The data is memoized by what determines it; the returned Workload always carries
     `cfg` itself, so adapter shape and other federated knobs are never stale.
     """
+    interactions, data = _split(cfg, log)
+    path = base_path(cfg)
+    if not path.exists():
+        raise FileNotFoundError(f"base model {path} is missing; the server creates it before round 1")
+    return Workload(cfg, interactions, data, path)
+
+
+def prepare_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None) -> Workload:
+    """The driver's step before anything else: pretrain the base if it is missing, then load."""
+    _interactions, data = _split(cfg, log)
+    ensure_base(cfg, data, log, text=item_side(cfg, data).text if cfg.item_encoder != "id" else None)
+    return load_workload(cfg, log)
+
+
+def _split(cfg: FedRecConfig, log: Callable[[str], None]):
     key = cfg.fingerprint(*DATA_KEYS)
     if key not in _CACHE:
         interactions = _load_or_generate(cfg)
@@ -332,12 +348,4 @@ def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: Non
         log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)"
             + (f"; {len(data.cold):,} cold items held out of every training prefix" if len(data.cold) else ""))
         _CACHE[key] = (interactions, data)
-    interactions, data = _CACHE[key]
-    if pretrain:
-        text = item_side(cfg, data).text if cfg.item_encoder != "id" else None
-        path = ensure_base(cfg, data, log, text=text)
-    else:
-        path = base_path(cfg)
-        if not path.exists():
-            raise FileNotFoundError(f"base model {path} is missing; the server creates it before round 1")
-    return Workload(cfg, interactions, data, path)
+    return _CACHE[key]

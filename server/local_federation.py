@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fedrec.config import ConfigError, FedRecConfig, parse_run_config
     from fedrec.data import load_interactions, split_users
+    from fedrec.data.load import check_inputs
 
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="fedrec-federation-"))).resolve()
     data_path = args.data_path.resolve()
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             {"dataset": "csv", "data-path": str(data_path), "placement": "device", "output-dir": str(workdir / "results")}
             | overrides
         )
+        check_inputs(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

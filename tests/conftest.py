@@ -40,9 +40,21 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache folder for the whole test run: synthetic data, item texts and pretrained
+    bases are built once and read by every later test whose config keys them the same.
+
+    Sharing is safe because the cache key covers everything that shapes what is cached
+    (`fedrec.model.base.BASE_KEYS`), and a test that changes a pretraining knob gets a base
+    of its own. Tests that are about the cache itself use their own folder.
+    """
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture
-def tiny_cfg(tmp_path: Path) -> FedRecConfig:
-    """A small synthetic workload that pretrains in about a second."""
+def tiny_cfg(tmp_path: Path, shared_cache: Path) -> FedRecConfig:
+    """A small synthetic workload that pretrains in about a second (once per test run)."""
     return FedRecConfig(
         synthetic_users=120,
         synthetic_items=60,
@@ -54,6 +66,6 @@ def tiny_cfg(tmp_path: Path) -> FedRecConfig:
         num_blocks=1,
         max_seq_len=20,
         pretrain_epochs=5,
-        cache_dir=str(tmp_path / "cache"),
+        cache_dir=str(shared_cache),
         output_dir=str(tmp_path / "out"),
     )

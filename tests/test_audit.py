@@ -89,10 +89,10 @@ AUDITED = dict(
 )  # fmt: skip
 
 
-def _audited(tmp_path, noise_factor: float = 1.0, **changes) -> tuple[dict, dict]:
+def _audited(tmp_path, cache, noise_factor: float = 1.0, **changes) -> tuple[dict, dict]:
     """A whole run through the in-process port (real training, the real mechanism); its
     summary and audit.json."""
-    cfg = FedRecConfig(cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"), **AUDITED).replace(**changes)
+    cfg = FedRecConfig(cache_dir=str(cache), output_dir=str(tmp_path / "out"), **AUDITED).replace(**changes)
     out = tmp_path / "out" / f"{changes}-{noise_factor}"
     old, mechanism._TEST_NOISE_FACTOR = mechanism._TEST_NOISE_FACTOR, noise_factor
     try:
@@ -102,11 +102,11 @@ def _audited(tmp_path, noise_factor: float = 1.0, **changes) -> tuple[dict, dict
     return summary, json.loads((out / "audit.json").read_text())
 
 
-def test_the_audit_flags_a_run_without_noise(tmp_path):
-    summary, record = _audited(tmp_path)
-    assert summary["epsilon"] is None and summary["audit"]["epsilon_lower_bound"] == record["epsilon_lower_bound"]
+def test_the_audit_flags_a_run_without_noise(tmp_path, shared_cache):
+    summary, record = _audited(tmp_path, shared_cache)
+    assert summary.epsilon is None and summary.audit["epsilon_lower_bound"] == record["epsilon_lower_bound"]
     # Canaries are sampled but never evaluated or counted as users.
-    assert summary["private_users"] == 150 and record["sampled_population"] == 150 + record["included"]
+    assert summary.private_users == 150 and record["sampled_population"] == 150 + record["included"]
     assert record["epsilon_lower_bound"] > 2.0  # above every honest DP run's claim at ε = 1 below
     assert record["epsilon_estimate"] > 20.0  # far above any ε claimed in this file (≤ 8)
     unseen = record["one_shot"]
@@ -114,14 +114,14 @@ def test_the_audit_flags_a_run_without_noise(tmp_path):
     assert unseen["unseen_std"] == pytest.approx(unseen["null_std"], rel=0.15)  # unseen directions: ≈ N(0, 1/d)
 
 
-def test_the_audit_flags_a_mechanism_that_adds_half_the_noise_it_accounts(tmp_path):
-    _summary, record = _audited(tmp_path, noise_factor=0.5, target_epsilon=4.0)
+def test_the_audit_flags_a_mechanism_that_adds_half_the_noise_it_accounts(tmp_path, shared_cache):
+    _summary, record = _audited(tmp_path, shared_cache, noise_factor=0.5, target_epsilon=4.0)
     assert record["claimed_epsilon"] == pytest.approx(4.0, abs=0.01)
     assert max(record["epsilon_lower_bound"], record["epsilon_estimate"]) > record["claimed_epsilon"]
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 4.0, 8.0])
-def test_honest_runs_stay_within_their_epsilon(tmp_path, epsilon):
-    summary, record = _audited(tmp_path, target_epsilon=epsilon)
-    assert summary["epsilon"] == pytest.approx(epsilon, abs=0.01)
-    assert 0 <= record["epsilon_lower_bound"] <= summary["epsilon"]
+def test_honest_runs_stay_within_their_epsilon(tmp_path, shared_cache, epsilon):
+    summary, record = _audited(tmp_path, shared_cache, target_epsilon=epsilon)
+    assert summary.epsilon == pytest.approx(epsilon, abs=0.01)
+    assert 0 <= record["epsilon_lower_bound"] <= summary.epsilon

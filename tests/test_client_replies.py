@@ -17,7 +17,7 @@ from clients.app import app
 from clients.handlers import DEVICE_DATA_ERROR
 from fedrec.config import FedRecConfig
 from fedrec.model.lora import adapter_parameters, adapter_state
-from fedrec.workload import load_workload
+from fedrec.workload import prepare_workload
 from server.local_federation import device_files
 
 NODE = 7
@@ -31,7 +31,7 @@ def run(tmp_path_factory):
         dataset="csv", data_path=str(write_csv_dataset(tmp / "data.csv")), placement="device", public_fraction=0.9,
         hidden_size=16, num_blocks=1, max_seq_len=20, pretrain_epochs=3, clipping_norm=0.5, cache_dir=str(tmp / "cache"),
     )  # fmt: skip
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     g = torch.Generator().manual_seed(0)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in adapter_state(model).items()}
@@ -140,7 +140,7 @@ def test_a_real_device_builds_the_item_adapter_from_what_the_server_sends(run):
     """Rows are chosen from public data the device never sees: they arrive in `setup`."""
     cfg, work, _state, _trained, tmp = run
     cfg = cfg.replace(item_adapter="rows", item_rows=10)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     state = adapter_state(model)
     user = int(work.data.private[2])
@@ -160,9 +160,9 @@ def test_a_real_device_builds_the_item_adapter_from_what_the_server_sends(run):
     # and it equals what a simulated worker computes for the same user from the server's own data
     from fedrec.train.vectorized import train_users_vectorized
 
-    ref = train_users_vectorized(model, state, work.data, [user], local_epochs=cfg.local_epochs,
-                                 learning_rate=cfg.learning_rate, clipping_norm=cfg.clipping_norm,
-                                 user_weighting="uniform", max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1,
-                                 device=torch.device("cpu"))  # fmt: skip
+    from fedrec.train.settings import LocalTraining, RoundContext
+
+    ctx = RoundContext(round=1, clipping_norm=cfg.clipping_norm, device=torch.device("cpu"))
+    ref = train_users_vectorized(model, state, work.data, [user], LocalTraining.from_config(cfg), ctx)
     for k, v in ref.delta.items():
         torch.testing.assert_close(update[k], v, rtol=1e-4, atol=1e-6)

@@ -1,10 +1,12 @@
+import dataclasses
 import subprocess
 import sys
 import tomllib
 
 import pytest
 
-from fedrec.config import ConfigError, FedRecConfig, parse_run_config
+from fedrec.config import SECTIONS, ConfigError, FedRecConfig, parse_run_config
+from fedrec.data.load import check_inputs
 from tests.conftest import REPO
 
 
@@ -35,7 +37,6 @@ def test_run_config_parsing_takes_toml_and_bare_words():
         ({"public-fraction": 1.5}, "public-fraction"),
         ({"lora-targets": "q_proj,item_emb"}, "lora-targets"),
         ({"dataset": "movielens"}, "data-path"),
-        ({"dataset": "csv", "data-path": "/does/not/exist"}, "data-path"),
         ({"secure-aggregation": "secagg+"}, "secure-aggregation"),  # cohort placement, no clipping
         ({"secure-aggregation": "secagg+", "placement": "device", "clipping-norm": 1.0, "secagg-shares": 4},
          "secure-aggregation"),  # fmt: skip
@@ -99,8 +100,9 @@ def test_a_resolved_config_travels_whole_and_is_not_validated_again(tmp_path):
     data.write_text("user,item,timestamp\nu,i,1\n")
     cfg = FedRecConfig.from_mapping({"dataset": "csv", "data-path": str(data), "num-rounds": 7})
     data.unlink()  # where the config arrives (a device), the server's data path need not exist
+    assert FedRecConfig.from_mapping(cfg.to_dict()) == cfg  # a config checks values, not this machine's files
     with pytest.raises(ConfigError, match="data-path"):
-        FedRecConfig.from_mapping(cfg.to_dict())
+        check_inputs(cfg)
     again = FedRecConfig.resolved(cfg.to_dict())
     assert again == cfg and again.num_rounds == 7
     assert FedRecConfig.resolved(dict(cfg.to_dict())) is again  # parsed once per process
@@ -122,3 +124,62 @@ def test_pretraining_knobs_get_their_own_cached_base():
     plain, smoothed = FedRecConfig(), FedRecConfig(pretrain_label_smoothing=0.1)
     assert base_path(plain) != base_path(smoothed) and "-ls0.1" in base_path(smoothed).name
     assert base_path(FedRecConfig(local_dropout=0.0)) == base_path(plain)  # a federated knob: same base
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dataset": "csv", "data-path": "/does/not/exist"}, "data-path: '/does/not/exist' does not exist"),
+        ({"item-features": "/no/features.json"}, "item-features: '/no/features.json' does not exist"),
+        ({"item-text": "/no/texts.csv"}, "item-text: '/no/texts.csv' does not exist"),
+    ],
+)
+def test_missing_files_are_one_line_errors_of_the_machine_not_the_config(overrides, message):
+    cfg = FedRecConfig.from_mapping(overrides)  # valid: the files may be where the config goes
+    with pytest.raises(ConfigError) as err:
+        check_inputs(cfg)
+    assert str(err.value) == message
+
+
+def test_cli_reports_a_missing_data_file_in_one_line_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedrec.simulate", "--run-config", "dataset=csv data-path=/does/not/exist",
+         "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["fedrec: config error: data-path: '/does/not/exist' does not exist"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_each_knob_belongs_to_one_section_that_checks_it():
+    cfg = FedRecConfig(num_rounds=7, noise_multiplier=1.0, clipping_norm=0.5, hidden_size=32)
+    assert cfg.server.num_rounds == 7 and cfg.privacy.enabled and cfg.model.hidden_size == 32
+    owners = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert sorted(owners) == sorted(f.name for f in dataclasses.fields(FedRecConfig))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.privacy.noise_multiplier = 0.0  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="^hidden-size: 30 is not divisible by num-heads=4"):
+        SECTIONS["model"](**(dataclasses.asdict(cfg.model) | {"hidden_size": 30, "num_heads": 4}))
+    with pytest.raises(ConfigError, match="^num-rounds: must be >= 1"):
+        SECTIONS["server"](**(dataclasses.asdict(cfg.server) | {"num_rounds": 0}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"sampling": "poisson", "target-epsilon": 4.0, "clipping-norm": 0.5, "adaptive-clipping": True},
+        {"placement": "device", "secure-aggregation": "secagg+", "clipping-norm": 1.0, "lora-targets": "q_proj,fc2"},
+        {"mode": "centralized", "ceilings": "scratch,full", "item-adapter": "affine", "affine-groups": "popularity"},
+    ],
+)
+def test_toml_round_trips_and_resolved_configs_have_the_same_sections(tmp_path, overrides):
+    cfg = FedRecConfig.from_mapping(overrides)
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    again = FedRecConfig.from_toml(path)
+    assert again == cfg and again.to_toml() == cfg.to_toml()
+    resolved = FedRecConfig.resolved(cfg.to_dict())
+    assert all(getattr(resolved, name) == getattr(cfg, name) for name in SECTIONS)
+    assert resolved.dp_enabled == cfg.dp_enabled and resolved.replace(seed=1).privacy == cfg.privacy

@@ -52,8 +52,8 @@ def test_one_band_is_todays_gaussian_noise_and_epsilon():
         for k in a:
             assert torch.equal(a[k], b[k]), k  # the very same draws
     # Six rounds of the Gaussian composed (PLD) against one Gaussian at z*: the same mechanism.
-    assert mfm.report(1)["epsilon"] == pytest.approx(gauss.report(1)["epsilon"], rel=2e-3)
-    assert mfm.report(1)["epsilon"] == pytest.approx(4.0, abs=0.01)
+    assert mfm.report(1).epsilon == pytest.approx(gauss.report(1).epsilon, rel=2e-3)
+    assert mfm.report(1).epsilon == pytest.approx(4.0, abs=0.01)
 
 
 def test_epsilon_equals_an_independent_computation_after_every_round():

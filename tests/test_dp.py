@@ -102,10 +102,13 @@ def test_pld_with_the_cached_round_equals_dp_accountings_own_pld_accountant():
 
     ledger = _events(5, q=0.06, z=0.55) + _events(7, q=0.03, z=1.2) + _events(3, q=0.06, z=0.55)
     acc = make_accountant("pld", "poisson", 1000, 1e-3)
+    # One reference, composed event by event as before and read at each prefix: the same
+    # compositions in the same order as a fresh reference per prefix, built once.
+    reference, composed = pld.PLDAccountant(), 0
     for n in (1, 5, 12, 15):  # the later calls reuse the cached one-round PLDs
-        reference = pld.PLDAccountant()
-        for e in ledger[:n]:
+        for e in ledger[composed:n]:
             reference.compose(dpa.PoissonSampledDpEvent(e.q, dpa.GaussianDpEvent(e.noise_multiplier)))
+        composed = n
         assert acc.epsilon(ledger[:n]) == pytest.approx(reference.get_epsilon(1e-3), rel=1e-9)
     assert acc.epsilon(_events(3, q=0.06, z=0.0)) == math.inf
 

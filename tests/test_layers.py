@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module belongs to the first layer with a prefix that matches it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("config", ("fedrec.config",)),
+    ("config", ("fedrec.config_parse", "fedrec.config_sections", "fedrec.config")),
     ("data", ("fedrec.data",)),
     ("model", ("fedrec.model", "fedrec.baselines")),
     ("round arithmetic", ("fedrec.metrics", "fedrec.aggregate", "fedrec.local_state", "fedrec.cohort",
@@ -24,8 +24,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("privacy", ("fedrec.privacy",)),
     ("train", ("fedrec.train",)),
     ("workload", ("fedrec.workload",)),
-    ("results", ("fedrec.results", "fedrec.report", "fedrec.figures")),
-    ("run", ("fedrec.checkpoint", "fedrec.run", "fedrec.inprocess", "fedrec.centralized", "fedrec.local_only", "fedrec.snr")),
+    ("results", ("fedrec.summary", "fedrec.results", "fedrec.report", "fedrec.figures")),
+    ("run", ("fedrec.checkpoint", "fedrec.port", "fedrec.callbacks", "fedrec.finish", "fedrec.run", "fedrec.assemble",
+             "fedrec.inprocess",
+             "fedrec.centralized", "fedrec.local_only", "fedrec.snr")),
     ("entry point", ("fedrec.simulate",)),
 ]
 ENTRY_POINT = "fedrec.simulate"  # the one core module that starts the Flower apps

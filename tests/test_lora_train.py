@@ -8,20 +8,19 @@ from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state, 
 from fedrec.train.evaluate import evaluate_users
 from fedrec.train.batches import pad_left
 from fedrec.train.loop import train_users
-from fedrec.workload import load_workload
+from fedrec.train.settings import LocalTraining, RoundContext
+from fedrec.workload import prepare_workload
 
 CPU = torch.device("cpu")
 
 
 def _train(model, state, data, users, cfg, clip=0.0):
-    return train_users(
-        model, state, data, users, local_epochs=2, learning_rate=0.5, clipping_norm=clip,
-        user_weighting="uniform", max_seq_len=cfg.max_seq_len, seed=cfg.seed, round_=1, device=CPU,
-    )  # fmt: skip
+    local = LocalTraining(local_epochs=2, learning_rate=0.5, max_seq_len=cfg.max_seq_len, seed=cfg.seed)
+    return train_users(model, state, data, users, local, RoundContext(round=1, clipping_norm=clip, device=CPU))
 
 
 def test_untrained_adapter_is_the_base_model(tiny_cfg):
-    work = load_workload(tiny_cfg)
+    work = prepare_workload(tiny_cfg)
     base = load_base(tiny_cfg, work.data.num_items, work.base_path).eval()
     model = work.model().eval()
     x = pad_left([work.data.train[int(u)] for u in work.data.private[:8]], tiny_cfg.max_seq_len)
@@ -31,7 +30,7 @@ def test_untrained_adapter_is_the_base_model(tiny_cfg):
 
 
 def test_adapter_round_trips_through_a_flower_arrayrecord(tiny_cfg):
-    work = load_workload(tiny_cfg)
+    work = prepare_workload(tiny_cfg)
     model = work.model()
     users = [int(u) for u in work.data.private[:5]]
     total = _train(model, adapter_state(model), work.data, users, tiny_cfg)
@@ -45,7 +44,7 @@ def test_adapter_round_trips_through_a_flower_arrayrecord(tiny_cfg):
 
 
 def test_training_moves_only_the_adapter_and_is_placement_independent(tiny_cfg):
-    work = load_workload(tiny_cfg)
+    work = prepare_workload(tiny_cfg)
     model = work.model()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     init = adapter_state(model)
@@ -65,7 +64,7 @@ def test_training_moves_only_the_adapter_and_is_placement_independent(tiny_cfg):
 
 
 def test_evaluation_counts_every_user_once(tiny_cfg):
-    work = load_workload(tiny_cfg)
+    work = prepare_workload(tiny_cfg)
     users = [int(u) for u in work.data.private]
     sums = evaluate_users(work.model(), work.data, users, "test", max_seq_len=tiny_cfg.max_seq_len, device=CPU, batch_size=7)
     assert sums["count"] == len(users)
@@ -74,7 +73,7 @@ def test_evaluation_counts_every_user_once(tiny_cfg):
 
 def test_item_table_delta_starts_neutral_reaches_tied_scores_and_round_trips(tiny_cfg):
     cfg = tiny_cfg.replace(item_adapter="lowrank", item_rank=4)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     base = load_base(cfg, work.data.num_items, work.base_path).eval()
     model = work.model().eval()
     x = pad_left([work.data.train[int(u)] for u in work.data.private[:8]], cfg.max_seq_len)
@@ -99,7 +98,7 @@ def test_b_only_trains_and_sends_only_b_and_leaves_a_bit_identical(tiny_cfg):
     from fedrec.aggregate import ServerOptimizer, mean_update
 
     cfg = tiny_cfg.replace(lora_train="b-only", item_adapter="lowrank", item_rank=2)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     init = adapter_state(model)
     trained = set(adapter_parameters(model))
@@ -118,19 +117,19 @@ def test_a_only_keeps_each_users_b_local_and_shares_only_a(tiny_cfg, tmp_path):
     from fedrec.local_state import UserStateStore
 
     cfg = tiny_cfg.replace(lora_share="a-only")
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     init = adapter_state(model)
     store = UserStateStore(tmp_path / "state")
     users = [int(u) for u in work.data.private[:3]]
-    kw = dict(local_epochs=2, learning_rate=0.5, clipping_norm=0.0, user_weighting="uniform",
-              max_seq_len=cfg.max_seq_len, seed=0, device=CPU, local_store=store)  # fmt: skip
-    first = train_users(model, init, work.data, users, round_=1, **kw)
+    local = LocalTraining(local_epochs=2, learning_rate=0.5, max_seq_len=cfg.max_seq_len, seed=0)
+    rounds = {r: RoundContext(round=r, clipping_norm=0.0, device=CPU, local_store=store) for r in (1, 2)}
+    first = train_users(model, init, work.data, users, local, rounds[1])
     assert first.delta and all(".lora_A." in k for k in first.delta)  # B never travels
     own_b = {u: store.load(u) for u in users}
     assert all(b and all(".lora_B." in k and v.abs().sum() > 0 for k, v in b.items()) for b in own_b.values())
     # Round 2 starts each user from their own B: their B keeps moving from where it was.
-    train_users(model, init, work.data, users[:1], round_=2, **kw)
+    train_users(model, init, work.data, users[:1], local, rounds[2])
     again = store.load(users[0])
     assert any(not torch.equal(again[k], own_b[users[0]][k]) for k in again)
     assert all(torch.equal(store.load(u)[k], own_b[u][k]) for u in users[1:] for k in own_b[u])
@@ -162,10 +161,12 @@ def test_a_only_keeps_each_users_b_local_and_shares_only_a(tiny_cfg, tmp_path):
 
 
 def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
-    from fedrec.model.base import new_model
-    from fedrec.train.pretrain import fit_sequences
+    from dataclasses import replace
 
-    work = load_workload(tiny_cfg)
+    from fedrec.model.base import new_model
+    from fedrec.train.pretrain import Fitting, fit_sequences
+
+    work = prepare_workload(tiny_cfg)
     torch.manual_seed(0)
     model = new_model(tiny_cfg, work.data.num_items)
     scores = iter([0.0, 0.10, 0.30, 0.20, 0.25, 0.05, 0.99])  # epoch 0 first; best at epoch 2; patience 2 stops after 4
@@ -175,22 +176,20 @@ def test_early_stopping_keeps_and_returns_the_best_validation_epoch(tiny_cfg):
         snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         seen.append((epoch, score))
 
-    best = fit_sequences(model, [work.data.train[int(u)] for u in work.data.private], list(model.parameters()),
-                         epochs=6, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
-                         validate=lambda: next(scores), patience=2, on_epoch=on_epoch)  # fmt: skip
+    seqs = [work.data.train[int(u)] for u in work.data.private]
+    fit = Fitting(epochs=6, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU, patience=2)
+    best = fit_sequences(model, seqs, list(model.parameters()), fit, validate=lambda: next(scores), on_epoch=on_epoch)
     assert best == 2 and [e for e, _ in seen] == [1, 2, 3, 4] and seen[1][1] == 0.30
     assert all(torch.equal(v, snapshots[2][k]) for k, v in model.state_dict().items())
     assert not all(torch.equal(v, snapshots[4][k]) for k, v in model.state_dict().items())
     # A run that never beats its starting point returns it: epoch 0, the weights it started from.
     start = {k: v.clone() for k, v in model.state_dict().items()}
     scores = iter([0.5, 0.4, 0.3])
-    assert fit_sequences(model, [work.data.train[int(u)] for u in work.data.private], list(model.parameters()),
-                         epochs=5, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
-                         validate=lambda: next(scores), patience=2) == 0  # fmt: skip
+    fit = replace(fit, epochs=5)
+    assert fit_sequences(model, seqs, list(model.parameters()), fit, validate=lambda: next(scores)) == 0
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
     # min_epochs: patience may not stop it before then; the best epoch is still the one kept.
     scores, seen = iter([0.0, 0.2, 0.1, 0.1, 0.3, 0.1, 0.1, 0.1, 0.1]), []
-    assert fit_sequences(model, [work.data.train[int(u)] for u in work.data.private], list(model.parameters()),
-                         epochs=8, lr=1e-2, batch_size=16, max_seq_len=tiny_cfg.max_seq_len, seed=0, device=CPU,
-                         validate=lambda: next(scores), patience=2, min_epochs=5, on_epoch=on_epoch) == 4  # fmt: skip
+    fit = replace(fit, epochs=8, min_epochs=5)
+    assert fit_sequences(model, seqs, list(model.parameters()), fit, validate=lambda: next(scores), on_epoch=on_epoch) == 4
     assert [e for e, _ in seen] == [1, 2, 3, 4, 5, 6]  # without min_epochs: stopped after epoch 3

@@ -47,16 +47,16 @@ def test_report_of_two_tiny_runs_draws_every_figure_and_tabulates_the_summaries(
     groups = json.loads((out / "report.json").read_text())["groups"]
     assert len(groups) == 2
     by_eps = {g["epsilon"] is None: g for g in groups}
-    assert by_eps[True]["test_ndcg10"] == [plain["test"]["ndcg@10"]]
+    assert by_eps[True]["test_ndcg10"] == [plain.test["ndcg@10"]]
     dp = by_eps[False]
-    assert dp["test_ndcg10"] == [private["test"]["ndcg@10"]] and dp["epsilon"] == pytest.approx(private["epsilon"])
-    assert dp["z"] == private["noise_multiplier"] and dp["q"] == private["sampling_rate"]
-    assert dp["audit_lower_bound"] == [private["audit"]["epsilon_lower_bound"]]
+    assert dp["test_ndcg10"] == [private.test["ndcg@10"]] and dp["epsilon"] == pytest.approx(private.epsilon)
+    assert dp["z"] == private.noise_multiplier and dp["q"] == private.sampling_rate
+    assert dp["audit_lower_bound"] == [private.audit["epsilon_lower_bound"]]
     text = (out / "report.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| ") and f"{private['epsilon']:.3g}" in line)
-    low, high = private["test_ci"]["ndcg@10"]
-    assert f"{private['test']['ndcg@10']:.4f} [{low:.4f}, {high:.4f}]" in row
-    assert f"{private['audit']['epsilon_lower_bound']:.2f} / " in row
+    row = next(line for line in text.splitlines() if line.startswith("| ") and f"{private.epsilon:.3g}" in line)
+    low, high = private.test_ci["ndcg@10"]
+    assert f"{private.test['ndcg@10']:.4f} [{low:.4f}, {high:.4f}]" in row
+    assert f"{private.audit['epsilon_lower_bound']:.2f} / " in row
 
 
 def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):

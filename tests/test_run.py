@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -12,8 +13,10 @@ from fedrec import checkpoint
 from fedrec.config import FedRecConfig
 from fedrec.inprocess import InProcessPort
 from fedrec.results import ResultsDir
-from fedrec.run import FederatedRun
-from fedrec.workload import describe_adapter, load_workload
+from fedrec.callbacks import RunCallback
+from fedrec.run import FederatedRun, RunFacts
+from fedrec.summary import RunSummary
+from fedrec.workload import describe_adapter, prepare_workload
 
 
 def _run(cfg: FedRecConfig, work, out=None) -> tuple[FederatedRun, InProcessPort]:
@@ -35,7 +38,7 @@ def test_a_run_resumed_from_its_state_dict_ends_where_an_uninterrupted_one_does(
                "banded-mf": dict(noise_multiplier=0.8, sampling="cyclic", mechanism="banded-mf", mf_bands=3,
                                  model_selection="public")}[dp]  # fmt: skip
     cfg = tiny_cfg.replace(num_rounds=4, cohort_size=20, eval_every=2, clipping_norm=0.5, bootstrap_samples=0, **privacy)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
 
     whole, port = _run(cfg, work)
     whole.evaluate_base(port)
@@ -63,14 +66,14 @@ def test_a_run_resumed_from_its_state_dict_ends_where_an_uninterrupted_one_does(
         assert resumed.mechanism.accountant.events == whole.mechanism.accountant.events
     if dp == "banded-mf":
         assert whole.mechanism.bands == 3 and resumed.mechanism.epsilons == whole.mechanism.epsilons
-        assert resumed.pick_round == whole.pick_round and resumed.meter.signal == whole.meter.signal
+        assert resumed.pick.round == whole.pick.round and resumed.meter.signal == whole.meter.signal
     assert _rows(resumed) == _rows(whole)
-    assert resumed.best_round == whole.best_round
+    assert resumed.best.round == whole.best.round
 
 
 def test_a_loaded_state_must_come_from_the_same_population(tiny_cfg):
     cfg = tiny_cfg.replace(num_rounds=2, cohort_size=10)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     run, _port = _run(cfg, work)
     state = run.state_dict()
     other = FederatedRun(cfg, run.adapter, work.data.private[:-1], dimension=run.dimension, log=lambda _m: None)
@@ -80,13 +83,13 @@ def test_a_loaded_state_must_come_from_the_same_population(tiny_cfg):
 
 def test_execute_writes_the_results_directory_and_selects_on_validation(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(num_rounds=3, cohort_size=20, eval_every=1, bootstrap_samples=50)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     run, port = _run(cfg, work, out=ResultsDir(tmp_path / "res"))
-    summary = run.execute(port, started=0.0, ready_seconds=0.0, about={"dataset": "synthetic"})
-    assert summary["rounds"] == 3 and summary["users_trained"] == 60
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, facts=RunFacts(dataset="synthetic"))
+    assert summary.rounds == 3 and summary.users_trained == 60
     valid = [r["valid"]["ndcg@10"] for r in run.rows]
-    assert summary["best_round"] == int(np.argmax(valid))  # round 0 (the base) is a candidate too
-    assert summary["epsilon"] is None
+    assert summary.best_round == int(np.argmax(valid))  # round 0 (the base) is a candidate too
+    assert summary.epsilon is None
     for name in ("metrics.jsonl", "summary.json", "privacy.json", "adapter.safetensors", "adapter_last_round.safetensors"):
         assert (tmp_path / "res" / name).exists(), name
     assert len((tmp_path / "res" / "metrics.jsonl").read_text().splitlines()) == 4
@@ -109,10 +112,10 @@ class _FailingPort:
 
 def test_a_run_that_cannot_go_on_names_its_checkpoint_and_the_resume_command(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(num_rounds=5, cohort_size=10, checkpoint_every=2, eval_every=0, output_dir=str(tmp_path / "res"))
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     run, port = _run(cfg, work, out=ResultsDir(tmp_path / "res"))
     with pytest.raises(RuntimeError) as err:
-        run.execute(_FailingPort(port), started=0.0, ready_seconds=0.0, about={})
+        run.execute(_FailingPort(port), started=0.0, ready_seconds=0.0, facts=RunFacts())
     lines = str(err.value).splitlines()
     assert lines[0] == "train: 2 of 2 nodes failed"
     assert lines[1] == (f"last checkpoint: {tmp_path / 'res' / 'checkpoint'} (after round 2); continue with: "
@@ -159,34 +162,95 @@ class _RecordingPort(_FailingPort):
 
 def test_test_users_scores_a_seeded_sample_apart_from_validation(tiny_cfg):
     cfg = tiny_cfg.replace(num_rounds=2, cohort_size=10, eval_every=1, eval_users=15, test_users=20, bootstrap_samples=50)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     run, inner = _run(cfg, work)
     port = _RecordingPort(inner)
-    summary = run.execute(port, started=0.0, ready_seconds=0.0, about={})
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, facts=RunFacts())
     tests = [u for split, u in port.asked if split == "test"]
     valids = [u for split, u in port.asked if split == "valid"]
     assert len(tests) >= 2 and all(np.array_equal(u, tests[0]) for u in tests)  # base and result on one sample
-    assert len(tests[0]) == 20 == summary["test_users"] and set(tests[0]) <= set(work.data.private.tolist())
+    assert len(tests[0]) == 20 == summary.test_users and set(tests[0]) <= set(work.data.private.tolist())
     assert len(valids[0]) == 15 and not np.array_equal(np.sort(valids[0])[:15], np.sort(tests[0])[:15])
     again, _ = _run(cfg, work)
     assert np.array_equal(again.test_users, run.test_users)  # seeded
     assert len(_run(cfg.replace(test_users=0), work)[0].test_users) == len(work.data.private)
-    lo, hi = summary["test_ci"]["ndcg@10"]
-    assert lo <= summary["test"]["ndcg@10"] <= hi
+    lo, hi = summary.test_ci["ndcg@10"]
+    assert lo <= summary.test["ndcg@10"] <= hi
 
 
 def test_under_dp_the_headline_is_the_last_round_and_the_private_pick_only_a_diagnostic(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(num_rounds=4, cohort_size=20, eval_every=1, clipping_norm=0.5, sampling="poisson",
                            noise_multiplier=0.7, bootstrap_samples=0)  # fmt: skip
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     run, port = _run(cfg, work, out=ResultsDir(tmp_path / "res"))
-    summary = run.execute(port, started=0.0, ready_seconds=0.0, about={})
-    assert summary["selection"] == "last" and summary["best_round"] == 4
-    assert summary["test"] == summary["last_round_test"]
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, facts=RunFacts())
+    assert summary.selection == "last" and summary.best_round == 4
+    assert summary.test == summary.last_round_test
     valid = [r["valid"]["ndcg@10"] for r in run.rows]
-    diag = summary["diagnostic_private_best"]
+    diag = summary.diagnostic_private_best
     assert diag["round"] == int(np.argmax(valid))
     assert ("outside the privacy guarantee" in diag["note"]) == (diag["round"] != 4)
     rows = [r["train"] for r in run.rows[1:]]
     assert all(r["snr-noise"] == pytest.approx(0.7 * run.dimension**0.5 / 20) for r in rows)
     assert all("snr-agreed" in r and "snr-run" in r for r in rows)
+
+
+class _StopAfter(RunCallback):
+    """A researcher's measurement: sees every row and the result, stops the run after round 2."""
+
+    def __init__(self) -> None:
+        self.begun, self.rounds, self.result = 0, [], None
+
+    def on_begin(self, run) -> None:
+        self.begun += 1
+
+    def after_round(self, run, row) -> bool:
+        self.rounds.append(row["round"])
+        return row["round"] == 2
+
+    def on_end(self, run, result) -> None:
+        self.result = result
+
+
+def test_a_callback_sees_every_round_and_may_stop_the_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(num_rounds=5, cohort_size=10, eval_every=1, bootstrap_samples=0)
+    work = prepare_workload(cfg)
+    port = InProcessPort(cfg, work)
+    info = describe_adapter(cfg, port.model, work.item_side, log=lambda _m: None)
+    probe = _StopAfter()
+    run = FederatedRun(cfg, info.initial, work.data.private, dimension=info.dimension, out=ResultsDir(tmp_path / "res"),
+                       log=lambda _m: None, callbacks=[probe])  # fmt: skip
+    summary = run.execute(port, started=0.0, ready_seconds=0.0, facts=RunFacts())
+    assert probe.begun == 1 and probe.rounds == [0, 1, 2] and run.round == summary.rounds == 2
+    assert probe.result.summary is summary and summary.best_round == run.best.round
+    # The standard callbacks ran too: the rows, the summary and the adapter of the picked round are on disk.
+    assert len((tmp_path / "res" / "metrics.jsonl").read_text().splitlines()) == 3
+    written = json.loads((tmp_path / "res" / "summary.json").read_text())
+    assert RunSummary.from_dict(written) == summary and written == summary.to_dict()
+
+
+def test_a_summary_file_reads_back_into_the_same_file():
+    """Every mode's summary.json (federated, centralized, local-only) survives the typed record."""
+    federated = RunSummary(dataset="x", test={"ndcg@10": 0.1}, subsets={"cold": ({"users": 1.0}, {"users": 1.0})},
+                           epsilon=None, diagnostic_private_best={"round": 2})  # fmt: skip
+    data = federated.to_dict()
+    assert list(data)[:3] == ["mode", "dataset", "placement"] and "audit" not in data and "test_cold" in data
+    centralized = {"mode": "centralized", "dataset": "x", "ceiling_full_test": {"ndcg@10": 0.2}, "epsilon": None}
+    for d in (data, centralized):
+        back = RunSummary.from_dict(d)
+        assert back.to_dict() == d and list(back.to_dict()) == list(d)
+    assert RunSummary.from_dict(centralized).model_metrics("ceiling_full_test")[0] == {"ndcg@10": 0.2}
+
+
+def test_a_privacy_ledger_from_another_mechanism_is_refused():
+    from fedrec.privacy.accountant import RoundEvent, make_accountant
+
+    ledger = make_accountant("pld", "poisson", 1000, 1e-3)
+    ledger.record(RoundEvent(1, 0.1, 1.0, 0.5, 100), 0.5)
+    same = make_accountant("pld", "poisson", 1000, 1e-3)
+    same.load_state_dict(ledger.to_dict())
+    assert same.events == ledger.events and same.spent == 0.5
+    for other in (make_accountant("prv", "poisson", 1000, 1e-3), make_accountant("pld", "poisson", 999, 1e-3),
+                  make_accountant("pld", "poisson", 1000, 1e-4)):  # fmt: skip
+        with pytest.raises(ValueError, match="does not fit this run's mechanism"):
+            other.load_state_dict(ledger.to_dict())

@@ -15,8 +15,8 @@ TINY = ("synthetic-users=120 synthetic-items=60 synthetic-clusters=4 synthetic-m
         "hidden-size=16 num-heads=2 num-blocks=1 max-seq-len=20 pretrain-epochs=5 cohort-size=30 clipping-norm=0.5")  # fmt: skip
 
 
-def test_it_measures_then_predicts_every_plan_at_every_epsilon(tmp_path, capsys):
-    rc = snr.main(["--run-config", f"{TINY} cache-dir={tmp_path}", "--rounds", "2", "--epsilons", "8,1",
+def test_it_measures_then_predicts_every_plan_at_every_epsilon(shared_cache, capsys):
+    rc = snr.main(["--run-config", f"{TINY} cache-dir={shared_cache}", "--rounds", "2", "--epsilons", "8,1",
                    "--plans", "config,all:x10,cyclic:30x20"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0

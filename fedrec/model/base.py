@@ -58,7 +58,7 @@ def base_path(cfg: FedRecConfig) -> Path:
     else:
         # Keyed by the file's content, not its path or mtime: a copy, a re-sync or a touch
         # keeps the base (pretraining it is the longest step of a run's start:
-        # experiments/README.md, section "What ε costs: Amazon Beauty"), a changed file gets
+        # experiments/README.md#base-cache), a changed file gets
         # a new one. Hashing costs less than parsing the file, which every process does anyway.
         source = source_file(cfg.dataset, Path(cfg.data_path).expanduser().resolve())
         key = f"{cfg.fingerprint(*(k for k in BASE_KEYS if k != 'data-path'))}-{_content_digest(source)}-r{PRETRAIN_RECIPE}"

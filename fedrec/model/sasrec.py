@@ -85,7 +85,7 @@ class SASRec(nn.Module):
         # training. Training's softmax leaves them out, as it would a product not yet listed;
         # without this every training step pushed them down as negatives that are never
         # targets, and text items' cold targets fell while warm ones rose
-        # (experiments/README.md, section "Items as text"). Scoring for evaluation keeps all.
+        # (experiments/README.md#items-as-text). Scoring for evaluation keeps all.
         self.register_buffer("absent", None, persistent=False)
         nn.init.normal_(self.item_emb.weight, std=hidden_size**-0.5)
         with torch.no_grad():

@@ -6,7 +6,7 @@ uninterrupted run reports. Composition uses well-kept libraries:
 - `pld` (default for Poisson sampling): dp-accounting's privacy loss distributions, composed
   as its PLDAccountant composes them, with one round's PLD kept per (q, z) (see below);
 - `prv`: Opacus's PRV accountant (Poisson only; its ε comes close to PLD's:
-  experiments/README.md, section "Measurements behind design choices in the code");
+  experiments/README.md#prv-accountant);
 - `rdp`: dp-accounting's Rényi accountant, the only one of these that handles fixed-size
   sampling without replacement (Wang, Balle & Kasiviswanathan, AISTATS 2019). That bound
   is for replace-one neighbours, for which the sum of clipped updates has sensitivity
@@ -73,10 +73,19 @@ class UserLevelAccountant:
     @staticmethod
     def from_dict(state: dict) -> UserLevelAccountant:
         acc = make_accountant(state["accountant"], state["sampling"], state["population"], state["delta"])
-        for row in state["rounds"]:
-            acc.events.append(RoundEvent(**{k: row[k] for k in RoundEvent.__dataclass_fields__}))
-            acc.epsilons.append(float(row["epsilon"]))
+        acc.load_state_dict(state)
         return acc
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take a stored ledger's rounds, if it was kept for the same kind of accountant,
+        sampling, population and δ: the ε of a ledger composed under other terms would be
+        another mechanism's, so a mismatch is refused rather than silently continued."""
+        mine = {"accountant": self.kind, "sampling": self.sampling, "population": self.population, "delta": self.delta}
+        differ = [f"{k} {state.get(k)!r} (this run: {v!r})" for k, v in mine.items() if state.get(k) != v]
+        if differ:
+            raise ValueError("checkpoint: the stored privacy ledger does not fit this run's mechanism: " + ", ".join(differ))
+        self.events = [RoundEvent(**{k: row[k] for k in RoundEvent.__dataclass_fields__}) for row in state["rounds"]]
+        self.epsilons = [float(row["epsilon"]) for row in state["rounds"]]
 
     # ------------------------------------------------------------- composition
     def epsilon(self, events: list[RoundEvent]) -> float:
@@ -106,7 +115,7 @@ class PLDAccountant(UserLevelAccountant):
         """Start composing ε after each of the `planned` rounds on a background thread.
 
         A `pld` ε is not cheap (dp-accounting's self-convolution and its ε search:
-        experiments/README.md, section "What ε costs: synthetic default, user-level DP"),
+        experiments/README.md#accounting-cost),
         and a run asks for it after every round while the server sits idle waiting for the
         clients. Composed ahead, the same value is ready when asked
         for; `epsilon` waits for one still being composed.
@@ -162,7 +171,7 @@ def make_accountant(kind: str, sampling: str, population: int, delta: float) -> 
 
 # Building dp-accounting's PLD of one Poisson-sampled Gaussian round (at its 1e-4
 # discretization) costs several times more than self-composing it over a run's rounds
-# (experiments/README.md, section "What ε costs: synthetic default, user-level DP");
+# (experiments/README.md#accounting-cost);
 # PLDAccountant builds it again on every call, and a run asks for ε after every
 # round. So the one-round PLD is kept per (q, z), and composed exactly as
 # PLDAccountant composes (tests/test_dp.py holds the two equal).
@@ -253,8 +262,7 @@ def calibrate_noise(
     A geometric bisection on the accountant's own ε. With `pld` each of its 14 steps would
     build a new one-round PLD at the 1e-4 discretization, the costly part of a PLD ε, all
     before round 1; so the bisection is first run on PLDs at 1e-3 (far cheaper to build,
-    and ε very close to the 1e-4 one: experiments/README.md, section "What ε costs:
-    synthetic default, user-level DP", "Calibration"), then its final bracket is checked
+    and ε very close to the 1e-4 one: experiments/README.md#accounting-cost), then its final bracket is checked
     with the accountant itself. Both bisections halve the same brackets and ε falls as z grows, so if the check passes
     the answer is the one the exact bisection gives (a wrong step would leave the true
     threshold outside the final bracket); if it fails, the exact bisection runs.

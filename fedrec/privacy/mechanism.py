@@ -45,6 +45,17 @@ def add_gaussian_noise(total: AdapterState, std: float, seed: int, round_: int) 
     return out
 
 
+@dataclass(frozen=True)
+class PrivacyReport:
+    """What a run's ε rests on, as `summary.json` states it (all None without DP)."""
+
+    epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    sampling_rate: float | None = None
+    noise_to_signal: float | None = None  # z·√d/m: noise norm over a fully agreeing mean update
+
+
 class Mechanism(Protocol):
     enabled: bool  # whether the run's output carries a DP guarantee
     clipping_norm: float  # the bound users clip to in the next round
@@ -58,7 +69,7 @@ class Mechanism(Protocol):
     def prepare(self, rounds: range) -> None:
         """Called once before round 1 with the rounds the run plans."""
 
-    def report(self, dimension: int) -> dict:
+    def report(self, dimension: int) -> PrivacyReport:
         """ε, δ, z, q and the noise-to-signal ratio over an adapter of `dimension` parameters."""
 
     def privacy_record(self) -> dict:
@@ -120,8 +131,8 @@ class NoPrivacy:
     def prepare(self, rounds: range) -> None:
         pass
 
-    def report(self, dimension: int) -> dict:
-        return {"epsilon": None, "delta": None, "noise_multiplier": None, "sampling_rate": None, "noise_to_signal": None}
+    def report(self, dimension: int) -> PrivacyReport:
+        return PrivacyReport()
 
     def privacy_record(self) -> dict:
         return {"accountant": None, "epsilon": None}
@@ -196,15 +207,10 @@ class GaussianUserLevel:
     def prepare(self, rounds: range) -> None:
         self.accountant.compose_ahead([self.event(r) for r in rounds])  # composed while the clients train
 
-    def report(self, dimension: int) -> dict:
-        return {
-            "epsilon": self.accountant.spent,
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "sampling_rate": self.q,
-            # Noise norm over a fully agreeing mean update: z_Δ·√d/m (z_Δ = z without adaptive clipping).
-            "noise_to_signal": self.update_noise_multiplier * dimension**0.5 / self.expected_users,
-        }
+    def report(self, dimension: int) -> PrivacyReport:
+        # z_Δ·√d/m (z_Δ = z without adaptive clipping).
+        return PrivacyReport(self.accountant.spent, self.delta, self.noise_multiplier, self.q,
+                             self.update_noise_multiplier * dimension**0.5 / self.expected_users)  # fmt: skip
 
     def privacy_record(self) -> dict:
         return self.accountant.to_dict()
@@ -224,7 +230,7 @@ class GaussianUserLevel:
         self.clipping_norm = float(state["clipping_norm"])
         self.noise_multiplier = float(state["noise_multiplier"])
         self.update_noise_multiplier = float(state["update_noise_multiplier"])
-        self.accountant = UserLevelAccountant.from_dict(state["accountant"])
+        self.accountant.load_state_dict(state["accountant"])
         self._next = None
 
 
@@ -328,15 +334,10 @@ class BandedMatrixFactorization:
         t = min(max(round_, 1), self.rounds) - 1
         return self.noise_multiplier * self.sens * self._prefix_noise[t] * dimension**0.5 / self.users_per_round
 
-    def report(self, dimension: int) -> dict:
-        return {
-            "epsilon": self.epsilons[-1][1] if self.epsilons else 0.0,
-            "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier,
-            "sampling_rate": self.q,
-            # The last round's noise on the mean over a fully agreeing mean update (cf. z·√d/m).
-            "noise_to_signal": self.noise_on_mean(dimension, self.rounds),
-        }
+    def report(self, dimension: int) -> PrivacyReport:
+        # noise_to_signal: the last round's noise on the mean (cf. z·√d/m).
+        return PrivacyReport(self.epsilons[-1][1] if self.epsilons else 0.0, self.delta, self.noise_multiplier, self.q,
+                             self.noise_on_mean(dimension, self.rounds))  # fmt: skip
 
     def privacy_record(self) -> dict:
         return {

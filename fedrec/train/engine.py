@@ -1,7 +1,7 @@
 """One call that trains a share of a cohort with the engine the config names.
 
 Every place that trains users (the ClientApp, the in-process port, the benchmarks) goes
-through here, so the engines' arguments are assembled once.
+through here, so the engines' arguments are assembled once (`fedrec.train.settings`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fedrec.data.split import SplitData
 from fedrec.local_state import local_store_for
 from fedrec.model.types import AdapterState
 from fedrec.train.loop import train_users
+from fedrec.train.settings import LocalTraining, RoundContext
 from fedrec.train.vectorized import train_users_vectorized
 
 
@@ -40,23 +41,8 @@ def train_cohort(
     lost = dropped_out(users, cfg.client_dropout, cfg.seed, round_)
     users = [int(u) for u in users if int(u) not in lost]
     global_state = {k: v.to(device) for k, v in global_state.items()}
-    common = dict(
-        local_epochs=cfg.local_epochs,
-        learning_rate=cfg.learning_rate,
-        clipping_norm=clipping_norm,
-        user_weighting=cfg.user_weighting,
-        max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed,
-        round_=round_,
-        device=device,
-        local_store=local_store_for(cfg),
-    )
-    if cfg.vectorized:
-        total = train_users_vectorized(
-            model, global_state, data, users, group_tokens=cfg.vector_tokens,
-            scoring_dtype=getattr(torch, cfg.scoring_dtype), **common,
-        )  # fmt: skip
-    else:
-        total = train_users(model, global_state, data, users, **common)
+    ctx = RoundContext(round=round_, clipping_norm=clipping_norm, device=device, local_store=local_store_for(cfg))
+    engine = train_users_vectorized if cfg.vectorized else train_users
+    total = engine(model, global_state, data, users, LocalTraining.from_config(cfg), ctx)
     total.num_dropped += len(lost)
     return total

@@ -8,12 +8,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
-from fedrec.local_state import UserStateStore, is_local
+from fedrec.local_state import UserStateStore, is_local, local_store_for
 from fedrec.metrics import KS, SAMPLED_PREFIX, metric_sums, sample_negatives, target_ranks
-from fedrec.model.lora import adapter_parameters
+from fedrec.model.lora import adapter_parameters, load_adapter_state
+from fedrec.model.types import AdapterState
 from fedrec.train.batches import pad_left
-from fedrec.train.vectorized import own_state_hidden
+from fedrec.train.groups import own_state_hidden
+
+
+def rank_with_adapter(
+    cfg: FedRecConfig, model: nn.Module, adapter: AdapterState, data: SplitData, users: Sequence[int], split: str,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """`rank_users` with the run's adapter loaded: the one evaluation of a worker, a device
+    and the in-process port (each user's own state, under lora-share=a-only, included)."""
+    load_adapter_state(model, {k: v.to(device) for k, v in adapter.items()})
+    return rank_users(model, data, users, split, max_seq_len=cfg.max_seq_len, device=device,
+                      local_store=local_store_for(cfg))  # fmt: skip
 
 
 @torch.no_grad()

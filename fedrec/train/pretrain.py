@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,68 +21,87 @@ from fedrec.train.batches import next_item_batch
 from fedrec.train.evaluate import evaluate_users
 
 
-def fit_sequences(
-    model: nn.Module,
-    seqs: list[np.ndarray],
-    params: list[nn.Parameter],
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    max_seq_len: int,
-    seed: int,
-    device: torch.device,
-    on_epoch: Callable[[int, float, float | None], None] | None = None,
-    validate: Callable[[], float] | None = None,
-    patience: int = 0,
-    min_epochs: int = 0,
-    label_smoothing: float = 0.0,
-) -> int:
+@dataclass(frozen=True)
+class Fitting:
+    """Centralized training's settings: Adam at `lr` over minibatches of `batch_size` whole
+    sequences for up to `epochs` epochs. `patience` > 0 (with a validation score) stops after
+    that many epochs without improvement, but not before `min_epochs`."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    max_seq_len: int
+    seed: int
+    device: torch.device
+    patience: int = 0
+    min_epochs: int = 0
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def pretraining(cls, cfg: FedRecConfig) -> Fitting:
+        """The base's pretraining on public users (on the CPU)."""
+        return cls(
+            epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate, batch_size=cfg.batch_size,
+            max_seq_len=cfg.max_seq_len, seed=cfg.seed, device=torch.device("cpu"), patience=cfg.pretrain_patience,
+            # A small public set's validation is noisy on the early plateau, where patience alone
+            # stopped the default synthetic base far below what it reaches.
+            min_epochs=cfg.pretrain_min_epochs, label_smoothing=cfg.pretrain_label_smoothing,
+        )  # fmt: skip
+
+
+def fit_sequences(model: nn.Module, seqs: list[np.ndarray], params: list[nn.Parameter], fit: Fitting, *,
+                  validate: Callable[[], float] | None = None,
+                  on_epoch: Callable[[int, float, float | None], None] | None = None) -> int:  # fmt: skip
     """Centralized next-item training with Adam over minibatches of whole sequences.
 
-    With `validate` (higher is better) and `patience` > 0, stops after `patience`
-    epochs without improvement (but not before `min_epochs`) and restores the best epoch's
-    weights, the starting weights (epoch 0) included; returns the epoch whose weights the model ends with. `on_epoch` gets (epoch, mean loss,
-    validation score or None).
+    With `validate` (higher is better) and `fit.patience` > 0, stops early (`Fitting`) and
+    restores the best epoch's weights, the starting weights (epoch 0) included; returns the
+    epoch whose weights the model ends with. `on_epoch` gets (epoch, mean loss, validation
+    score or None).
     """
     usable = [s for s in seqs if len(s) >= 2]
-    if not usable or epochs == 0:
+    if not usable or fit.epochs == 0:
         return 0
+    stopping = validate is not None and fit.patience > 0
     best_score, best_epoch, best_state = float("-inf"), 0, None
-    if validate is not None and patience > 0:  # epoch 0, the starting point, is a candidate too
+    if stopping:  # epoch 0, the starting point, is a candidate too
         best_score, best_state = validate(), {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rng = np.random.default_rng([seed, 0xF17])
-    torch.manual_seed(seed)
-    opt = torch.optim.Adam(params, lr=lr)
-    for epoch in range(epochs):
-        model.train()
-        total, n = 0.0, 0
+    rng = np.random.default_rng([fit.seed, 0xF17])
+    torch.manual_seed(fit.seed)
+    opt = torch.optim.Adam(params, lr=fit.lr)
+    for epoch in range(fit.epochs):
         # Fresh random batches every epoch. Fixed batches of similar length (less padding)
         # trained worse: the same batches every epoch, each of users of one length, left
-        # validation NDCG@10 on a lower plateau (experiments/README.md, section "Why
-        # `scratch` first fell short, and the fix").
-        order = rng.permutation(len(usable))
-        for start in range(0, len(order), batch_size):
-            inputs, targets = next_item_batch([usable[i] for i in order[start : start + batch_size]], max_seq_len)
-            loss = model.loss(inputs.to(device), targets.to(device), label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            n += 1
-        score = validate() if validate is not None and patience > 0 else None
+        # validation NDCG@10 on a lower plateau (experiments/README.md#batching).
+        loss = _fit_epoch(model, opt, [usable[i] for i in rng.permutation(len(usable))], fit)
+        score = validate() if stopping else None
         if on_epoch:
-            on_epoch(epoch + 1, total / max(n, 1), score)
+            on_epoch(epoch + 1, loss, score)
         if score is not None:
             if score > best_score:
                 best_score, best_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch + 1 - best_epoch >= patience and epoch + 1 >= min_epochs:
+            elif epoch + 1 - best_epoch >= fit.patience and epoch + 1 >= fit.min_epochs:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
         return best_epoch
-    return epochs
+    return fit.epochs
+
+
+def _fit_epoch(model: nn.Module, opt: torch.optim.Optimizer, seqs: list[np.ndarray], fit: Fitting) -> float:
+    """One pass over `seqs` in minibatches, in their order; the mean minibatch loss."""
+    model.train()
+    total, n = 0.0, 0
+    for start in range(0, len(seqs), fit.batch_size):
+        inputs, targets = next_item_batch(seqs[start : start + fit.batch_size], fit.max_seq_len)
+        loss = model.loss(inputs.to(fit.device), targets.to(fit.device), fit.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        n += 1
+    return total / max(n, 1)
 
 
 def pretraining_users(public: np.ndarray, cap: int, seed: int) -> list[int]:
@@ -121,26 +141,11 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         return metric_means(sums)["ndcg@10"]
 
     best = fit_sequences(
-        model,
-        seqs,
-        [p for p in model.parameters() if p.requires_grad],
-        epochs=cfg.pretrain_epochs,
-        lr=cfg.pretrain_learning_rate,
-        batch_size=cfg.batch_size,
-        max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed,
-        device=torch.device("cpu"),
-        validate=validate,
-        patience=cfg.pretrain_patience,
-        # A small public set's validation is noisy on the early plateau, where patience alone
-        # stopped the default synthetic base far below what it reaches (experiments/README.md,
-        # "Million-user populations", "The base's early stop").
-        min_epochs=cfg.pretrain_min_epochs,
-        label_smoothing=cfg.pretrain_label_smoothing,
+        model, seqs, [p for p in model.parameters() if p.requires_grad], Fitting.pretraining(cfg), validate=validate,
         on_epoch=lambda e, loss, score: log(
             f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}"
         ),
-    )
+    )  # fmt: skip
     log(f"base model: keeping epoch {best}")
     if text is not None:  # bake E·P (+ ID rows) into the table: the base is a plain SASRec again
         model.eval()
@@ -173,7 +178,7 @@ class _PretrainTextItems(ItemAdapter):
     id+text each step drops a random share of the items' ID rows (the same rows at the input
     and in the softmax), so the model learns to rank items that have only their text, as
     cold items do at test time: with every ID row kept, cold items scored below every warm
-    one (experiments/README.md, section "Items as text"). This is the input dropout of
+    one (experiments/README.md#items-as-text). This is the input dropout of
     DropoutNet (Volkovs et al., NeurIPS 2017) applied to item IDs; nothing is rescaled, as
     a warm item at test time has its whole ID row.
     """

@@ -81,6 +81,11 @@ def simulated(dataset, tmp_path_factory) -> Path:
     return simulate(tmp_path_factory.mktemp("deploy-sim"), dataset, "sim")
 
 
+# Real SuperLink + SuperNode processes (~3 min each on two cores): both deployments are the
+# second step of .ci/run (`pytest -m evidence`), which runs on every stop. The default suite
+# keeps device placement and SecAgg+ in simulation (test_simulation) and the device side of
+# the ClientApp (test_sources, test_client_replies).
+@pytest.mark.evidence
 def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, dataset, simulated):
     deployed, out = deploy(tmp_path, dataset, "deploy", stranger=True)
     assert "user 'nobody' is not a private user of this run; left out" in out
@@ -93,6 +98,7 @@ def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, datas
     assert comm["wire_per_user_round"]["down"] > comm["per_user_round"]["down"]
 
 
+@pytest.mark.evidence
 def test_secagg_deployment_gives_the_same_sum(tmp_path, dataset, simulated):
     """SecAgg+ on: the server only unmasks the cohort's sum, and it is the plain run's sum
     up to quantization (2C/2^22 per coordinate and user)."""

@@ -20,7 +20,7 @@ def simulate(tmp_path: Path, name: str, run_config: str) -> dict:
     out = tmp_path / name
     cmd = [
         sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out),
-        "--run-config", f"{TINY} cache-dir={tmp_path / 'cache'} {run_config}",
+        "--run-config", f"{TINY} {run_config}",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -57,7 +57,7 @@ def test_cohort_and_device_placement_give_the_same_aggregate(tmp_path):
     common = ("num-rounds=2 cohort-size=12 eval-every=0 server-optimizer=sgd server-learning-rate=1.0 clipping-norm=0.05 "
               "item-adapter=rows item-rows=16")  # an item adapter on both paths too
     cohort = simulate(tmp_path, "cohort", f"{common} placement=cohort num-workers=2")
-    device = simulate(tmp_path, "device", f"{common} placement=device client-num-cpus=0.25")
+    device = simulate(tmp_path, "device", f"{common} placement=device")  # a node per user, one worker per core
     a = load_file(Path(cohort["results_dir"]) / "adapter_last_round.safetensors")
     b = load_file(Path(device["results_dir"]) / "adapter_last_round.safetensors")
     assert a.keys() == b.keys() and "base_model.model.item_delta.R" in a
@@ -162,11 +162,14 @@ def test_secagg_with_dp_noise_releases_the_same_adapter_as_plain_central_dp(tmp_
         assert secure["communication"]["wire_total"][way] > 1.2 * plain["communication"]["wire_total"][way]
 
 
+# Two simulations: the second step of .ci/run (`pytest -m evidence`). The default suite
+# shares one simulation between runs in test_cli_sweep_runs_the_grid_and_writes_its_table.
+@pytest.mark.evidence
 def test_runs_sharing_one_simulation_equal_the_same_runs_on_their_own(tmp_path):
     """run_many: two configs in one Flower simulation (Ray and workers start once), the
     second with another adapter (b-only) and DP, so a worker's cached model is not reused
     for it. Each must give what it gives in a simulation of its own."""
-    common = f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=4 cohort-size=20 eval-every=2 clipping-norm=0.5"
+    common = f"{TINY} num-rounds=4 cohort-size=20 eval-every=2 clipping-norm=0.5"
     second = "lora-train=b-only sampling=poisson target-epsilon=6"
     code = (
         "import sys\n"
@@ -208,7 +211,7 @@ def test_cli_sweep_runs_the_grid_and_writes_its_table(tmp_path):
     out = tmp_path / "sweep"
     cmd = [
         sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out),
-        "--run-config", f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=2 cohort-size=20 eval-every=0 clipping-norm=0.5",
+        "--run-config", f"{TINY} num-rounds=2 cohort-size=20 eval-every=0 clipping-norm=0.5",
         "--sweep", "lora-train=both,b-only", "--seeds", "0,1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -234,18 +237,27 @@ def test_cli_sweep_runs_the_grid_and_writes_its_table(tmp_path):
     assert "± " in (out / "report.md").read_text() and (out / "ndcg_vs_epsilon.png").stat().st_size > 0
 
 
-def test_cli_sweep_errors_are_one_line_config_errors():
+def test_cli_sweep_errors_are_one_line_config_errors(capsys):
+    # The CLI's own function, in this process: a subprocess per case only added Python's
+    # start-up (`python -m fedrec.simulate`'s exit code and stderr: test_config's CLI tests).
+    from fedrec.simulate import main
+
     for spec, message in (("num-rounds", "expected key=v1,v2"), ("lora-targets=q_proj,v_proj", "run_many"),
                           ("seed=1,2 seed=3", "given twice"), ("num-rounds=2,x", "num-rounds")):  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--sweep", spec], capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, spec
+        assert main(["--sweep", spec]) == 2, spec
+        err = capsys.readouterr().err
+        assert err.startswith("fedrec: config error: ") and len(err.strip().splitlines()) == 1 and message in err, spec
 
 
-def test_worker_resources_ray_cannot_place_are_one_line_config_errors(tmp_path):
-    """Flower's simulation would log 'ActorPool is empty' and hang; fedrec refuses first."""
+def test_worker_resources_ray_cannot_place_are_one_line_config_errors(tmp_path, capsys):
+    """Flower's simulation would log 'ActorPool is empty' and hang; fedrec refuses first.
+
+    The CLI's own function, in this process (refused before Ray or any model loads)."""
     import os
 
     import torch
+
+    from fedrec.simulate import main
 
     cores = len(os.sched_getaffinity(0))
     cases = [(f"client-num-cpus={cores + 1}", "CPU cores"), ("", "client-num-cpus=1,64")]
@@ -253,9 +265,8 @@ def test_worker_resources_ray_cannot_place_are_one_line_config_errors(tmp_path):
         cases += [("client-num-gpus=0.5", "Ray could not place"), ("device=cuda", "no CUDA device")]
     for run_config, message in cases:
         sweep = ["--sweep", message] if not run_config else []  # a grid with one point that cannot run
-        cmd = [sys.executable, "-m", "fedrec.simulate", "--output-dir", str(tmp_path / "out"),
-               "--run-config", f"{TINY} {run_config}", *sweep]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "config error" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert (message if run_config else "client-num-cpus=64") in proc.stderr
+        assert main(["--output-dir", str(tmp_path / "out"), "--run-config", f"{TINY} {run_config}", *sweep]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fedrec: config error: ") and len(err.strip().splitlines()) == 1, err
+        assert (message if run_config else "client-num-cpus=64") in err
         assert not (tmp_path / "out").exists()  # nothing ran, not even the sweep's first point

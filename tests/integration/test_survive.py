@@ -66,7 +66,7 @@ def _rows(out: Path) -> list[dict]:
     [pytest.param(p, marks=pytest.mark.evidence) for p in ("plain", "dp", "adaptive")],
 )
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, privacy):
-    config = f"{TINY} cache-dir={tmp_path / 'cache'} {RUN} {PRIVACY[privacy]}"
+    config = f"{TINY} {RUN} {PRIVACY[privacy]}"
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run(_cmd("--output-dir", str(whole), "--run-config", config))
 
@@ -96,7 +96,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, privacy):
 
 
 def test_resume_refuses_a_change_to_what_already_ran_and_allows_more_rounds(tmp_path):
-    config = f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=2 cohort-size=20 eval-every=0"
+    config = f"{TINY} num-rounds=2 cohort-size=20 eval-every=0"
     out = tmp_path / "run"
     _run(_cmd("--output-dir", str(out), "--run-config", config))
     bad = subprocess.run(_cmd("--resume", str(out), "--run-config", "learning-rate=0.1"), capture_output=True,
@@ -133,7 +133,7 @@ def train(msg, context):
 
 def test_a_killed_cohort_worker_is_replaced_within_the_round(tmp_path):
     (tmp_path / "killer.py").write_text(KILLER)
-    config = f"{TINY} cache-dir={tmp_path / 'cache'} num-rounds=3 cohort-size=30 eval-every=0"
+    config = f"{TINY} num-rounds=3 cohort-size=30 eval-every=0"
     whole = tmp_path / "whole"
     _run(_cmd("--output-dir", str(whole), "--run-config", config))
     script = (
@@ -164,9 +164,9 @@ from clients.app import evaluate, query, train as real_train
 from fedrec.inprocess import InProcessPort
 from fedrec.run import make_sampler
 from fedrec.simulate import build_config, launch
-from fedrec.workload import describe_adapter, load_workload, update_keys
+from fedrec.workload import describe_adapter, prepare_workload, update_keys
 from server.app import server_configs
-from server.strategy import FedRecStrategy
+from server.grid_port import GridPort
 
 FAULTS = json.loads(os.environ.get("FEDREC_FAULTS", "{}"))  # user → what goes wrong in their reply
 
@@ -205,10 +205,10 @@ server = ServerApp()
 @server.main()
 def main(grid: Grid, context: Context) -> None:
     (cfg,) = server_configs(context.run_config)
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     model = work.model()
     info = describe_adapter(cfg, model, work.item_side, log=lambda _m: None)
-    strategy = FedRecStrategy(cfg, work.data.private, update_keys=update_keys(cfg, model), log=print)
+    strategy = GridPort(cfg, work.data.private, update_keys=update_keys(cfg, model), log=print)
     strategy.connect(grid)
     cohort = make_sampler(cfg, strategy.population).draw(1)
     got = strategy.train(1, cohort, info.initial, cfg.clipping_norm).total
@@ -221,7 +221,7 @@ def main(grid: Grid, context: Context) -> None:
 
 if __name__ == "__main__":
     cfg = build_config(sys.argv[1:])
-    work = load_workload(cfg)
+    work = prepare_workload(cfg)
     cohort = make_sampler(cfg, work.data.private).draw(1)
     kinds = ["non-finite", "inf", "shape", "dtype", "norm", "keys"]
     os.environ["FEDREC_FAULTS"] = json.dumps({str(int(u)): k for u, k in zip(cohort, kinds)})
@@ -232,7 +232,7 @@ if __name__ == "__main__":
 
 def test_faulty_replies_are_rejected_and_the_round_sums_the_others(tmp_path):
     (tmp_path / "faulty.py").write_text(FAULTY)
-    config = (f"{TINY} cache-dir={tmp_path / 'cache'} placement=device client-num-cpus=0.25 cohort-size=12 "
+    config = (f"{TINY} placement=device cohort-size=12 "
               "num-rounds=1 clipping-norm=0.5")  # fmt: skip
     out = tmp_path / "result.json"
     env = os.environ | {"FEDREC_OUT": str(out), "PYTHONPATH": f"{REPO}:{tmp_path}"}

@@ -1,12 +1,13 @@
-"""The run's port over Flower messages: route a cohort to nodes, sum their replies.
+"""The run's port over Flower's Grid: route a cohort to nodes, sum their replies.
 
-`FedRecStrategy` implements `fedrec.run.RoundPort`: `train(round, cohort, adapter, clip)`
-and `evaluate(round, users, adapter, split)`. The run object draws the cohort and makes
-the server step; this class only knows nodes, messages, failures and SecAgg+.
+`GridPort` implements `fedrec.port.RoundPort`: `train(round, cohort, adapter, clip)` and
+`evaluate(round, users, adapter, split)`. The run object draws the cohort and makes the
+server step; this class only knows nodes, messages, failures and SecAgg+.
 
-A `flwr.serverapp.strategy.Strategy` subclass because the built-in strategies need one
-ArrayRecord plus `num-examples` per reply and sample nodes themselves; here the run
-samples users (seeded), this routes them to nodes, and each reply is already a sum.
+A plain class over the Grid, not a `flwr.serverapp.strategy.Strategy`: a Strategy's loop
+(`start`) samples nodes and steps the model itself, and its aggregation expects one
+ArrayRecord plus `num-examples` per reply; here the run samples users (seeded) and steps,
+this class routes the users to nodes, and each reply is already a sum.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedrec.aggregate import UpdateSum
 from fedrec.privacy.clipping import reply_fault
@@ -28,7 +28,7 @@ from fedrec.cohort import assign_silos, split_among
 from fedrec.config import FedRecConfig
 from fedrec.metrics import add_sums, metric_means
 from fedrec.model.types import AdapterState
-from fedrec.run import EvalResult, TrainResult
+from fedrec.port import EvalResult, TrainResult
 from fedrec.workload import ItemSide
 from server.traffic import CountingGrid
 
@@ -50,7 +50,7 @@ class BaseShipment:
     item_side: ItemSide | None = None  # the item adapter's public inputs (row set, item features)
 
 
-class FedRecStrategy(Strategy):
+class GridPort:
     def __init__(
         self,
         cfg: FedRecConfig,
@@ -71,9 +71,6 @@ class FedRecStrategy(Strategy):
         self.worker_places: dict[str, str] = {}  # every process that trained → its Ray node ("" outside Ray)
         self.user_node: dict[int, int] = {}
         self.failed_users: list[int] = []  # device placement: users whose device failed the last exchange
-        self.last_ranks: dict[int, int] = {}  # user → rank of their target in the last evaluation
-        self.cohort = np.zeros(0, dtype=np.int64)
-        self.eval_target = np.zeros(0, dtype=np.int64)
         self._run_config = ConfigRecord(cfg.to_dict())  # resolved once; travels with every message
         self.setup_traffic: dict[str, float] = {}  # bytes of the messages `connect` exchanged
 
@@ -89,7 +86,7 @@ class FedRecStrategy(Strategy):
             # The simulation's in-memory grid polls for replies every 0.1 s by default
             # (a constructor argument we cannot reach through run_simulation); a vectorized
             # round is short enough that this idle wait is a large share of it
-            # (experiments/README.md, section "Throughput: how fast a cohort trains").
+            # (experiments/README.md#throughput-what-moved).
             grid.pull_interval = PULL_INTERVAL_S
         self._plain_grid = grid  # evaluation's messages: a simulation's diagnostic, not training traffic
         grid = self._grid = CountingGrid(grid)  # every other message goes through it from now on, counted
@@ -239,42 +236,38 @@ class FedRecStrategy(Strategy):
     # ------------------------------------------------------------ the run's port
     def train(self, round_: int, cohort: np.ndarray, adapter: AdapterState, clipping_norm: float) -> TrainResult:
         """The cohort's sum of clipped updates, from worker sums, device replies or SecAgg+."""
-        self.cohort = np.asarray(cohort, dtype=np.int64)
+        cohort = np.asarray(cohort, dtype=np.int64)
         arrays = ArrayRecord(adapter)
         if self.cfg.secure_aggregation == "secagg+":
-            result = self._secagg_round(round_, arrays, clipping_norm)
+            result = self._secagg_round(round_, cohort, arrays, clipping_norm)
         else:
-            grid = self._grid
-            msgs = list(self.configure_train(round_, arrays, ConfigRecord({"clipping-norm": float(clipping_norm)}), grid))
-            replies = self._receive(grid, msgs, "train", tolerate=self.cfg.placement == "device")
+            task = {"round": round_, "clipping-norm": float(clipping_norm)}
+            msgs = self._messages(arrays, cohort, task, MessageType.TRAIN)
+            replies = self._receive(self._grid, msgs, "train", tolerate=self.cfg.placement == "device")
             expected = {k: adapter[k].to(torch.float32) for k in self.update_keys} if self.update_keys else None
-            result = self._sum_replies(round_, replies, expected, clipping_norm)
+            result = self._sum_replies(round_, len(cohort), replies, expected, clipping_norm)
         result.diagnostics |= self._grid.take()  # bytes on the round's messages, both ways
         return result
 
     def evaluate(self, round_: int, users: np.ndarray, adapter: AdapterState, split: str) -> EvalResult:
-        self.eval_target = np.asarray(users, dtype=np.int64)
-        grid = self._plain_grid
-        msgs = list(self.configure_evaluate(round_, ArrayRecord(adapter), ConfigRecord({"split": split}), grid))
-        replies = self._receive(grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
-        result = self.aggregate_evaluate(round_, replies)
-        return EvalResult({k: float(v) for k, v in (result or {}).items()}, dict(self.last_ranks))
+        """Means over the evaluated users, and each user's rank (the run's intervals resample them)."""
+        users = np.asarray(users, dtype=np.int64)
+        msgs = self._messages(ArrayRecord(adapter), users, {"round": round_, "split": split}, MessageType.EVALUATE)
+        replies = self._receive(self._plain_grid, msgs, f"evaluate {split}", tolerate=self.cfg.placement == "device")
+        sums: dict[str, float] = {}
+        ranks: dict[int, int] = {}
+        for reply in replies:
+            sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
+            got = reply.content.array_records.get("ranks")
+            if got is not None:
+                got = got.to_torch_state_dict()
+                ranks.update(zip(got["users"].tolist(), got["ranks"].tolist()))
+        expected = len(users) - len(self.failed_users)
+        if int(sums.get("count", 0)) != expected:
+            raise RuntimeError(f"evaluation: {sums.get('count', 0):.0f} of {expected} users reported")
+        return EvalResult({k: float(v) for k, v in metric_means(sums).items()}, ranks)
 
-    # ------------------------------------------------------------ Strategy API
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        task = {"round": server_round, "clipping-norm": float(config["clipping-norm"])}
-        return self._messages(arrays, self.cohort, task, MessageType.TRAIN)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The round's sum and counts, as Flower's Strategy API shapes them."""
-        result = self._sum_replies(server_round, replies, None, 0.0)
-        return ArrayRecord(result.total.delta), MetricRecord(result.total.counts() | result.diagnostics)
-
-    def _sum_replies(self, server_round: int, replies: Iterable[Message], expected: AdapterState | None,
+    def _sum_replies(self, server_round: int, sent: int, replies: Iterable[Message], expected: AdapterState | None,
                      clipping_norm: float) -> TrainResult:  # fmt: skip
         """The replies' sum; a reply that fails `reply_fault` is left out and its users counted
         as rejected (the round goes on without them)."""
@@ -300,7 +293,7 @@ class FedRecStrategy(Strategy):
                 total.merge(UpdateSum(rejected=part.rejected | {fault: part.num_users}))
             else:
                 total.merge(part)
-        reported = len(self.cohort) - len(self.failed_users)
+        reported = sent - len(self.failed_users)
         accounted = total.num_users + total.num_rejected + total.num_dropped
         if accounted != reported:
             raise RuntimeError(f"round {server_round}: {accounted} of {reported} cohort users accounted for")
@@ -317,31 +310,7 @@ class FedRecStrategy(Strategy):
             diagnostics["silo-epsilon"] = silo_eps  # the largest of the silos' sample-level ε
         return TrainResult(total, diagnostics)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        split = str(config["split"])
-        return self._messages(arrays, self.eval_target, {"round": server_round, "split": split}, MessageType.EVALUATE)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Means over the evaluated users; each user's rank is kept in `last_ranks` (user → rank)."""
-        sums: dict[str, float] = {}
-        self.last_ranks = {}
-        for reply in replies:
-            sums = add_sums(sums, {k: float(v) for k, v in reply.content["metrics"].items()})
-            ranks = reply.content.array_records.get("ranks")
-            if ranks is not None:
-                got = ranks.to_torch_state_dict()
-                self.last_ranks.update(zip(got["users"].tolist(), got["ranks"].tolist()))
-        expected = len(self.eval_target) - len(self.failed_users)
-        if int(sums.get("count", 0)) != expected:
-            raise RuntimeError(f"evaluation: {sums.get('count', 0):.0f} of {expected} users reported")
-        return MetricRecord(metric_means(sums))
-
-    def summary(self) -> None:
-        pass
-
-    def _secagg_round(self, server_round: int, arrays: ArrayRecord, clipping_norm: float) -> TrainResult:
+    def _secagg_round(self, server_round: int, cohort: np.ndarray, arrays: ArrayRecord, clipping_norm: float) -> TrainResult:
         """The cohort's sum through SecAgg+: the server never holds one user's update."""
         from server.secagg import secure_sum  # the legacy Flower stack, loaded only when asked
 
@@ -349,7 +318,7 @@ class FedRecStrategy(Strategy):
             raise RuntimeError("secure-aggregation=secagg+ needs the ServerApp context and the update's keys")
         task = {"round": server_round, "clipping-norm": float(clipping_norm),
                 "base": self.base.fingerprint if self.base else ""}  # fmt: skip
-        routes = [(self.user_node[int(u)], int(u)) for u in self.cohort]
+        routes = [(self.user_node[int(u)], int(u)) for u in cohort]
         total, failed = secure_sum(self._grid, self.context, self.cfg, arrays.to_torch_state_dict(), routes, task,
                                    self.cfg.to_dict(), self.update_keys)  # fmt: skip
         if failed:
