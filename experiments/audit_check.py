@@ -37,7 +37,7 @@ def main() -> int:
         "pretrain-epochs": 5, "bootstrap-samples": 0, "eval-every": 0, "clipping-norm": 1.0,
         "server-optimizer": "sgd", "server-learning-rate": 1.0, "local-epochs": 1, "num-rounds": 20,
         "cohort-size": 150, "sampling": "poisson", "target-delta": 1e-5, "audit-canaries": 1000,
-        "output-dir": str(args.out), "cache-dir": str(args.out / "cache"),
+        "output-dir": str(args.out), "cache-dir": str(args.out / "cache"), "overwrite": True,  # re-runnable
     } | parse_run_config(args.run_config))  # fmt: skip
     lines = ["| run | ε claimed | z | q | d | 95% lower bound (ceiling) | guesses right | one-shot estimate | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -46,10 +46,10 @@ def main() -> int:
         t0 = time.time()
         s = run_in_process(base.replace(target_epsilon=eps), args.out / name.replace(" ", "-"), log=lambda _m: None)
         mechanism._TEST_NOISE_FACTOR = 1.0
-        a = s["audit"]
-        one_run = json.loads((Path(s["results_dir"]) / "audit.json").read_text())["one_run"]
-        claimed = "–" if s["epsilon"] is None else f"{s['epsilon']:.2f}"
-        z = "–" if s["noise_multiplier"] is None else f"{s['noise_multiplier']:.3f}"
+        a = s.audit
+        one_run = json.loads((Path(s.results_dir) / "audit.json").read_text())["one_run"]
+        claimed = "–" if s.epsilon is None else f"{s.epsilon:.2f}"
+        z = "–" if s.noise_multiplier is None else f"{s.noise_multiplier:.3f}"
         lines.append(f"| {name} | {claimed} | {z} | {a['sampling_rate']:.3f} | {a['dimension']:,} | "
                      f"{a['epsilon_lower_bound']:.2f} ({one_run['ceiling']:.2f}) | {one_run['correct']}/{one_run['guesses']} | "
                      f"{a['epsilon_estimate']:.2f} | {time.time() - t0:.1f} |")  # fmt: skip

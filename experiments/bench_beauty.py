@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fedrec.config import merge_run_config  # noqa: E402
 from fedrec.results import interval_text  # noqa: E402
 CONFIG = ROOT / "experiments" / "beauty.toml"
 DATA = ROOT.parent / "shared" / "data" / "amazon-s3rec" / "Beauty.txt"
@@ -24,8 +25,8 @@ DATA = ROOT.parent / "shared" / "data" / "amazon-s3rec" / "Beauty.txt"
 
 def run(mode: str, out: Path, extra: str) -> tuple[dict, float]:
     t0 = time.time()
-    cmd = [sys.executable, "-m", "fedrec.simulate", "--config", str(CONFIG), "--output-dir", str(out),
-           "--run-config", f"mode={mode} data-path={DATA} {extra}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "fedrec.simulate", "--config", str(CONFIG), "--output-dir", str(out), "--overwrite",
+           "--run-config", merge_run_config(f"mode={mode} data-path={DATA}", extra)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads((out / "summary.json").read_text()), time.time() - t0
 

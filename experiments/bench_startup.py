@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedrec.config import merge_run_config  # noqa: E402
 
 
 def timed(code: str) -> float:
@@ -37,7 +40,7 @@ def timed(code: str) -> float:
 def one_run(out: Path, run_config: str) -> dict:
     launched = time.time()
     proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out), "--run-config",
-                           f"num-rounds=1 {run_config}"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                           merge_run_config("num-rounds=1", run_config)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     if proc.returncode:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
     s = json.loads((out / "summary.json").read_text())

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedrec.config import merge_run_config  # noqa: E402
 from fedrec.summary import RunSummary  # noqa: E402
 
 # The base: 120 public users (as the default 1,200-user run has), stopped by patience alone
@@ -61,8 +62,9 @@ def main() -> int:
         cohort = max(1, round(args.q * private))
         for eps in epsilons:
             dp = "noise-multiplier=0" if eps == "none" else f"target-epsilon={eps}"
-            argv = ["--output-dir", str(args.out / f"users={n}" / f"eps{eps}"), "--run-config",
-                    f"synthetic-users={n} cohort-size={cohort} num-rounds={args.rounds} {RECIPE} {dp} {args.run_config}"]  # fmt: skip
+            argv = ["--output-dir", str(args.out / f"users={n}" / f"eps{eps}"), "--overwrite", "--run-config",
+                    merge_run_config(f"synthetic-users={n} cohort-size={cohort} num-rounds={args.rounds} {RECIPE} {dp}",
+                                     args.run_config)]  # fmt: skip
             runs.append((n, eps, build_config(argv)))
     started = time.time()
     summaries = run_many([c for _n, _e, c in runs])

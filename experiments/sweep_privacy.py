@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fedrec.config import merge_run_config  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -58,8 +60,8 @@ def main() -> int:
         for eps in args.epsilons.split(","):
             # ε = none: the config's sampling and clipping, without noise
             dp = "target-epsilon=0 noise-multiplier=0" if eps == "none" else f"{args.dp} target-epsilon={eps}"
-            argv = ["--output-dir", str(args.out / f"{key}={label}" / f"eps{eps}"),
-                    "--run-config", f"{args.run_config} {key}={value} {' '.join(own)} {dp}"]  # fmt: skip
+            argv = ["--output-dir", str(args.out / f"{key}={label}" / f"eps{eps}"), "--overwrite",  # fresh results
+                    "--run-config", merge_run_config(args.run_config, f"{key}={value}", " ".join(own), dp)]  # fmt: skip
             runs.append((label, eps, (["--config", str(args.config)] if args.config else []) + argv))
 
     def out_of(argv: list[str]) -> Path:

@@ -26,7 +26,7 @@ def open_results(cfg: FedRecConfig) -> tuple[FedRecConfig, ResultsDir, dict[str,
     if cfg.resume_from:
         state, stored, folder = checkpoint.load(cfg.resume_from)
         cfg, resumed_round = checkpoint.resume_config(stored, cfg), int(state["round"])
-    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode), resume_round=resumed_round)
+    out = ResultsDir(cfg.output_dir or default_output_dir(cfg.mode), resume_round=resumed_round, overwrite=cfg.overwrite)
     cfg = cfg.replace(output_dir=str(out.path))
     out.write_config(cfg)
     return cfg, out, state, folder

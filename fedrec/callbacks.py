@@ -168,6 +168,7 @@ class ResultFiles(RunCallback):
         run.out.plot_validation(run.rows)
         run.out.write_summary(result.summary)
         run.out.write_privacy(run.mechanism.privacy_record())
+        run.out.release()
 
 
 def standard_callbacks(selection: str) -> list[RunCallback]:

@@ -48,7 +48,7 @@ CEILING_LABELS = {
 def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
     console = console or Console(soft_wrap=True)
     t0 = time.time()
-    out = ResultsDir(cfg.output_dir)
+    out = ResultsDir(cfg.output_dir, overwrite=cfg.overwrite)
     out.write_config(cfg)
     work = prepare_workload(cfg, log=console.print)
     data = work.data
@@ -123,6 +123,7 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
             summary["adapter_dimension"] = sum(p.numel() for p in params)
     summary |= {"wall_seconds": round(time.time() - t0, 2), "results_dir": str(out.path)}
     out.write_summary(summary)
+    out.release()
     print_comparison(summary, console)
     console.print(f"results: {out.path}")
     return summary

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from fedrec.config import ConfigError, FedRecConfig
 NAME = "checkpoint"
 # Keys a resumed run may change: none of them alters a round that already ran.
 RESUMABLE_KEYS = (
-    "num-rounds", "max-epsilon", "checkpoint-every", "eval-every", "bootstrap-samples", "output-dir", "resume-from",
+    "num-rounds", "max-epsilon", "checkpoint-every", "eval-every", "bootstrap-samples", "output-dir", "overwrite", "resume-from",
     "num-workers", "client-num-cpus", "client-num-gpus", "device", "cache-dir",
 )  # fmt: skip
 
@@ -63,14 +64,28 @@ def save(output_dir: str | Path, state: dict[str, Any], cfg: FedRecConfig, clien
     return final
 
 
-def load(path: str | Path) -> tuple[dict[str, Any], FedRecConfig, Path]:
-    """(state, the config it ran with, the checkpoint folder) from a results folder or a checkpoint folder."""
+def load(path: str | Path, log: Callable[[str], None] = print) -> tuple[dict[str, Any], FedRecConfig, Path]:
+    """(state, the config it ran with, the checkpoint folder) from a results folder or a checkpoint folder.
+
+    A damaged checkpoint (a truncated or zeroed file) is passed over for the previous one
+    (`checkpoint.old`, left by a crash during a save) when that one is whole, and said; with
+    none whole, one line names what is wrong."""
     path = Path(path)
+    damaged: list[str] = []
     for candidate in (path, checkpoint_dir(path), path.with_name(NAME + ".old"), path / (NAME + ".old")):
         if (candidate / "state.pt").exists() and (candidate / "manifest.json").exists():
-            state = torch.load(candidate / "state.pt", map_location="cpu", weights_only=False)
-            cfg = FedRecConfig.resolved(json.loads((candidate / "config.json").read_text()))
+            try:
+                state = torch.load(candidate / "state.pt", map_location="cpu", weights_only=False)
+                cfg = FedRecConfig.resolved(json.loads((candidate / "config.json").read_text()))
+                int(state["round"])
+            except Exception as err:  # noqa: BLE001 - any unreadable file: try the next checkpoint, then say why
+                damaged.append(f"{candidate} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})")
+                continue
+            if damaged:
+                log(f"checkpoint: {'; '.join(damaged)}; resuming from {candidate} instead")
             return state, cfg, candidate
+    if damaged:
+        raise ConfigError(f"resume-from: {'; '.join(damaged)}, and no whole checkpoint is left to resume from")
     raise ConfigError(f"resume-from: no checkpoint in '{path}' (looked for {NAME}/state.pt)")
 
 

@@ -29,7 +29,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from fedrec.config_parse import ConfigError, _choice, _closest, _coerce, _in, _kebab, _range, parse_run_config
+from fedrec.config_parse import ConfigError, _choice, _closest, _coerce, _in, _kebab, _range, merge_run_config, parse_run_config
 from fedrec.config_sections import (
     ACCOUNTANTS,
     AFFINE_GROUPS,
@@ -66,7 +66,7 @@ from fedrec.config_sections import (
 __all__ = [  # the names callers import from here, the lower modules' among them
     "ACCOUNTANTS", "AFFINE_GROUPS", "CEILINGS", "DATASETS", "DEVICES", "ITEM_ADAPTERS", "ITEM_BASES", "ITEM_ENCODERS",
     "LORA_TARGET_CHOICES", "MECHANISMS", "MODEL_SELECTIONS", "MODES", "PLACEMENTS", "RENAMED", "SAMPLINGS", "SECTIONS",
-    "SERVER_OPTIMIZERS", "USER_WEIGHTINGS", "ConfigError", "FedRecConfig", "parse_run_config",
+    "SERVER_OPTIMIZERS", "USER_WEIGHTINGS", "ConfigError", "FedRecConfig", "merge_run_config", "parse_run_config",
 ]  # fmt: skip
 
 # Keys that existed once, with what replaced them.
@@ -82,6 +82,7 @@ class FedRecConfig:
     mode: str = field(default="federated", metadata=_choice("run", *MODES))
     seed: int = field(default=0, metadata=_range("run", 0))
     output_dir: str = field(default="", metadata=_in("run"))
+    overwrite: bool = field(default=False, metadata=_in("run"))  # replace another run's files in output-dir
     cache_dir: str = field(default="", metadata=_in("run"))
     device: str = field(default="cpu", metadata=_choice("run", *DEVICES))
 
@@ -212,6 +213,11 @@ class FedRecConfig:
         matrix, text_data = sampling in ("all", "cyclic"), dataset in ("seq-txt", "csv")
         no_clip, not_uniform = self.clipping_norm <= 0, self.user_weighting != "uniform"
         rules: Iterable[tuple[bool, str]] = (
+            (self.max_epsilon > 0 and not dp,
+             "max-epsilon: no noise is added (target-epsilon and noise-multiplier are 0), so there is no ε to cap; "
+             "drop max-epsilon or give target-epsilon or noise-multiplier"),
+            (bool(self.data_path) and dataset == "synthetic",
+             "data-path: dataset=synthetic generates its data and reads no file; set dataset=csv, seq-txt or movielens"),
             (dp and not_uniform, "user-weighting: differential privacy needs uniform user weights"),
             (dp and matrix, _unmet(f"sampling: {sampling} (the matrix mechanism) does not combine with ", ", ", (
                 ("adaptive-clipping", self.adaptive_clipping),
@@ -384,6 +390,12 @@ class FedRecConfig:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"--config: file '{path}' not found") from None
+        except IsADirectoryError:
+            raise ConfigError(f"--config: '{path}' is a folder; give a TOML file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config: '{path}' is not a text file (TOML is UTF-8 text)") from None
+        except OSError as e:
+            raise ConfigError(f"--config: '{path}' cannot be read ({e.strerror})") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config: '{path}' is not valid TOML ({e})") from None
         data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)

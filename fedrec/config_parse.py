@@ -43,11 +43,27 @@ def parse_run_config(text: str) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"{item}: expected key=value in --run-config")
         key, raw = item.split("=", 1)
+        key = key.strip()
         try:
-            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            out[key.strip()] = raw
+            value = raw
+        if key in out:
+            raise ConfigError(f"{key}: given twice in --run-config ({out[key]!r} and {value!r}); give it once")
+        out[key] = value
     return out
+
+
+def merge_run_config(*texts: str) -> str:
+    """One `--run-config` text from layers where a later one overrides an earlier one (a
+    script's recipe under the user's own overrides); a user's own text gives a key once."""
+    items: dict[str, str] = {}
+    for text in texts:
+        for item in text.split():
+            key = item.split("=", 1)[0].strip()
+            items.pop(key, None)
+            items[key] = item
+    return " ".join(items.values())
 
 
 def _kebab(name: str) -> str:

@@ -39,7 +39,7 @@ def local_steps(cfg: FedRecConfig, population: int) -> int:
 def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
     console = console or Console(soft_wrap=True)
     t0 = time.time()
-    out = ResultsDir(cfg.output_dir)
+    out = ResultsDir(cfg.output_dir, overwrite=cfg.overwrite)
     out.write_config(cfg)
     work = prepare_workload(cfg, log=console.print)
     data, device = work.data, resolve_device(cfg.device)
@@ -95,6 +95,7 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
         "results_dir": str(out.path),
     }
     out.write_summary(summary)
+    out.release()
     print_comparison(summary, console)
     console.print(f"results: {out.path}")
     return summary

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fedrec.config import FedRecConfig
+from fedrec.config import ConfigError, FedRecConfig
 from fedrec.model.types import AdapterState
 from fedrec.summary import Intervals, Metrics, RunSummary
 
@@ -16,16 +19,59 @@ def default_output_dir(mode: str) -> str:
     return str(Path("results") / f"{datetime.now():%Y%m%d-%H%M%S}-{mode}")
 
 
+# What a run writes into its folder: a folder holding any of these belongs to that run.
+RUN_FILES = (
+    "config.toml", "metrics.jsonl", "metrics.discarded.jsonl", "summary.json", "summary.txt", "privacy.json",
+    "audit.json", "adapter.safetensors", "adapter_last_round.safetensors", "valid_ndcg10.png", "checkpoint",
+    "checkpoint.old", "checkpoint.tmp", "client-state",
+)  # fmt: skip
+LOCK = ".fedrec.lock"
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """The folder a new run may write into, refused in one line (ConfigError) before any work:
+    a file, a folder that cannot be made, or one holding another run's files without `overwrite`."""
+    path = Path(path).resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output-dir: {path} is a file, not a folder")
+    probe = next((p for p in [path, *path.parents] if p.exists()), None)
+    if probe is None or not os.access(probe, os.W_OK):
+        raise ConfigError(f"output-dir: {path} cannot be created ({probe} is not writable)")
+    held = [name for name in RUN_FILES if (path / name).exists()]
+    if held and not overwrite:
+        raise ConfigError(f"output-dir: {path} holds another run's files ({', '.join(held[:3])}"
+                          f"{', …' if len(held) > 3 else ''}); give a new folder, --overwrite to replace them, "
+                          f"or --resume {path} to continue that run")  # fmt: skip
+    return path
+
+
 class ResultsDir:
-    def __init__(self, path: str | Path, resume_round: int | None = None) -> None:
-        """A new run starts `metrics.jsonl` empty; a resumed one (`resume_round`) keeps it."""
-        self.path = Path(path).resolve()
+    def __init__(self, path: str | Path, resume_round: int | None = None, overwrite: bool = False) -> None:
+        """A new run starts in a folder of its own (`check_output_dir`; with `overwrite` the
+        other run's files are removed first); a resumed one (`resume_round`) keeps its rows.
+        The folder is locked for the run's life: a second run into it stops at once."""
+        self.path = Path(path).resolve() if resume_round is not None else check_output_dir(path, overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise ConfigError(f"output-dir: {self.path} is in use by another run that is still going") from None
         self.metrics_path = self.path / "metrics.jsonl"
         if resume_round is None:
+            for name in RUN_FILES:  # only with overwrite: check_output_dir refused them otherwise
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             self.metrics_path.write_text("")
         else:
             self._keep_rounds_up_to(resume_round)
+
+    def release(self) -> None:
+        """The run is over: another may now write here (with --overwrite or --resume)."""
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the lock
+            self._lock = None
 
     def _keep_rounds_up_to(self, last: int) -> None:
         """Rows a crashed run wrote after its checkpoint will be run again: they move to

@@ -18,9 +18,11 @@ import warnings
 from pathlib import Path
 
 from fedrec.config import ConfigError, FedRecConfig, parse_run_config
+from fedrec.data import load_interactions
+from fedrec.data.split import public_count
 from fedrec.data.interactions import DataError
 from fedrec.data.load import check_inputs
-from fedrec.results import default_output_dir
+from fedrec.results import check_output_dir, default_output_dir
 from fedrec.summary import RunSummary
 
 # Otherwise glibc hands the large logits buffer back to the OS after every step and maps
@@ -51,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
         "the same as --run-config ray-address=HOST:PORT",
     )  # fmt: skip
     parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace another run's files in --output-dir (without it such a folder is refused); "
+        "the same as --run-config overwrite=true",
+    )  # fmt: skip
+    parser.add_argument(
         "--resume", metavar="DIR",
         help="continue the run in results folder DIR from its last checkpoint, with its stored config; "
         '--run-config may extend it, e.g. "num-rounds=100 max-epsilon=8"',
@@ -73,6 +80,8 @@ def _config_from(args: argparse.Namespace) -> FedRecConfig:
         cfg = cfg.replace(output_dir=args.output_dir)
     if args.ray_address:
         cfg = cfg.replace(ray_address=args.ray_address)
+    if args.overwrite:
+        cfg = cfg.replace(overwrite=True)
     if not cfg.output_dir:
         cfg = cfg.replace(output_dir=default_output_dir(cfg.mode))
     # Ray workers may start elsewhere: every path they read must be absolute.
@@ -90,11 +99,28 @@ def _resume_config(args: argparse.Namespace) -> FedRecConfig:
     """The stored config of the run in `--resume DIR`, with the changes a resumed run may make."""
     from fedrec.checkpoint import load, resume_config
 
-    if args.config or args.sweep or args.output_dir:
+    if args.config or args.sweep or args.output_dir or args.overwrite:
         raise ConfigError("--resume: the run keeps its stored config and folder; give changes with --run-config")
-    _state, stored, folder = load(args.resume)
+    state, stored, folder = load(args.resume)
     given = FedRecConfig.from_mapping(parse_run_config(args.run_config), stored)
-    return resume_config(stored, given).replace(resume_from=str(folder.resolve()))
+    done = int(state["round"])
+    if given.num_rounds < done:
+        raise ConfigError(f"num-rounds={given.num_rounds}: the checkpoint has already run {done} rounds; "
+                          f"give num-rounds={done} or more")  # fmt: skip
+    # The run continues where its folder is now (moved or copied), never at the path it was written from.
+    here = folder.resolve().parent
+    return resume_config(stored, given.replace(output_dir=str(here))).replace(resume_from=str(folder.resolve()))
+
+
+MIN_PRIVATE_USERS = 2  # fewer, and federated averaging is one user's own training
+
+
+def check_population(cfg: FedRecConfig, users: int) -> None:
+    """Enough users on both sides of the public/private split, said with the numbers."""
+    private = users - public_count(users, cfg.public_fraction) if users >= 2 else 0
+    if private < MIN_PRIVATE_USERS:
+        raise ConfigError(f"public-fraction: {cfg.public_fraction} of {users:,} users leaves {private} private user(s); "
+                          f"a run needs at least {MIN_PRIVATE_USERS} private users and 1 public user to pretrain on")
 
 
 def check_resources(cfg: FedRecConfig, log=print) -> None:
@@ -319,10 +345,18 @@ def main(argv: list[str] | None = None) -> int:
             spec = f"{spec} seed={args.seeds}".strip()
         points = sweep_configs(cfg, spec) if spec else []
         for c in [c for _, c in points] or [cfg]:
+            if not c.resume_from:  # a folder of its own (a resumed run continues in its own)
+                check_output_dir(c.output_dir, c.overwrite)
             check_inputs(c)  # the files and packages it names, here, before anything starts
             check_resources(c, log=lambda _m: None)  # launch() says the note once, beside the run
+            # Data files are parsed before Ray starts (the run takes the same parse).
+            users = c.synthetic_users if c.dataset == "synthetic" else load_interactions(c).num_users
+            check_population(c, users)
     except ConfigError as e:
         print(f"fedrec: config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"fedrec: data error: {e}", file=sys.stderr)
         return 2
     try:
         if not points:

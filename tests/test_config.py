@@ -5,7 +5,7 @@ import tomllib
 
 import pytest
 
-from fedrec.config import SECTIONS, ConfigError, FedRecConfig, parse_run_config
+from fedrec.config import SECTIONS, ConfigError, FedRecConfig, merge_run_config, parse_run_config
 from fedrec.data.load import check_inputs
 from tests.conftest import REPO
 
@@ -53,6 +53,9 @@ def test_run_config_parsing_takes_toml_and_bare_words():
         ({"sampling": "all", "noise-multiplier": 1.0, "clipping-norm": 1.0, "accountant": "rdp"}, "sampling"),
         ({"item-adapter": "affine", "affine-groups": "features", "dataset": "seq-txt", "data-path": "pyproject.toml"},
          "item-features"),  # fmt: skip
+        # Settings that would be silently ignored: an ε cap without noise, a file the synthetic data never reads.
+        ({"max-epsilon": 3.0, "clipping-norm": 0.5}, "max-epsilon"),
+        ({"data-path": "pyproject.toml"}, "data-path"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_key(overrides, key):
@@ -60,6 +63,13 @@ def test_bad_input_is_one_line_naming_the_key(overrides, key):
         FedRecConfig.from_mapping(overrides)
     assert str(err.value).startswith(key + ":")
     assert "\n" not in str(err.value)
+
+
+def test_a_key_given_twice_in_run_config_is_refused():
+    with pytest.raises(ConfigError, match=r"^num-rounds: given twice in --run-config \(3 and 5\); give it once$"):
+        parse_run_config("num-rounds=3 seed=1 num-rounds=5")
+    # A script layers its recipe under the user's overrides explicitly: the later layer wins.
+    assert parse_run_config(merge_run_config("num-rounds=3 seed=1", "num-rounds=5")) == {"seed": 1, "num-rounds": 5}
 
 
 def test_unknown_key_suggests_the_close_one():
@@ -183,3 +193,23 @@ def test_toml_round_trips_and_resolved_configs_have_the_same_sections(tmp_path, 
     resolved = FedRecConfig.resolved(cfg.to_dict())
     assert all(getattr(resolved, name) == getattr(cfg, name) for name in SECTIONS)
     assert resolved.dp_enabled == cfg.dp_enabled and resolved.replace(seed=1).privacy == cfg.privacy
+
+
+def test_too_few_private_users_is_one_line_with_the_numbers(tmp_path, capsys):
+    from fedrec.simulate import main
+
+    two = tmp_path / "two.csv"
+    two.write_text("user,item,timestamp\na,x,1\na,y,2\na,z,3\nb,x,1\nb,y,2\nb,z,3\n")
+    for run_config, said in (("public-fraction=1.0", "public-fraction: 1.0 of 1,200 users leaves 1 private user(s)"),
+                             (f"dataset=csv data-path={two}", "public-fraction: 0.1 of 2 users leaves 1 private user(s)")):
+        assert main(["--run-config", run_config, "--output-dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fedrec: config error: {said}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_is_a_folder_or_binary_is_one_line(tmp_path):
+    (tmp_path / "bin.toml").write_bytes(bytes(range(256)))
+    for path, said in ((tmp_path, "is a folder; give a TOML file"), (tmp_path / "bin.toml", "is not a text file")):
+        with pytest.raises(ConfigError, match=f"^--config: '{path}' {said}"):
+            FedRecConfig.from_toml(path)

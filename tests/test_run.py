@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +255,71 @@ def test_a_privacy_ledger_from_another_mechanism_is_refused():
                   make_accountant("pld", "poisson", 1000, 1e-4)):  # fmt: skip
         with pytest.raises(ValueError, match="does not fit this run's mechanism"):
             other.load_state_dict(ledger.to_dict())
+
+
+def test_a_moved_run_folder_resumes_where_it_is_and_a_damaged_checkpoint_is_one_line(tiny_cfg, tmp_path):
+    import shutil
+
+    from fedrec.config import ConfigError
+    from fedrec.inprocess import run_in_process
+    from fedrec.simulate import build_config
+
+    cfg = tiny_cfg.replace(num_rounds=2, cohort_size=10, eval_every=1, checkpoint_every=1, bootstrap_samples=0)
+    run_in_process(cfg, tmp_path / "a", log=lambda _m: None)
+    moved = tmp_path / "b"
+    shutil.move(tmp_path / "a", moved)
+    with pytest.raises(ConfigError, match="^num-rounds=1: the checkpoint has already run 2 rounds; give num-rounds=2 or more$"):
+        build_config(["--resume", str(moved), "--run-config", "num-rounds=1"])
+    resumed = build_config(["--resume", str(moved), "--run-config", "num-rounds=3"])
+    assert resumed.output_dir == str(moved.resolve()) and resumed.resume_from == str(moved.resolve() / "checkpoint")
+    summary = run_in_process(resumed, Path(resumed.output_dir), log=lambda _m: None)
+    assert summary.rounds == 3 and not (tmp_path / "a").exists()
+    assert [json.loads(line)["round"] for line in (moved / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+
+    # A damaged state.pt: the whole previous checkpoint is used and said; with none whole, one line.
+    shutil.copytree(moved / "checkpoint", moved / "checkpoint.old")
+    (moved / "checkpoint" / "state.pt").write_bytes(b"\0" * 64)
+    said = []
+    _state, _cfg, folder = checkpoint.load(moved, log=said.append)
+    assert folder == moved / "checkpoint.old" and "is damaged" in said[0] and "resuming from" in said[0]
+    shutil.rmtree(moved / "checkpoint.old")
+    with pytest.raises(ConfigError) as err:
+        checkpoint.load(moved)
+    assert str(err.value).startswith("resume-from: ") and "is damaged" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_results_folder_belongs_to_one_run(tiny_cfg, tmp_path, capsys):
+    import hashlib
+
+    from fedrec.config import ConfigError
+    from fedrec.inprocess import run_in_process
+    from fedrec.simulate import main
+
+    cfg = tiny_cfg.replace(num_rounds=1, cohort_size=10, bootstrap_samples=0)
+    done = tmp_path / "done"
+    run_in_process(cfg, done, log=lambda _m: None)
+
+    def sums() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(done.rglob("*")) if p.is_file()}
+
+    before = sums()
+    with pytest.raises(ConfigError, match="holds another run's files .*--overwrite.*--resume"):
+        run_in_process(cfg.replace(seed=1), done, log=lambda _m: None)
+    # The command line says so in one line, before any work.
+    assert main(["--output-dir", str(done), "--run-config", "num-rounds=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fedrec: config error: output-dir: {done} holds another run's files")
+    (tmp_path / "a-file").write_text("x")
+    assert main(["--output-dir", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip() == f"fedrec: config error: output-dir: {tmp_path / 'a-file'} is a file, not a folder"
+    assert sums() == before  # nothing in the folder changed
+
+    # A folder a running run holds is refused at once; once the run is over, --overwrite replaces it.
+    held = ResultsDir(tmp_path / "held")
+    with pytest.raises(ConfigError, match="is in use by another run"):
+        ResultsDir(tmp_path / "held", overwrite=True)  # even --overwrite: nothing of the running one is touched
+    assert (tmp_path / "held" / "metrics.jsonl").exists()
+    held.release()
+    summary = run_in_process(cfg.replace(seed=1, overwrite=True), done, log=lambda _m: None)
+    assert summary.rounds == 1 and sums() != before
+    assert len((done / "metrics.jsonl").read_text().splitlines()) == 2  # this run's rows alone

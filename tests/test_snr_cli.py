@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from fedrec.config import merge_run_config
+
 from fedrec import snr
 from fedrec.config import ConfigError, FedRecConfig
 from fedrec.privacy.snr import predicted_run_snr
@@ -16,7 +18,7 @@ TINY = ("synthetic-users=120 synthetic-items=60 synthetic-clusters=4 synthetic-m
 
 
 def test_it_measures_then_predicts_every_plan_at_every_epsilon(shared_cache, capsys):
-    rc = snr.main(["--run-config", f"{TINY} cache-dir={shared_cache}", "--rounds", "2", "--epsilons", "8,1",
+    rc = snr.main(["--run-config", merge_run_config(TINY, f"cache-dir={shared_cache}"), "--rounds", "2", "--epsilons", "8,1",
                    "--plans", "config,all:x10,cyclic:30x20"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0

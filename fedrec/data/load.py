@@ -6,6 +6,7 @@ short for leave-one-out, which are counted and reported.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,9 +52,21 @@ def load_interactions(cfg: FedRecConfig) -> Interactions:
             seed=cfg.seed,
         )
     path = Path(cfg.data_path)
-    loader = {"movielens": load_movielens, "seq-txt": load_seq_txt, "csv": load_csv}[cfg.dataset]
     try:
-        return loader(path, cfg.min_user_interactions)
+        stat = source_file(cfg.dataset, path).stat()
+    except OSError:  # the loader says what is wrong with the path
+        return _read.__wrapped__(cfg.dataset, str(path), cfg.min_user_interactions, 0, 0)
+    return _read(cfg.dataset, str(path), cfg.min_user_interactions, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _read(dataset: str, path: str, min_user_interactions: int, _mtime_ns: int, _size: int) -> Interactions:
+    """Parsed once per process and file version: `fedrec.simulate` parses the file before
+    Ray starts (a malformed file is one line at once), the run then takes the same parse.
+    Interactions are read-only once built."""
+    loader = {"movielens": load_movielens, "seq-txt": load_seq_txt, "csv": load_csv}[dataset]
+    try:
+        return loader(Path(path), min_user_interactions)
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 

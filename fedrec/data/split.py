@@ -70,6 +70,11 @@ def leave_one_out(sequences: Sequence[np.ndarray]) -> tuple[Sequence[np.ndarray]
     return train, valid, test
 
 
+def public_count(users: int, public_fraction: float) -> int:
+    """How many of `users` the split makes public: at least one on each side."""
+    return min(max(1, int(round(public_fraction * users))), users - 1)
+
+
 def split_users(data: Interactions, public_fraction: float, seed: int, cold_items: float = 0.0) -> SplitData:
     """Seeded public/private split; at least one user ends up on each side.
 
@@ -82,7 +87,7 @@ def split_users(data: Interactions, public_fraction: float, seed: int, cold_item
     if n < 2:
         raise ValueError(f"need at least 2 users for a public/private split, got {n}")
     order = np.random.default_rng([seed, 0xB1C]).permutation(n)
-    n_public = min(max(1, int(round(public_fraction * n))), n - 1)
+    n_public = public_count(n, public_fraction)
     train, valid, test = leave_one_out(data.sequences)
     cold = np.zeros(0, dtype=np.int64)
     if cold_items > 0:

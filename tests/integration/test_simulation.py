@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fedrec.config import merge_run_config
 from safetensors.torch import load_file
 
 TINY = (
@@ -20,7 +22,7 @@ def simulate(tmp_path: Path, name: str, run_config: str) -> dict:
     out = tmp_path / name
     cmd = [
         sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out),
-        "--run-config", f"{TINY} {run_config}",
+        "--run-config", merge_run_config(TINY, run_config),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -169,13 +171,13 @@ def test_runs_sharing_one_simulation_equal_the_same_runs_on_their_own(tmp_path):
     """run_many: two configs in one Flower simulation (Ray and workers start once), the
     second with another adapter (b-only) and DP, so a worker's cached model is not reused
     for it. Each must give what it gives in a simulation of its own."""
-    common = f"{TINY} num-rounds=4 cohort-size=20 eval-every=2 clipping-norm=0.5"
+    common = merge_run_config(TINY, "num-rounds=4 cohort-size=20 eval-every=2 clipping-norm=0.5")
     second = "lora-train=b-only sampling=poisson target-epsilon=6"
     code = (
         "import sys\n"
         "from fedrec.simulate import build_config, run_many\n"
         f"a = build_config(['--output-dir', {str(tmp_path / 'shared-a')!r}, '--run-config', {common!r}])\n"
-        f"b = build_config(['--output-dir', {str(tmp_path / 'shared-b')!r}, '--run-config', {common + ' ' + second!r}])\n"
+        f"b = build_config(['--output-dir', {str(tmp_path / 'shared-b')!r}, '--run-config', {merge_run_config(common, second)!r}])\n"
         "run_many([a, b])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -211,7 +213,7 @@ def test_cli_sweep_runs_the_grid_and_writes_its_table(tmp_path):
     out = tmp_path / "sweep"
     cmd = [
         sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out),
-        "--run-config", f"{TINY} num-rounds=2 cohort-size=20 eval-every=0 clipping-norm=0.5",
+        "--run-config", merge_run_config(TINY, "num-rounds=2 cohort-size=20 eval-every=0 clipping-norm=0.5"),
         "--sweep", "lora-train=both,b-only", "--seeds", "0,1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -265,7 +267,7 @@ def test_worker_resources_ray_cannot_place_are_one_line_config_errors(tmp_path, 
         cases += [("client-num-gpus=0.5", "Ray could not place"), ("device=cuda", "no CUDA device")]
     for run_config, message in cases:
         sweep = ["--sweep", message] if not run_config else []  # a grid with one point that cannot run
-        assert main(["--output-dir", str(tmp_path / "out"), "--run-config", f"{TINY} {run_config}", *sweep]) == 2
+        assert main(["--output-dir", str(tmp_path / "out"), "--run-config", merge_run_config(TINY, run_config), *sweep]) == 2
         err = capsys.readouterr().err
         assert err.startswith("fedrec: config error: ") and len(err.strip().splitlines()) == 1, err
         assert (message if run_config else "client-num-cpus=64") in err

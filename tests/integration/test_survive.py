@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from fedrec.config import merge_run_config
 import torch
 from safetensors.torch import load_file
 
@@ -66,7 +68,7 @@ def _rows(out: Path) -> list[dict]:
     [pytest.param(p, marks=pytest.mark.evidence) for p in ("plain", "dp", "adaptive")],
 )
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, privacy):
-    config = f"{TINY} {RUN} {PRIVACY[privacy]}"
+    config = merge_run_config(TINY, f"{RUN} {PRIVACY[privacy]}")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     _run(_cmd("--output-dir", str(whole), "--run-config", config))
 
@@ -96,7 +98,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path, privacy):
 
 
 def test_resume_refuses_a_change_to_what_already_ran_and_allows_more_rounds(tmp_path):
-    config = f"{TINY} num-rounds=2 cohort-size=20 eval-every=0"
+    config = merge_run_config(TINY, "num-rounds=2 cohort-size=20 eval-every=0")
     out = tmp_path / "run"
     _run(_cmd("--output-dir", str(out), "--run-config", config))
     bad = subprocess.run(_cmd("--resume", str(out), "--run-config", "learning-rate=0.1"), capture_output=True,
@@ -133,7 +135,7 @@ def train(msg, context):
 
 def test_a_killed_cohort_worker_is_replaced_within_the_round(tmp_path):
     (tmp_path / "killer.py").write_text(KILLER)
-    config = f"{TINY} num-rounds=3 cohort-size=30 eval-every=0"
+    config = merge_run_config(TINY, "num-rounds=3 cohort-size=30 eval-every=0")
     whole = tmp_path / "whole"
     _run(_cmd("--output-dir", str(whole), "--run-config", config))
     script = (
