@@ -160,7 +160,8 @@ def comparison_rows(summary: RunSummary) -> list[tuple[str, Metrics, Intervals]]
     labels = list(_ROWS)
     if summary.best_round == summary.rounds:
         labels.remove(("last_round_test", "federated, last round"))  # the same adapter
-    rows = [(label, *summary.model_metrics(key)) for key, label in labels]
+    flat = summary.to_dict()  # built once for every row, not once per row
+    rows = [(label, flat.get(key) or {}, flat.get(f"{key}_ci") or {}) for key, label in labels]
     return [row for row in rows if row[1]]
 
 
