@@ -117,4 +117,6 @@ def table(rows: list[dict], args) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedrec.interrupt import guarded
+
+    sys.exit(guarded(main))  # Ctrl-C stops the sweep cleanly (fedrec.interrupt)

@@ -125,4 +125,6 @@ def gain_kept(rows: list[dict], key: str, path: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fedrec.interrupt import guarded
+
+    sys.exit(guarded(main))  # Ctrl-C stops the sweep cleanly (fedrec.interrupt)

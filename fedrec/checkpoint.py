@@ -74,12 +74,16 @@ def load(path: str | Path, log: Callable[[str], None] = print) -> tuple[dict[str
     damaged: list[str] = []
     for candidate in (path, checkpoint_dir(path), path.with_name(NAME + ".old"), path / (NAME + ".old")):
         if (candidate / "state.pt").exists() and (candidate / "manifest.json").exists():
+            name = "state.pt"
             try:
-                state = torch.load(candidate / "state.pt", map_location="cpu", weights_only=False)
-                cfg = FedRecConfig.resolved(json.loads((candidate / "config.json").read_text()))
+                state = torch.load(candidate / name, map_location="cpu", weights_only=False)
+                name = "config.json"
+                cfg = FedRecConfig.resolved(json.loads((candidate / name).read_text()))
+                name = "state.pt"
                 int(state["round"])
             except Exception as err:  # noqa: BLE001 - any unreadable file: try the next checkpoint, then say why
-                damaged.append(f"{candidate} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''})")
+                why = str(err).splitlines()[0][:100] if str(err) else ""
+                damaged.append(f"{candidate / name} is damaged ({type(err).__name__}: {why})")
                 continue
             if damaged:
                 log(f"checkpoint: {'; '.join(damaged)}; resuming from {candidate} instead")

@@ -105,6 +105,10 @@ class FedRecConfig:
     pretrain_epochs: int = field(default=150, metadata=_range("model", 0))
     pretrain_patience: int = field(default=5, metadata=_range("model", 0))
     pretrain_min_epochs: int = field(default=30, metadata=_range("model", 0))
+    # no early stop while the training loss still fell by this share over the patience window
+    # (0 = stop on validation alone): the default base once stopped at epoch 38 of a
+    # still-falling loss, far below other seeds (experiments/README.md#sturdy-base)
+    pretrain_loss_tolerance: float = field(default=0.01, metadata=_range("model", 0.0, 1.0))
     pretrain_users: int = field(default=0, metadata=_range("model", 0))  # 0 = every public user
     pretrain_learning_rate: float = field(default=1e-3, metadata=_range("model", 0.0, lo_open=True))
     # a share of each target's probability spread over all items in pretraining (0 = off):

@@ -18,6 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fedrec.interrupt import check
 from fedrec.cohort import validation_users
 from fedrec.config import FedRecConfig
 from fedrec.metrics import bootstrap_intervals, metric_means, metric_sums
@@ -62,6 +63,7 @@ def run_local(cfg: FedRecConfig, console: Console | None = None) -> dict:
     with progress:
         task = progress.add_task("users", total=len(users))
         for i, u in enumerate(users):
+            check(f"after {i:,} of {len(users):,} local-only users; none of it was kept (it has no checkpoint)")
             delta = train_users(model, info.initial, data, [u], local, alone).delta
             own = {k: v + delta[k].to(v.device) if k in delta else v for k, v in info.initial.items()}
             load_adapter_state(model, {k: v.to(device) for k, v in own.items()})

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from fedrec.config import FedRecConfig
 from fedrec.model.types import AdapterState, is_local
 
-__all__ = ["UserStateStore", "client_state_dir", "is_local", "local_store_for"]
+__all__ = ["UserStateStore", "client_state_dir", "is_local", "keeps_client_state", "local_store_for"]
 
 
 class UserStateStore:
@@ -46,3 +46,9 @@ def local_store_for(cfg: FedRecConfig) -> UserStateStore | None:
     if cfg.lora_share != "a-only":
         return None
     return UserStateStore(client_state_dir(cfg))
+
+
+def keeps_client_state(cfg: FedRecConfig) -> bool:
+    """Whether clients write state between rounds (own B, silo ledgers): then a round in
+    progress cannot be abandoned without leaving that state a round ahead of the run's."""
+    return cfg.lora_share == "a-only" or cfg.partition == "silo"

@@ -45,6 +45,46 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+# Folders this process holds the lock of. A driver (fedrec.simulate) locks every run's
+# folder before Ray or Flower start, so a concurrent start is refused in one line at once;
+# its ServerApp runs in the same process and finds the lock already its own.
+_HELD: dict[Path, int] = {}
+_CREATED: set[Path] = set()  # made by lock_folder: removed again if no run wrote into them
+
+
+def lock_folder(path: str | Path) -> Path:
+    """Hold `path`'s lock for this process's life (or until `unlock_folders`); refused in
+    one line (ConfigError) while another process holds it."""
+    path = Path(path).resolve()
+    if path in _HELD:
+        return path
+    if not path.exists():
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:  # os.access can say yes to root where mkdir then fails (/proc, read-only mounts)
+            raise ConfigError(f"output-dir: {path} cannot be created ({e.strerror})") from None
+        _CREATED.add(path)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"output-dir: {path} is in use by another run that is still going") from None
+    _HELD[path] = fd
+    return path
+
+
+def unlock_folders() -> None:
+    """Drop every lock `lock_folder` took; a folder it made that no run wrote into goes too."""
+    while _HELD:
+        path, fd = _HELD.popitem()
+        os.close(fd)  # closing the descriptor drops the lock
+        if path in _CREATED and [p.name for p in path.iterdir()] == [LOCK]:
+            (path / LOCK).unlink()
+            path.rmdir()
+    _CREATED.clear()
+
+
 class ResultsDir:
     def __init__(self, path: str | Path, resume_round: int | None = None, overwrite: bool = False) -> None:
         """A new run starts in a folder of its own (`check_output_dir`; with `overwrite` the
@@ -52,12 +92,14 @@ class ResultsDir:
         The folder is locked for the run's life: a second run into it stops at once."""
         self.path = Path(path).resolve() if resume_round is not None else check_output_dir(path, overwrite)
         self.path.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock)
-            raise ConfigError(f"output-dir: {self.path} is in use by another run that is still going") from None
+        self._lock: int | None = None
+        if self.path not in _HELD:  # the driver's lock (lock_folder) covers this run already
+            self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self._lock)
+                raise ConfigError(f"output-dir: {self.path} is in use by another run that is still going") from None
         self.metrics_path = self.path / "metrics.jsonl"
         if resume_round is None:
             for name in RUN_FILES:  # only with overwrite: check_output_dir refused them otherwise

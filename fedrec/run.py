@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fedrec import checkpoint
+from fedrec.interrupt import Interrupted, check, holding, mark_at_risk, mark_safe
 from fedrec.aggregate import ServerOptimizer, UpdateSum
 from fedrec.callbacks import BestRound, RunCallback, standard_callbacks
 from fedrec.cohort import CohortSampler, test_users, validation_users
@@ -202,6 +203,7 @@ class FederatedRun:
         """Rounds from the next one to `until` (default: the last), until a callback stops the run."""
         cfg = self.cfg
         for rnd in range(self.round + 1, min(until or cfg.num_rounds, cfg.num_rounds) + 1):
+            check(f"after round {self.round}")
             if any([cb.before_round(self, rnd) for cb in self.callbacks]):
                 break
             t_round = time.time()
@@ -210,15 +212,21 @@ class FederatedRun:
             except RuntimeError as err:  # the port gave up (e.g. no cohort worker left): say how to go on
                 raise RuntimeError(f"{err}\n{self._resume_hint()}") from err
             self.train_seconds += time.time() - t_round
-            row: dict[str, Any] = {"round": rnd, "train": train}
-            last = rnd == cfg.num_rounds or self.mechanism.would_exceed(rnd + 1, cfg.max_epsilon)
-            if (cfg.eval_every and rnd % cfg.eval_every == 0) or last:
-                row["valid"] = port.evaluate(rnd, self.valid_users, self.adapter, "valid").metrics
-                if self.selection == "public":
-                    row["public-valid"] = port.evaluate(rnd, self.public_users, self.adapter, "test").metrics
-            row["seconds"] = round(time.time() - t_round, 3)
-            if self._row_done(row):
-                break
+            with holding():  # the round has changed the run's state: its row is made whole before any stop
+                if self._round_done(port, rnd, train, t_round):
+                    break
+
+    def _round_done(self, port: RoundPort, rnd: int, train: dict[str, float], t_round: float) -> bool:
+        """The round's validation (where due) and row; True if a callback stops the run."""
+        cfg = self.cfg
+        row: dict[str, Any] = {"round": rnd, "train": train}
+        last = rnd == cfg.num_rounds or self.mechanism.would_exceed(rnd + 1, cfg.max_epsilon)
+        if (cfg.eval_every and rnd % cfg.eval_every == 0) or last:
+            row["valid"] = port.evaluate(rnd, self.valid_users, self.adapter, "valid").metrics
+            if self.selection == "public":
+                row["public-valid"] = port.evaluate(rnd, self.public_users, self.adapter, "test").metrics
+        row["seconds"] = round(time.time() - t_round, 3)
+        return self._row_done(row)
 
     def _row_done(self, row: dict[str, Any]) -> bool:
         self.rows.append(row)
@@ -230,14 +238,19 @@ class FederatedRun:
         self.mechanism.prepare(range(self.round + 1, self.cfg.num_rounds + 1))
         for cb in self.callbacks:
             cb.on_begin(self)
-        if not self.rows:
-            self.evaluate_base(port)
-        round1_at = time.time()
-        self.run_rounds(port)
-        timing = {"started": started, "ready_seconds": ready_seconds, "round1_at": round1_at}
-        result = finish(self, port, facts or RunFacts(), timing)
+        mark_at_risk(lambda: f"fedrec: stopped at once in round {self.round + 1}; {self._resume_hint()}")
+        try:
+            if not self.rows:
+                self.evaluate_base(port)
+            round1_at = time.time()
+            self.run_rounds(port)
+            timing = {"started": started, "ready_seconds": ready_seconds, "round1_at": round1_at}
+            result = finish(self, port, facts or RunFacts(), timing)
+        except Interrupted as stop:  # a signal (fedrec.interrupt): the state is that of the last whole round
+            raise self._stopped(stop) from None
         for cb in self.callbacks:
             cb.on_end(self, result)
+        mark_safe(f"fedrec: the run in {self.out.path if self.out else 'memory'} had finished")
         return result.summary
 
     # ------------------------------------------------------------- checkpoint
@@ -246,6 +259,16 @@ class FederatedRun:
         if self.out is None:
             return
         checkpoint.save(self.out.path, self.state_dict(), self.cfg, client_state_dir(self.cfg))
+
+    def _stopped(self, stop: Interrupted) -> Interrupted:
+        """Keep a checkpoint of the last whole round (whatever checkpoint-every says) and say
+        how to go on. A round in progress was abandoned before it changed any state."""
+        self.checkpoint()
+        if self.out is not None:
+            self.out.release()
+        message = f"{stop.message}; {self._resume_hint()}"
+        mark_safe(f"fedrec: {message}")
+        return Interrupted(message, stop.signum)
 
     def _resume_hint(self) -> str:
         done = checkpoint.checkpoint_dir(self.out.path) if self.out is not None else None

@@ -17,12 +17,13 @@ import threading
 import warnings
 from pathlib import Path
 
+from fedrec import interrupt
 from fedrec.config import ConfigError, FedRecConfig, parse_run_config
 from fedrec.data import load_interactions
 from fedrec.data.split import public_count
 from fedrec.data.interactions import DataError
-from fedrec.data.load import check_inputs
-from fedrec.results import check_output_dir, default_output_dir
+from fedrec.data.load import check_inputs, check_item_files
+from fedrec.results import check_output_dir, default_output_dir, lock_folder, unlock_folders
 from fedrec.summary import RunSummary
 
 # Otherwise glibc hands the large logits buffer back to the OS after every step and maps
@@ -183,6 +184,7 @@ def run_many(cfgs: list[FedRecConfig]) -> list[RunSummary]:
         alone = c.mode in ("centralized", "local") or c.placement != "cohort"
         groups.setdefault(f"alone-{i}" if alone else c.fingerprint(*FEDERATION_KEYS), []).append(i)
     for members in groups.values():
+        interrupt.check("before the next run")
         first = cfgs[members[0]]
         if first.mode == "centralized":
             from fedrec.centralized import run_centralized
@@ -252,6 +254,7 @@ def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayS
     logging.getLogger("flwr").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     ray_start.wait()  # Flower's Ray backend finds Ray running and uses it
+    interrupt.reclaim()  # SIGTERM is fedrec's again (fedrec.interrupt)
     run_simulation(
         server_app=server_app or default_server_app,
         client_app=client_app or default_client_app,
@@ -262,6 +265,7 @@ def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayS
             "init_args": ray_start.init_args,
         },
     )
+    interrupt.raise_handed_over()  # the ServerApp stopped on a signal; the simulation has ended
 
 
 class _RayStart:
@@ -335,6 +339,14 @@ def sweep_configs(base: FedRecConfig, spec: str) -> list[tuple[dict, FedRecConfi
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; Ctrl-C and SIGTERM stop it cleanly (fedrec.interrupt)."""
+    try:
+        return interrupt.guarded(lambda: _main(argv))
+    finally:
+        unlock_folders()
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
         cfg = _config_from(args)
@@ -350,8 +362,16 @@ def main(argv: list[str] | None = None) -> int:
             check_inputs(c)  # the files and packages it names, here, before anything starts
             check_resources(c, log=lambda _m: None)  # launch() says the note once, beside the run
             # Data files are parsed before Ray starts (the run takes the same parse).
-            users = c.synthetic_users if c.dataset == "synthetic" else load_interactions(c).num_users
-            check_population(c, users)
+            interactions = load_interactions(c) if c.dataset != "synthetic" or c.item_features else None
+            check_population(c, c.synthetic_users if interactions is None else interactions.num_users)
+            if interactions is not None or c.item_text:
+                check_item_files(c, (interactions or load_interactions(c)).item_ids)
+        for c in [c for _, c in points] or [cfg]:
+            # Held from here to the end, and checked again under the lock: a run started at the
+            # same moment is refused here in one line, before Ray or Flower start.
+            lock_folder(c.output_dir)
+            if not c.resume_from:
+                check_output_dir(c.output_dir, c.overwrite)
     except ConfigError as e:
         print(f"fedrec: config error: {e}", file=sys.stderr)
         return 2
@@ -366,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"fedrec: data error: {e}", file=sys.stderr)
         return 2
+    except interrupt.Interrupted as stop:
+        if points:  # which points of the sweep are whole, and that the rest never started
+            done = [c.output_dir for _, c in points if (Path(c.output_dir) / "summary.json").exists()]
+            stop.message += (f"\nfedrec: the sweep stopped: {len(done)} of {len(points)} runs had finished; "
+                             "the others are incomplete or never started")  # fmt: skip
+        raise
     from fedrec.report import write_report, write_sweep_table
 
     write_sweep_table([p for p, _ in points], summaries, Path(cfg.output_dir))

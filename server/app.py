@@ -17,6 +17,7 @@ from fedrec.assemble import build_run, open_results, run_facts
 from fedrec.communication import state_bytes
 from fedrec.config import FedRecConfig
 from fedrec.data.load import check_inputs
+from fedrec.interrupt import Interrupted, hand_over
 from fedrec.report import print_comparison
 from fedrec.summary import RunSummary
 from fedrec.workload import describe_adapter, prepare_workload, update_keys
@@ -46,7 +47,11 @@ def main(grid: Grid, context: Context) -> None:
     for i, cfg in enumerate(configs, start=1):
         if len(configs) > 1:  # one simulation, several runs: Ray and the workers start once
             console.rule(f"run {i}/{len(configs)}: {cfg.output_dir}")
-        run_federated(grid, cfg, console=console, context=context)
+        try:
+            run_federated(grid, cfg, console=console, context=context)
+        except Interrupted as stop:  # Ctrl-C or SIGTERM: the run kept its checkpoint (fedrec.interrupt)
+            hand_over(stop)  # the driver says what was kept
+            return
 
 
 def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None, context: Context | None = None) -> RunSummary:

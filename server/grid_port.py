@@ -22,7 +22,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedrec import interrupt
 from fedrec.aggregate import UpdateSum
+from fedrec.local_state import keeps_client_state
 from fedrec.privacy.clipping import reply_fault
 from fedrec.cohort import assign_silos, split_among
 from fedrec.config import FedRecConfig
@@ -30,6 +32,7 @@ from fedrec.metrics import add_sums, metric_means
 from fedrec.model.types import AdapterState
 from fedrec.port import EvalResult, TrainResult
 from fedrec.workload import ItemSide
+from server.stoppable_grid import StoppableGrid
 from server.traffic import CountingGrid
 
 NODE_WAIT_S = 120.0
@@ -82,6 +85,7 @@ class GridPort:
         them and check their own data; a device that cannot is reported and left out, and
         the population becomes the users whose devices answered.
         """
+        grid = StoppableGrid(grid, stoppable=not keeps_client_state(self.cfg))
         if hasattr(grid, "pull_interval"):
             # The simulation's in-memory grid polls for replies every 0.1 s by default
             # (a constructor argument we cannot reach through run_simulation); a vectorized
@@ -104,10 +108,12 @@ class GridPort:
             settled = device and nodes and time.monotonic() - last_change > DEVICE_SETTLE_S
             if settled or time.monotonic() > deadline:
                 if device and nodes:
-                    self.log(f"{len(nodes)} of {need} device nodes connected; going on with them")
+                    self.log(f"{len(nodes)} of {need} device nodes connected; going on with them (a device that "
+                             "could not join says why in its own log; server.local_federation reports it)")
                     break
                 raise RuntimeError(f"only {len(nodes)} of {need} SuperNodes connected after {timeout:.0f} s")
-            time.sleep(0.2)
+            if interrupt.wait(0.2):
+                interrupt.check("while waiting for SuperNodes")
         if not device:
             nodes = nodes[:need]
         # The query also warms each node (data, base model, torch) before round 1.

@@ -29,6 +29,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,14 +117,42 @@ def write_device_file(rows: Sequence[tuple[str, str, float]], path: Path) -> Pat
     return path
 
 
+FAULTS = ("unregistered-key", "no-ca")
+# What a SuperNode's log says when it cannot join (Flower 1.42: it exits with code 305 while
+# its SuperExec child keeps retrying), and what that means for the person running it.
+JOIN_FAILURES = (
+    ("CERTIFICATE_VERIFY_FAILED", "TLS failed: it does not trust the SuperLink's certificate "
+                                  "(CERTIFICATE_VERIFY_FAILED); give it the CA with --root-certificates"),
+    ("Failed to activate SuperNode", "the SuperLink refused its authentication key (Failed to activate "
+                                     "SuperNode); register the key with `flwr supernode register`"),
+    ("SSL/TLS handshake error", "the TLS handshake failed; check --root-certificates and --insecure on both sides"),
+)  # fmt: skip
+
+
+def join_failure(log: str, returncode: int | None) -> str:
+    """Why a SuperNode could not join, from its log: a known cause, else its last error line."""
+    for needle, why in JOIN_FAILURES:
+        if needle in log:
+            return why
+    errors = [line.strip() for line in log.splitlines() if "ERROR" in line or "Error" in line]
+    return errors[-1][:200] if errors else f"its process exited with code {returncode}"
+
+
 class LocalFederation:
     """A SuperLink and SuperNodes on 127.0.0.1, as a context manager that stops what it started."""
 
-    def __init__(self, workdir: Path, devices: list[dict], *, tls: bool = True, auth: bool = True) -> None:
+    def __init__(self, workdir: Path, devices: list[dict], *, tls: bool = True, auth: bool = True,
+                 faults: dict[int, str] | None = None) -> None:  # fmt: skip
+        """`faults`: device index → what goes wrong in its set-up, to see what a user sees:
+        `unregistered-key` (its key was never registered with the SuperLink) or `no-ca`
+        (it lacks the CA certificate)."""
         if auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it with --insecure)")
         self.workdir = Path(workdir).resolve()
         self.devices, self.tls, self.auth = devices, tls, auth
+        self.faults = dict(faults or {})
+        if bad := {f for f in self.faults.values() if f not in FAULTS}:
+            raise ValueError(f"faults: unknown {sorted(bad)}; known: {', '.join(FAULTS)}")
         self.procs: list[subprocess.Popen] = []
         self.port = free_port()
         bin_dir = Path(sys.executable).parent
@@ -135,6 +164,8 @@ class LocalFederation:
         }
         self.bin = bin_dir
         self.logs = self.workdir / "logs"
+        self.failed: dict[str, str] = {}  # device name → why it could not join (`_watch`)
+        self._watching = threading.Event()
 
     # -------------------------------------------------------------- processes
     def _start(self, name: str, args: list[str], cwd: Path) -> subprocess.Popen:
@@ -170,25 +201,45 @@ class LocalFederation:
                 "--database", str(state / "state.db")]  # fmt: skip
         if self.auth:
             args.append("--enable-supernode-auth")
+        self._devices: dict[str, subprocess.Popen] = {}
         try:
             self._start("superlink", args, state)
             self._wait_for_port(self.port)
             for i, node_config in enumerate(self.devices):
                 auth: list[str] = []
+                fault = self.faults.get(i)
                 if self.auth:
                     private, public = make_node_key(self.workdir / "certs" / f"device-{i}")
-                    self._cli("supernode", "register", str(public), FEDERATION, "--name", f"device-{i}")
+                    if fault != "unregistered-key":
+                        self._cli("supernode", "register", str(public), FEDERATION, "--name", f"device-{i}")
                     auth = ["--auth-supernode-private-key", str(private)]
                 folder = self.workdir / f"device-{i}"
                 folder.mkdir(exist_ok=True)
-                self._start(f"device-{i}", [
-                    str(self.bin / "flower-supernode"), *root, "--superlink", f"127.0.0.1:{self.port}",
+                self._devices[f"device-{i}"] = self._start(f"device-{i}", [
+                    str(self.bin / "flower-supernode"), *([] if fault == "no-ca" else root),
+                    "--superlink", f"127.0.0.1:{self.port}",
                     "--port", str(free_port()), *auth, "--node-config", toml_pairs(node_config),
                 ], folder)  # fmt: skip
         except BaseException:
             self.stop()
             raise
+        self._watching.set()
+        threading.Thread(target=self._watch, name="fedrec-device-watch", daemon=True).start()
         return self
+
+    def _watch(self, every: float = 0.5) -> None:
+        """Say why a device cannot join, and stop it: a SuperNode that fails to activate exits,
+        but its SuperExec child retries for as long as it runs (Flower 1.42)."""
+        while self._watching.is_set():
+            for name, proc in self._devices.items():
+                if name in self.failed or proc.poll() is None:
+                    continue
+                why = join_failure((self.logs / f"{name}.log").read_text(errors="replace"), proc.returncode)
+                self.failed[name] = why
+                _stop_session(proc)
+                print(f"{name} ({self.devices[int(name.split('-')[1])].get('user-id', '?')}) cannot join: {why}; "
+                      f"stopped (log: {self.logs / f'{name}.log'})", file=sys.stderr, flush=True)  # fmt: skip
+            time.sleep(every)
 
     def _wait_for_port(self, port: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -211,6 +262,7 @@ class LocalFederation:
         return out.stdout
 
     def stop(self) -> None:
+        self._watching.clear()
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -224,6 +276,14 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _stop_session(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process's session (it was started in one of its own), its children too."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def device_files(data_path: Path, user_ids: Sequence[str], folder: Path) -> list[dict]:

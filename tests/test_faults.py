@@ -84,3 +84,17 @@ def test_client_dropout_loses_users_at_the_rate_seeded_by_user(tiny_cfg):
                         [u for u in cohort if u not in gone], round_=2, clipping_norm=0.0, device=CPU)  # fmt: skip
     for k in adapter_parameters(model):
         torch.testing.assert_close(total.delta[k], kept.delta[k])
+
+
+def test_a_device_that_cannot_join_is_told_why_from_its_log():
+    from server.local_federation import join_failure
+
+    # The lines Flower 1.42's SuperNode writes in each case (tests/integration/test_deployment.py
+    # starts such devices for real).
+    assert "refused its authentication key" in join_failure(
+        "ERROR :     Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n"
+        "[code: 2004] Failed to activate SuperNode.\n", 1)  # fmt: skip
+    assert "CERTIFICATE_VERIFY_FAILED" in join_failure(
+        "ERROR :     SSL/TLS handshake error detected.\n[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed\n", 1)
+    assert join_failure("ERROR : something else broke\n", 1) == "ERROR : something else broke"
+    assert join_failure("", 3) == "its process exited with code 3"

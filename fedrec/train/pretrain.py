@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fedrec.cohort import seeded_sample
+from fedrec.interrupt import check
 from fedrec.config import FedRecConfig
 from fedrec.data.split import SplitData
 from fedrec.metrics import metric_means
@@ -25,7 +26,8 @@ from fedrec.train.evaluate import evaluate_users
 class Fitting:
     """Centralized training's settings: Adam at `lr` over minibatches of `batch_size` whole
     sequences for up to `epochs` epochs. `patience` > 0 (with a validation score) stops after
-    that many epochs without improvement, but not before `min_epochs`."""
+    that many epochs without improvement, but not before `min_epochs`, and not while the
+    mean training loss fell by at least `loss_tolerance` (a share) over those epochs."""
 
     epochs: int
     lr: float
@@ -36,6 +38,7 @@ class Fitting:
     patience: int = 0
     min_epochs: int = 0
     label_smoothing: float = 0.0
+    loss_tolerance: float = 0.0
 
     @classmethod
     def pretraining(cls, cfg: FedRecConfig) -> Fitting:
@@ -45,7 +48,10 @@ class Fitting:
             max_seq_len=cfg.max_seq_len, seed=cfg.seed, device=torch.device("cpu"), patience=cfg.pretrain_patience,
             # A small public set's validation is noisy on the early plateau, where patience alone
             # stopped the default synthetic base far below what it reaches.
+            # Nor does a falling loss: validation on few public users is noisy enough that five
+            # epochs without a new best came while the base was far from trained.
             min_epochs=cfg.pretrain_min_epochs, label_smoothing=cfg.pretrain_label_smoothing,
+            loss_tolerance=cfg.pretrain_loss_tolerance,
         )  # fmt: skip
 
 
@@ -66,6 +72,7 @@ def fit_sequences(model: nn.Module, seqs: list[np.ndarray], params: list[nn.Para
     best_score, best_epoch, best_state = float("-inf"), 0, None
     if stopping:  # epoch 0, the starting point, is a candidate too
         best_score, best_state = validate(), {k: v.detach().clone() for k, v in model.state_dict().items()}
+    losses: list[float] = []
     rng = np.random.default_rng([fit.seed, 0xF17])
     torch.manual_seed(fit.seed)
     opt = torch.optim.Adam(params, lr=fit.lr)
@@ -74,6 +81,7 @@ def fit_sequences(model: nn.Module, seqs: list[np.ndarray], params: list[nn.Para
         # trained worse: the same batches every epoch, each of users of one length, left
         # validation NDCG@10 on a lower plateau (experiments/README.md#batching).
         loss = _fit_epoch(model, opt, [usable[i] for i in rng.permutation(len(usable))], fit)
+        losses.append(loss)
         score = validate() if stopping else None
         if on_epoch:
             on_epoch(epoch + 1, loss, score)
@@ -81,7 +89,7 @@ def fit_sequences(model: nn.Module, seqs: list[np.ndarray], params: list[nn.Para
             if score > best_score:
                 best_score, best_epoch = score, epoch + 1
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch + 1 - best_epoch >= fit.patience and epoch + 1 >= fit.min_epochs:
+            elif epoch + 1 - best_epoch >= fit.patience and epoch + 1 >= fit.min_epochs and not _falling(losses, fit):
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -89,11 +97,20 @@ def fit_sequences(model: nn.Module, seqs: list[np.ndarray], params: list[nn.Para
     return fit.epochs
 
 
+def _falling(losses: list[float], fit: Fitting) -> bool:
+    """Whether the loss fell by at least `fit.loss_tolerance` over the last `fit.patience` epochs."""
+    if fit.loss_tolerance <= 0 or len(losses) <= fit.patience:
+        return False
+    before = losses[-1 - fit.patience]
+    return (before - losses[-1]) >= fit.loss_tolerance * abs(before)
+
+
 def _fit_epoch(model: nn.Module, opt: torch.optim.Optimizer, seqs: list[np.ndarray], fit: Fitting) -> float:
     """One pass over `seqs` in minibatches, in their order; the mean minibatch loss."""
     model.train()
     total, n = 0.0, 0
     for start in range(0, len(seqs), fit.batch_size):
+        check("during centralized training (pretraining or a ceiling); none of it was kept: run the same command again")
         inputs, targets = next_item_batch(seqs[start : start + fit.batch_size], fit.max_seq_len)
         loss = model.loss(inputs.to(fit.device), targets.to(fit.device), fit.label_smoothing)
         opt.zero_grad(set_to_none=True)

@@ -39,15 +39,21 @@ def simulate(tmp_path: Path, config: dict, name: str) -> Path:
     return out
 
 
-def deploy(tmp_path: Path, config: dict, name: str, stranger: bool = False) -> tuple[Path, str]:
+def deploy(tmp_path: Path, config: dict, name: str, stranger: bool = False) -> tuple[Path, str, dict[str, str]]:
+    """Returns the results folder, `flwr run`'s output, and why devices could not join."""
     workdir = tmp_path / name
     workdir.mkdir()
     devices = device_files(Path(config["data-path"]), config["_devices"], workdir / "devices")
+    faults = {}
     if stranger:  # a fourth SuperNode whose user the run does not know: reported, left out
         devices.append(devices[0] | {"user-id": "nobody", "state-dir": str(workdir / "stranger")})
-    with LocalFederation(workdir, devices, tls=True, auth=True) as fed:
+        # and two that cannot join at all: a key the SuperLink never registered, no CA certificate
+        faults = {len(devices): "unregistered-key", len(devices) + 1: "no-ca"}
+        devices += [devices[0] | {"state-dir": str(workdir / f"faulty-{i}")} for i in faults]
+    with LocalFederation(workdir, devices, tls=True, auth=True, faults=faults) as fed:
         out = fed.run(run_config(config) | {"output-dir": str(workdir / "results")})
-    return workdir / "results", out
+        failed = dict(fed.failed)
+    return workdir / "results", out, failed
 
 
 def _assert_same_adapters(a: Path, b: Path, atol: float) -> None:
@@ -87,8 +93,10 @@ def simulated(dataset, tmp_path_factory) -> Path:
 # the ClientApp (test_sources, test_client_replies).
 @pytest.mark.evidence
 def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, dataset, simulated):
-    deployed, out = deploy(tmp_path, dataset, "deploy", stranger=True)
+    deployed, out, failed = deploy(tmp_path, dataset, "deploy", stranger=True)
     assert "user 'nobody' is not a private user of this run; left out" in out
+    assert sorted(failed) == ["device-4", "device-5"]  # named with their reasons, and stopped
+    assert "refused its authentication key" in failed["device-4"] and "CERTIFICATE_VERIFY_FAILED" in failed["device-5"]
     assert "devices: 3 real devices; base model and catalogue sent to 3" in out
     assert "round   2/2 | users    3" in out
     _assert_same_adapters(deployed, simulated, atol=1e-5)
@@ -102,7 +110,7 @@ def test_tls_deployment_equals_the_simulation_of_the_same_cohort(tmp_path, datas
 def test_secagg_deployment_gives_the_same_sum(tmp_path, dataset, simulated):
     """SecAgg+ on: the server only unmasks the cohort's sum, and it is the plain run's sum
     up to quantization (2C/2^22 per coordinate and user)."""
-    deployed, out = deploy(tmp_path, dataset | {"secure-aggregation": "secagg+"}, "deploy-secagg")
+    deployed, out, _failed = deploy(tmp_path, dataset | {"secure-aggregation": "secagg+"}, "deploy-secagg")
     assert "SecAgg+ (3 shares, threshold 2)" in out
     assert "round   2/2 | users    3 | loss nan" in out  # per-user losses never left the devices
     _assert_same_adapters(deployed, simulated, atol=1e-5)
