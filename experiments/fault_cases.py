@@ -91,36 +91,34 @@ def _held_folder(tmp: Path) -> None:
     (tmp / "busy").mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\nfd = os.open(sys.argv[1], os.O_RDWR | "
                                "os.O_CREAT)\nfcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n",
-                               str(tmp / "busy" / ".fedrec.lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                               str(tmp / "busy" / ".fedrec.lock")], stdout=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
     holder.stdout.readline()
     _HOLDERS.append(holder)
+
+
+def _background(tmp: Path, out: Path, extra: str, ready: Callable[[], bool], timeout: float) -> subprocess.Popen:
+    """A run into `out` in a session of its own, once `ready()` (or after `timeout` s)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out), "--run-config",
+                             _merged(TINY, extra)], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ | {"FEDREC_CACHE_DIR": str(tmp.parent / "cache")})  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc
 
 
 def _running_run(tmp: Path) -> None:
     """A run into {tmp}/same that is past its start (its folder locked) when the case starts."""
     out = tmp / "same"
-    proc = subprocess.Popen([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out), "--run-config",
-                             _merged(TINY, "num-rounds=200")], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=os.environ | {"FEDREC_CACHE_DIR": str(tmp.parent / "cache")})  # fmt: skip
-    _HOLDERS.append(proc)
-    deadline = time.monotonic() + 60
-    while not (out / ".fedrec.lock").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _HOLDERS.append(_background(tmp, out, "num-rounds=200", lambda: (out / ".fedrec.lock").exists(), 60))
 
 
 def _killed_before_checkpoint(tmp: Path) -> None:
-    """A run SIGKILLed after it wrote config.toml and before its first checkpoint."""
-    out = tmp / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out), "--run-config",
-                             _merged(TINY, "num-rounds=200 checkpoint-every=100")], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=os.environ | {"FEDREC_CACHE_DIR": str(tmp.parent / "cache")})  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().count("\n") >= 3:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    """A run SIGKILLed after its third metrics row and before its first checkpoint."""
+    rows = tmp / "killed" / "metrics.jsonl"
+    proc = _background(tmp, tmp / "killed", "num-rounds=200 checkpoint-every=100",
+                       lambda: rows.exists() and rows.read_text().count("\n") >= 3, 120)  # fmt: skip
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
@@ -315,8 +313,9 @@ def main() -> int:
             line = said.strip().splitlines()[-1] if said.strip() else ""
             rows.append(f"| {i} | {case.name} | {case.expect} | **{outcome}** | {seconds:.1f} | {line[:150].replace('|', '/')} |")
             print(f"[{i}/{len(chosen)}] {case.name}: {outcome} ({seconds:.1f} s) {line[:120]}", flush=True)
-            for holder in _HOLDERS:
-                holder.kill()
+            for holder in _HOLDERS:  # each in a session of its own, with what it started
+                os.killpg(holder.pid, signal.SIGKILL)
+                holder.wait()
             _HOLDERS.clear()
     finally:
         shutil.rmtree(root, ignore_errors=True)
