@@ -31,7 +31,7 @@ CASES: dict[str, list[str]] = {
     # A 50-round prefix of the Beauty table recipe (the README's real-data run).
     "beauty-table": ["--config", "experiments/beauty.toml", "--run-config", "num-rounds=50"],
 }
-_CLOCK_KEYS = {"wall_seconds", "train_seconds", "ready_seconds", "round1_at", "server_started_at",
+_CLOCK_KEYS = {"provenance", "wall_seconds", "train_seconds", "ready_seconds", "round1_at", "server_started_at",
                "users_per_second", "worker_peak_rss_mb", "results_dir", "seconds", "worker-peak-rss-mb",
                "worker-train-seconds"}  # fmt: skip
 

@@ -31,6 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedrec.config import merge_run_config  # noqa: E402
 
+DEFAULT_CLIP = 0.5  # the synthetic default's clip in experiments/README.md#synthetic-dp
+
 
 def main() -> int:
     ap = argparse.ArgumentParser()
@@ -53,13 +55,25 @@ def main() -> int:
     key, _, values = args.vary.partition("=")
     if not values:
         ap.error("--vary: expected KEY=v1,v2,...")
+    from fedrec.config import ConfigError
+    from fedrec.simulate import build_config
+
+    try:
+        clip = build_config((["--config", str(args.config)] if args.config else []) + ["--run-config", args.run_config])
+    except ConfigError as e:
+        print(f"sweep_privacy: config error: {e}", file=sys.stderr)
+        return 2
+    if clip.clipping_norm == 0:  # DP needs a per-user bound; the runs without noise clip the same, for a fair row
+        args.run_config = merge_run_config(args.run_config, f"clipping-norm={DEFAULT_CLIP}")
+        print(f"sweep_privacy: the config clips no update; every run clips at C = {DEFAULT_CLIP} "
+              "(give clipping-norm in --run-config to choose)", flush=True)  # fmt: skip
     runs = []
     for spec in values.split(","):
         value, *own = spec.split("+")
         label = spec if own and args.label_settings else value  # e.g. affine+sampling=all apart from affine+sampling=poisson
         for eps in args.epsilons.split(","):
             # ε = none: the config's sampling and clipping, without noise
-            dp = "target-epsilon=0 noise-multiplier=0" if eps == "none" else f"{args.dp} target-epsilon={eps}"
+            dp = "target-epsilon=none noise-multiplier=0" if eps == "none" else f"{args.dp} target-epsilon={eps}"
             argv = ["--output-dir", str(args.out / f"{key}={label}" / f"eps{eps}"), "--overwrite",  # fresh results
                     "--run-config", merge_run_config(args.run_config, f"{key}={value}", " ".join(own), dp)]  # fmt: skip
             runs.append((label, eps, (["--config", str(args.config)] if args.config else []) + argv))

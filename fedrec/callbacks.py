@@ -151,7 +151,7 @@ class CanaryAudit(RunCallback):
         run.log(f"audit: ε lower bound {lb:.3f} (95%, ceiling {record['one_run']['ceiling']:.2f} with "
                 f"{run.canaries.count} canaries), one-shot estimate "
                 + ("–" if est is None else f"{est:.3f}") + "; the accountant's ε "
-                + ("– (no DP)" if s.epsilon is None else f"{s.epsilon:.3f}") + f" at δ={delta:.3g}")  # fmt: skip
+                + ("none (no noise)" if s.epsilon is None else f"{s.epsilon:.3f}") + f" at δ={delta:.3g}")  # fmt: skip
         s.audit = {k: v for k, v in record.items() if k not in ("scores", "included_mask", "one_run", "one_shot")}
         if run.out is not None:
             run.out.write_json("audit.json", record)

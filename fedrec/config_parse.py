@@ -77,7 +77,14 @@ def _closest(key: str, known: Mapping[str, Any]) -> str | None:
     return match[0] if match else None
 
 
+# Keys whose "off" may be written `none` (the one spelling of "no DP": `target-epsilon=none`,
+# as sweeps, tables and reports write it); stored as 0.
+NONE_IS_ZERO = ("target-epsilon", "noise-multiplier", "max-epsilon")
+
+
 def _coerce(key: str, f: dataclasses.Field, raw: Any) -> Any:
+    if key in NONE_IS_ZERO and isinstance(raw, str) and raw.lower() == "none":
+        return 0.0
     kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
     if kind is bool:
         if isinstance(raw, bool):

@@ -48,7 +48,7 @@ def ndcg_vs_epsilon(groups: list[dict[str, Any]], references: dict[str, float], 
             ax.errorbar(eps, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3, color=color, label=method)
         for g in groups:
             if g["method"] == method and g["epsilon"] is None:
-                ax.axhline(g["ndcg_mean_interval"][0], color=color, linestyle=":", label=f"{method}, no DP")
+                ax.axhline(g["ndcg_mean_interval"][0], color=color, linestyle=":", label=f"{method}, ε = none")
     styles = ["--", "-.", (0, (1, 2)), (0, (5, 2, 1, 2)), "-"]
     for j, (name, value) in enumerate(references.items()):
         ax.axhline(value, color="gray", linestyle=styles[j % len(styles)], linewidth=1, label=name)

@@ -14,6 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fedrec.provenance import provenance
 from fedrec.results import as_summary, comparison_rows, interval_text
 from fedrec.summary import RunSummary
 
@@ -43,6 +44,11 @@ def print_comparison(summary: RunSummary | dict[str, Any], console: Console | No
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _epsilon(value: float | None) -> str:
+    """ε as spent; `none` for a run without noise (the spelling `target-epsilon=none` takes)."""
+    return "none" if value is None else _num(value)
 
 
 # Shown when any run of the sweep is private: what its ε rests on.
@@ -78,7 +84,7 @@ def write_sweep_table(
     def cells(r: dict[str, Any]) -> list[str]:
         last = "–" if r["last_round_ndcg10"] is None else f"{r['last_round_ndcg10']:.4f}"
         return [*(str(r[k]) for k in keys), f"{interval_text(r['test_ndcg10'], r['test_ndcg10_ci'])} (r{r['best_round']})",
-                last, f"{r['base_ndcg10']:.4f}", _num(r["epsilon"]), *(_num(r[key]) for _, key in extra),
+                last, f"{r['base_ndcg10']:.4f}", _epsilon(r["epsilon"]), *(_num(r[key]) for _, key in extra),
                 str(r["adapter_dimension"]), f"{_num(r['down_kb_per_user_round'])} / {_num(r['up_kb_per_user_round'])}",
                 str(r["rounds"]), "–" if r["wall_s"] is None else f"{r['wall_s']:.1f}"]  # fmt: skip
 
@@ -135,17 +141,43 @@ class Run:
         return self.summary.mode
 
 
-def load_runs(dirs: list[Path]) -> list[Run]:
-    """Every results directory (one holding summary.json) under the given folders, sorted."""
-    found = sorted({p.parent.resolve() for d in dirs for p in ([d / "summary.json"] if (d / "summary.json").exists()
-                                                                 else Path(d).rglob("summary.json"))})  # fmt: skip
+def load_runs(dirs: list[Path], skipped: list[str] | None = None) -> list[Run]:
+    """Every results directory (one holding summary.json) under the given folders, sorted.
+
+    A run's folder without a summary (stopped, failed, still running) and a run of another
+    dataset than most are left out; each is named with why in `skipped`."""
+    skipped = skipped if skipped is not None else []
+    candidates = sorted({p.parent.resolve() for d in dirs for name in ("summary.json", "config.toml")
+                         for p in ([Path(d) / name] if (Path(d) / name).exists() else Path(d).rglob(name))})  # fmt: skip
     runs = []
-    for path in found:
-        config = tomllib.loads((path / "config.toml").read_text()) if (path / "config.toml").exists() else {}
-        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-            if (path / "metrics.jsonl").exists() else []  # fmt: skip
-        runs.append(Run(path, RunSummary.from_dict(json.loads((path / "summary.json").read_text())), config, rows))
+    for path in candidates:
+        if not (path / "summary.json").exists():
+            skipped.append(f"{path}: incomplete, no summary.json ({_why_incomplete(path)})")
+            continue
+        try:
+            config = tomllib.loads((path / "config.toml").read_text()) if (path / "config.toml").exists() else {}
+            summary = RunSummary.from_dict(json.loads((path / "summary.json").read_text()))
+            rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()] \
+                if (path / "metrics.jsonl").exists() else []  # fmt: skip
+        except (ValueError, TypeError, OSError) as e:  # a damaged file: said, not fatal to the report
+            skipped.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            continue
+        runs.append(Run(path, summary, config, rows))
+    datasets = [r.summary.dataset for r in runs if r.summary.dataset]
+    if len(set(datasets)) > 1:
+        main = max(set(datasets), key=datasets.count)
+        for r in [r for r in runs if r.summary.dataset and r.summary.dataset != main]:
+            skipped.append(f"{r.path}: another dataset ({r.summary.dataset}; the report's is {main})")
+            runs.remove(r)
     return runs
+
+
+def _why_incomplete(path: Path) -> str:
+    manifest = path / "checkpoint" / "manifest.json"
+    if manifest.exists():
+        done = json.loads(manifest.read_text()).get("round")
+        return f"stopped after round {done}; python -m fedrec.simulate --resume {path} finishes it"
+    return "stopped or failed before its first checkpoint"
 
 
 def _method_keys(runs: list[Run]) -> list[str]:
@@ -164,7 +196,7 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
     for r in federated:
         r.method = ", ".join(f"{k}={r.config.get(k)}" for k in keys) or "federated"
         eps, z = r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0)
-        privacy = f"ε={eps:g}" if eps else f"z={z:g}" if z else "no DP"
+        privacy = f"ε={eps:g}" if eps else f"z={z:g}" if z else "ε=none"
         # Its own name in the per-round figures: method, privacy and seed.
         r.label = f"{r.method}, {privacy}" + (f", seed {r.config.get('seed', 0)}" if seeds else "")
         by.setdefault((r.method, eps, z), []).append(r)
@@ -190,6 +222,9 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "test_ndcg10_ci": ci,
             "ndcg_mean_interval": mean_interval(ndcg, ci),
             "base_ndcg10": [x.base_test["ndcg@10"] for x in s],
+            # the gain over the base on the same test users, paired by user (one run's interval)
+            "gain_ndcg10": [x.test["ndcg@10"] - x.base_test["ndcg@10"] for x in s],
+            "gain_ndcg10_ci": s[0].test_gain_ci.get("ndcg@10") if len(s) == 1 else None,
             "best_round": [x.best_round for x in s],
             "selection": [x.selection or "private" for x in s],
             # Under DP: the round un-noised private validation would have picked (a diagnostic only).
@@ -219,9 +254,30 @@ def _last_meter(rows: list[dict[str, Any]], key: str) -> float | None:
     return next((r["train"][key] for r in reversed(rows) if key in r.get("train", {})), None)
 
 
-def references(runs: list[Run]) -> dict[str, float]:
-    """The reference lines: base, most popular, local-only and the centralized ceilings (test NDCG@10)."""
+def same_users(local: Run, federated: list[Run]) -> bool:
+    """Whether a local-only run ranked the users the federated runs were tested on: both
+    covered every private user (a sample of each is drawn differently)."""
+    everyone = local.summary.extra.get("local_users") == local.summary.private_users
+    return everyone and all(r.summary.test_users in (None, r.summary.private_users)
+                            and r.summary.private_users == local.summary.private_users for r in federated)  # fmt: skip
+
+
+def references(runs: list[Run], notes: list[str] | None = None) -> dict[str, float]:
+    """The reference lines: base, most popular, local-only and the centralized ceilings (test
+    NDCG@10). A local-only run on other users than the federated runs' is not one: it goes to
+    `notes`, with its own base and its gain paired by user."""
     out: dict[str, float] = {}
+    notes = notes if notes is not None else []
+    federated = [r for r in runs if r.mode == "federated"]
+    for r in [r for r in runs if r.mode == "local"]:
+        if federated and not same_users(r, federated):
+            s, gain = r.summary, (r.summary.extra.get("local_test_gain_ci") or {}).get("ndcg@10")
+            own = (s.extra.get("local_test") or {}).get("ndcg@10")
+            notes.append(f"local only ({r.path.name}) ranked {s.extra.get('local_users'):,} of {s.private_users:,} private "
+                         f"users, not the federated runs' test users: {own:.4f} against its own base "
+                         f"{s.base_test['ndcg@10']:.4f} on those users" + (f", paired gain [{gain[0]:+.4f}, {gain[1]:+.4f}]"
+                                                                           if gain else "") + "; not drawn")  # fmt: skip
+            runs = [x for x in runs if x is not r]
     # The base over all users: a local-only run on a user sample has its own base, for its pairing only.
     with_base = [r for r in runs if r.mode == "federated"] or runs
     bases = sorted({r.summary.base_test["ndcg@10"] for r in with_base if r.summary.base_test})
@@ -238,13 +294,16 @@ def references(runs: list[Run]) -> dict[str, float]:
     return out
 
 
-def _spread(values: list[float], ci: list[float] | None = None, digits: int = 4) -> str:
+def _spread(values: list[float], ci: list[float] | None = None, digits: int = 4, signed: bool = False) -> str:
     """One run: value [95% CI]; several seeds: mean ± std (n)."""
     if not values:
         return "–"
+    sign = "+" if signed else ""
     if len(values) == 1:
+        if signed:
+            return f"{values[0]:+.{digits}f}" + (f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else "")
         return interval_text(values[0], ci, digits)
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f} (n={len(values)})"
+    return f"{np.mean(values):{sign}.{digits}f} ± {np.std(values, ddof=1):.{digits}f} (n={len(values)})"
 
 
 def _kb(value: float | None) -> str:
@@ -255,12 +314,16 @@ def write_report(dirs: list[Path], out: Path) -> Path:
     """report.md with its PNG figures in `out`, from every run under `dirs`."""
     from fedrec import figures
 
-    runs = load_runs(dirs)
+    skipped: list[str] = []
+    runs = load_runs(dirs, skipped)
+    for line in skipped:
+        print(f"fedrec.report: skipped {line}", file=sys.stderr)
     if not runs:
         raise ValueError(f"no results directory (summary.json) under {', '.join(map(str, dirs))}")
     out.mkdir(parents=True, exist_ok=True)
     groups = group_runs(runs)
-    refs = references(runs)
+    notes: list[str] = []
+    refs = references(runs, notes)
     federated = [r for r in runs if r.mode == "federated"]
     private = any(g["epsilon"] is not None for g in groups)
     made = {}
@@ -298,7 +361,8 @@ def write_report(dirs: list[Path], out: Path) -> Path:
                                  {"down": payload("down"), "up": payload("up")}, "bytes", True)  # fmt: skip
         if path:
             made["Bytes per round"] = path
-    cols = ["method", "ε", "δ", "z", "q", "C", "d", "z·√d/m", "test NDCG@10", "test HR@10", "round (picked by)",
+    cols = ["method", "ε", "δ", "z", "q", "C", "d", "z·√d/m", "test NDCG@10", "− base (paired by user)", "test HR@10",
+            "round (picked by)",
             "diagnostic: private-best round's test NDCG@10", "agreed/C (round 1)", "run SNR (last)", "wall s",
             "audit ε LB / est.", "KB up / user·round"]  # fmt: skip
     lines = [f"# fedrec report", "", f"{len(runs)} runs from {', '.join(str(d) for d in dirs)}.", "",
@@ -315,9 +379,9 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         if g["audit_lower_bound"]:
             audit = f"{np.mean(g['audit_lower_bound']):.2f} / " + (f"{np.mean(g['audit_estimate']):.2f}"
                                                                      if all(e is not None for e in g["audit_estimate"]) else "–")  # fmt: skip
-        cells = [g["method"], _num(g["epsilon"]), _num(g["delta"]), _num(g["z"]), _num(g["q"]), _num(g["C"]),
+        cells = [g["method"], _epsilon(g["epsilon"]), _num(g["delta"]), _num(g["z"]), _num(g["q"]), _num(g["C"]),
                  str(g["d"]), _num(g["noise_to_signal"]), _spread(g["test_ndcg10"], g["test_ndcg10_ci"]),
-                 _spread(g["test_hr10"]),
+                 _spread(g["gain_ndcg10"], g["gain_ndcg10_ci"], signed=True), _spread(g["test_hr10"]),
                  ",".join(str(b) for b in g["best_round"]) + f" ({','.join(sorted(set(g['selection'])))})",
                  _spread(g["diagnostic_private_best"]), _spread([a for a in g["snr_agreed_first"] if a is not None]),
                  _spread([a for a in g["snr_run_last"] if a is not None], digits=3),
@@ -325,11 +389,14 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         lines.append("| " + " | ".join(cells) + " |")
     if refs:
         lines += ["", "| reference | test NDCG@10 |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in refs.items()]
+    lines += [""] + [f"Not a reference: {n}." for n in notes] if notes else []
+    lines += ["", "Skipped:", ""] + [f"- {s}" for s in skipped] if skipped else []
     if not private:
-        lines += ["", "No run here is private (ε = –)."]
+        lines += ["", "No run here is private (ε = none)."]
     for title, path in made.items():
         lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
-    (out / "report.json").write_text(json.dumps({"groups": groups, "references": refs}, indent=2) + "\n")
+    (out / "report.json").write_text(json.dumps({"groups": groups, "references": refs, "not_references": notes,
+                                                 "skipped": skipped, "provenance": provenance()}, indent=2) + "\n")  # fmt: skip
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedrec.config import ConfigError, FedRecConfig
 from fedrec.model.types import AdapterState
+from fedrec.provenance import provenance
 from fedrec.summary import Intervals, Metrics, RunSummary
 
 
@@ -137,7 +138,8 @@ class ResultsDir:
 
     def write_summary(self, summary: RunSummary | dict[str, Any]) -> None:
         """A federated run's typed summary, or the centralized and local-only modes' dicts."""
-        data = summary.to_dict() if isinstance(summary, RunSummary) else summary
+        data = summary.to_dict() if isinstance(summary, RunSummary) else dict(summary)
+        data.setdefault("provenance", provenance())  # the commit, the packages and the machine
         (self.path / "summary.json").write_text(json.dumps(data, indent=2) + "\n")
         (self.path / "summary.txt").write_text(summary_text(as_summary(summary)))
 

@@ -34,7 +34,12 @@ _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_":
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fedrec.simulate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fedrec.simulate", description=__doc__.splitlines()[0],
+        epilog="Every config key, with its default and allowed values: python -m fedrec.simulate --keys "
+        "(described in docs/configuration.md).",
+    )  # fmt: skip
+    parser.add_argument("--keys", action="store_true", help="list every config key with its default and allowed values, and exit")
     parser.add_argument("--config", help="TOML file with kebab-case keys (top level or [tool.flwr.app.config])")
     parser.add_argument("--run-config", default="", help='overrides, e.g. "num-rounds=10 dataset=movielens"')
     parser.add_argument("--output-dir", help="results directory (default results/<time>-<mode>)")
@@ -349,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     try:
         args = _parser().parse_args(argv)
+        if args.keys:
+            from fedrec.config_keys import keys_text
+
+            print(keys_text())
+            return 0
         cfg = _config_from(args)
         spec = args.sweep
         if args.seeds:

@@ -213,3 +213,18 @@ def test_a_config_that_is_a_folder_or_binary_is_one_line(tmp_path):
     for path, said in ((tmp_path, "is a folder; give a TOML file"), (tmp_path / "bin.toml", "is not a text file")):
         with pytest.raises(ConfigError, match=f"^--config: '{path}' {said}"):
             FedRecConfig.from_toml(path)
+
+
+def test_keys_lists_every_key_of_the_config_and_help_points_to_it(capsys):
+    from dataclasses import fields
+
+    from fedrec.config import FedRecConfig
+    from fedrec.config_parse import _kebab
+    from fedrec.simulate import main
+
+    assert main(["--keys"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert listed == {_kebab(f.name) for f in fields(FedRecConfig)}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--keys" in capsys.readouterr().out

@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module belongs to the first layer with a prefix that matches it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("signals", ("fedrec.interrupt",)),
-    ("config", ("fedrec.config_parse", "fedrec.config_sections", "fedrec.config")),
+    ("process", ("fedrec.interrupt", "fedrec.provenance")),
+    ("config", ("fedrec.config_parse", "fedrec.config_sections", "fedrec.config", "fedrec.config_keys")),
     ("data", ("fedrec.data",)),
     ("model", ("fedrec.model", "fedrec.baselines")),
     ("round arithmetic", ("fedrec.metrics", "fedrec.aggregate", "fedrec.local_state", "fedrec.cohort",

@@ -23,7 +23,7 @@ def test_sweep_table_shows_what_epsilon_rests_on_only_when_a_run_is_private(tmp_
     head, rule, no_dp, dp, _blank, footer = (tmp_path / "sweep.md").read_text().splitlines()
     assert head.split(" | ")[5:10] == ["δ", "z", "C", "q", "z·√d/m"] and footer == "took 9 s"
     assert "| 0.2100 [0.1900, 0.2300] (r3) | 0.2000 | 0.2000 | 3.99 | 0.0001 | 0.72 | 0.5 | 0.06 | 0.441 | 1536 | – / – | 5 | 12.3 |" in dp
-    assert "| – | – | – | 0.5 | – | – |" in no_dp  # a run without DP: no ε, δ, z, q
+    assert "| none | – | – | 0.5 | – | – |" in no_dp  # a run without DP: ε none, no δ, z, q
     assert json.loads((tmp_path / "sweep.json").read_text()) == rows and rows[1]["noise_multiplier"] == 0.72
     printed = capsys.readouterr().out  # 14 columns off a terminal (80 wide): nothing may be cut to "…"
     assert "…" not in printed and "0.441" in printed and "z·√d/m" in printed
@@ -57,8 +57,57 @@ def test_report_of_two_tiny_runs_draws_every_figure_and_tabulates_the_summaries(
     low, high = private.test_ci["ndcg@10"]
     assert f"{private.test['ndcg@10']:.4f} [{low:.4f}, {high:.4f}]" in row
     assert f"{private.audit['epsilon_lower_bound']:.2f} / " in row
+    # Provenance: the commit, the stack's versions and the machine, in the summary and the report.
+    import subprocess
+
+    import torch
+
+    from fedrec.provenance import PACKAGES, REPO
+
+    for record in (json.loads((tmp_path / "runs" / "dp" / "summary.json").read_text())["provenance"],
+                   json.loads((out / "report.json").read_text())["provenance"]):  # fmt: skip
+        assert sorted(record["versions"]) == sorted(PACKAGES)
+        assert record["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0] and record["versions"]["flwr"]
+        assert record["machine"]["cores"] >= 1 and record["machine"]["cpu"] and "gpu" in record["machine"]
+        if (REPO / ".git").exists():
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+            assert record["git"]["commit"] == head and isinstance(record["git"]["dirty"], bool)
 
 
 def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
     assert report_main([str(tmp_path)]) == 2
     assert "no results directory" in capsys.readouterr().err
+
+
+def test_report_names_what_it_skips_and_refuses_a_local_reference_on_other_users(tmp_path, capsys):
+    from fedrec.report import write_report
+
+    def run(name: str, summary: dict | None) -> None:
+        folder = tmp_path / "runs" / name
+        (folder / "checkpoint").mkdir(parents=True)
+        (folder / "config.toml").write_text("seed = 0\n")
+        if summary is not None:
+            (folder / "summary.json").write_text(json.dumps(summary))
+
+    ours = {"dataset": "synthetic(users=120)", "private_users": 100, "test_users": 100,
+            "test": {"ndcg@10": 0.25, "hr@10": 0.4}}
+    run("fed", _summary(None) | ours)
+    run("other-data", _summary(None) | ours | {"dataset": "movielens(ml-100k)"})
+    run("cut", None)
+    (tmp_path / "runs" / "cut" / "checkpoint" / "manifest.json").write_text('{"round": 3, "client_state": {}}')
+    run("failed", None)
+    run("local", {"mode": "local", "dataset": ours["dataset"], "private_users": 100, "local_users": 40,
+                  "base_test": {"ndcg@10": 0.28}, "local_test": {"ndcg@10": 0.30},
+                  "local_test_gain_ci": {"ndcg@10": [0.01, 0.03]}})  # fmt: skip
+
+    report = write_report([tmp_path / "runs"], tmp_path / "report")
+    err = capsys.readouterr().err
+    record = json.loads((tmp_path / "report" / "report.json").read_text())
+    skipped = {line.split(":")[0].rsplit("/", 1)[1]: line for line in record["skipped"]}
+    assert sorted(skipped) == ["cut", "failed", "other-data"]
+    assert "stopped after round 3" in skipped["cut"] and "--resume" in skipped["cut"]
+    assert "before its first checkpoint" in skipped["failed"] and "another dataset" in skipped["other-data"]
+    assert all(f"skipped {line}" in err for line in record["skipped"])
+    assert "local only" not in record["references"]  # 40 of 100 users: not the federated runs' test users
+    assert "ranked 40 of 100 private users" in record["not_references"][0] and "0.2800" in record["not_references"][0]
+    assert "Not a reference: local only" in report.read_text()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -40,23 +40,27 @@ def rank_users(
     device: torch.device,
     batch_size: int = 256,
     local_store: UserStateStore | None = None,
+    last_hidden: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each user's 0-based rank of their target among all items, and among 100 sampled
     unseen items (both aligned with `users`).
 
     Items already in the user's history are excluded from the ranking (RecBole's
     full-sort protocol); the target itself always stays in. The sampled ranks are for
-    the `sampled100-` metrics of older papers only.
+    the `sampled100-` metrics of older papers only. `last_hidden(users, inputs)` replaces
+    the model's forward pass (each user with their own adapter: `fedrec.train.alone`).
     """
-    if local_store is not None and model.get_base_model().item_delta is not None:
+    if last_hidden is None and local_store is not None and model.get_base_model().item_delta is not None:
         return _rank_with_own_state(model, data, users, split, local_store, max_seq_len=max_seq_len, device=device)
-    if local_store is not None:  # each user's own B, many users per batch
+    if last_hidden is None and local_store is not None:  # each user's own B, many users per batch
         last_hidden = own_state_hidden(model, local_store)
-    else:
+    elif last_hidden is None:
         model.eval()
 
-        def last_hidden(_users: list[int], inputs: torch.Tensor) -> torch.Tensor:
+        def forward(_users: list[int], inputs: torch.Tensor) -> torch.Tensor:
             return model(inputs)[:, -1, :]
+
+        last_hidden = forward
 
     ranks, sampled_ranks = [], []
     users = list(users)
