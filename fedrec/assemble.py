@@ -14,6 +14,7 @@ from fedrec.callbacks import RunCallback
 from fedrec.config import FedRecConfig
 from fedrec.finish import RunFacts
 from fedrec.results import ResultsDir, default_output_dir
+from fedrec.tracking import tracking_callbacks
 from fedrec.run import FederatedRun
 from fedrec.workload import AdapterInfo, Workload
 
@@ -39,7 +40,8 @@ def build_run(
     """The run over `population` (the private users that can train: in device placement,
     those whose devices answered), picking on the public users where asked."""
     return FederatedRun(cfg, adapter.initial, population, dimension=adapter.dimension, out=out, log=log,
-                        sent_keys=adapter.sent, public=work.data.public, callbacks=callbacks)  # fmt: skip
+                        sent_keys=adapter.sent, public=work.data.public,
+                        callbacks=tracking_callbacks(cfg) + list(callbacks or []))  # fmt: skip
 
 
 def run_facts(work: Workload, adapter: AdapterInfo, population: np.ndarray, **more: Any) -> RunFacts:

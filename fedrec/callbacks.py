@@ -16,10 +16,12 @@ edit of the loop. A callback with state the next round depends on returns it fro
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from fedrec.model.types import AdapterState
+from fedrec.progress import eta
 from fedrec.privacy.audit import audit
 from fedrec.summary import RunSummary
 
@@ -109,7 +111,10 @@ class Checkpointer(RunCallback):
 
 
 class ConsoleLines(RunCallback):
-    """One line per round on the run's log."""
+    """One line per round on the run's log, with the time left at this run's pace so far."""
+
+    def on_begin(self, run: "FederatedRun") -> None:
+        self._t0, self._from = time.monotonic(), run.round
 
     def after_round(self, run: "FederatedRun", row: Row) -> bool:
         total = run.cfg.num_rounds
@@ -120,8 +125,10 @@ class ConsoleLines(RunCallback):
         val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
         eps = f" | ε {train['epsilon']:.3f}" if "epsilon" in train else ""
         eps += f" | silo ε {train['silo-epsilon']:.3f}" if "silo-epsilon" in train else ""
+        left = eta(row["round"] - self._from, total - self._from, time.monotonic() - self._t0)
         run.log(f"round {row['round']:3d}/{total} | users {int(train['users']):4d} "
-                f"| loss {train['loss']:.4f} | {val:<19}{eps} | {row['seconds']:.2f} s")  # fmt: skip
+                f"| loss {train['loss']:.4f} | {val:<19}{eps} | {row['seconds']:.2f} s"
+                + (f" | {left} left" if left else ""))  # fmt: skip
         return False
 
 

@@ -28,7 +28,7 @@ NAME = "checkpoint"
 # Keys a resumed run may change: none of them alters a round that already ran.
 RESUMABLE_KEYS = (
     "num-rounds", "max-epsilon", "checkpoint-every", "eval-every", "bootstrap-samples", "output-dir", "overwrite", "resume-from",
-    "num-workers", "client-num-cpus", "client-num-gpus", "device", "cache-dir",
+    "num-workers", "client-num-cpus", "client-num-gpus", "device", "cache-dir", "tracking",
 )  # fmt: skip
 
 

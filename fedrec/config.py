@@ -85,6 +85,8 @@ class FedRecConfig:
     overwrite: bool = field(default=False, metadata=_in("run"))  # replace another run's files in output-dir
     cache_dir: str = field(default="", metadata=_in("run"))
     device: str = field(default="cpu", metadata=_choice("run", *DEVICES))
+    # per-round metrics, ε, the meter, the config and the summary to TensorBoard (<output-dir>/tensorboard)
+    tracking: str = field(default="none", metadata=_choice("run", "none", "tensorboard"))
 
     # data
     dataset: str = field(default="synthetic", metadata=_choice("data", *DATASETS))

@@ -134,7 +134,8 @@ class Run:
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     method: str = ""  # the config keys that tell it from the other methods (`group_runs`)
-    label: str = ""  # method, privacy and seed: its line in the per-round figures
+    series: str = ""  # method and privacy: its line in the per-round figures (the mean over its seeds)
+    label: str = ""  # method, privacy and seed
 
     @property
     def mode(self) -> str:
@@ -198,7 +199,8 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
         eps, z = r.config.get("target-epsilon", 0.0), r.config.get("noise-multiplier", 0.0)
         privacy = f"ε={eps:g}" if eps else f"z={z:g}" if z else "ε=none"
         # Its own name in the per-round figures: method, privacy and seed.
-        r.label = f"{r.method}, {privacy}" + (f", seed {r.config.get('seed', 0)}" if seeds else "")
+        r.series = f"{r.method}, {privacy}"  # its line in the per-round figures: seeds are its mean and band
+        r.label = r.series + (f", seed {r.config.get('seed', 0)}" if seeds else "")
         by.setdefault((r.method, eps, z), []).append(r)
     groups = []
     for (label, _target, _z), members in by.items():
@@ -211,6 +213,7 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "method": label,
             "seeds": sorted(m.config.get("seed", 0) for m in members),
             "epsilon": float(np.mean(eps)) if eps else None,
+            "target_epsilon": _target or None,
             "delta": s[0].delta,
             "z": s[0].noise_multiplier,
             "q": s[0].sampling_rate,
@@ -345,7 +348,8 @@ def write_report(dirs: list[Path], out: Path) -> Path:
          {"Σ agreed / noise on Σ means": lambda _run, r: r.get("train", {}).get("snr-run")}, "ratio", True),
     )  # fmt: skip
     for title, name, series, ylabel, log in plots:
-        path = figures.per_round(federated, out / name, title, series, ylabel, log)
+        target = (lambda run: run.config.get("target-epsilon") or run.config.get("max-epsilon")) if name.startswith("epsilon") else None
+        path = figures.per_round(federated, out / name, title, series, ylabel, log, target=target)
         if path:
             made[title] = path
     traffic = [r for r in federated if (r.summary.communication or {}).get("per_user_round")]

@@ -256,7 +256,10 @@ def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayS
     os.environ[ENV_OVERRIDES] = json.dumps(cfg.to_dict() if len(cfgs) == 1 else [c.to_dict() for c in cfgs])
     num_nodes = cfg.num_workers if cfg.placement == "cohort" else len(work.data.private)
     poll_messages_faster()  # the 5 ms poll, applied only to simulations of few nodes
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _RunSimulationNotice) for f in flwr_log.filters):
+        flwr_log.addFilter(_RunSimulationNotice())
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     ray_start.wait()  # Flower's Ray backend finds Ray running and uses it
     interrupt.reclaim()  # SIGTERM is fedrec's again (fedrec.interrupt)
@@ -271,6 +274,15 @@ def _simulate(cfgs: list[FedRecConfig], server_app, client_app, ray_start: _RayS
         },
     )
     interrupt.raise_handed_over()  # the ServerApp stopped on a signal; the simulation has ended
+
+
+class _RunSimulationNotice(logging.Filter):
+    """Drops Flower's "`run_simulation` is deprecated" warning, printed by every run: fedrec
+    calls it on purpose (one process, Ray started early, several runs per simulation), and
+    its replacement `flwr run` is the deployment path (docs/deployment.md); other warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.args and "run_simulation" in str(record.args[0]) and "DEPRECATED" in str(record.msg))
 
 
 class _RayStart:

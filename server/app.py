@@ -18,6 +18,7 @@ from fedrec.communication import state_bytes
 from fedrec.config import FedRecConfig
 from fedrec.data.load import check_inputs
 from fedrec.interrupt import Interrupted, hand_over
+from fedrec.progress import eta
 from fedrec.report import print_comparison
 from fedrec.summary import RunSummary
 from fedrec.workload import describe_adapter, prepare_workload, update_keys
@@ -44,9 +45,11 @@ def server_configs(run_config: dict) -> list[FedRecConfig]:
 def main(grid: Grid, context: Context) -> None:
     configs = server_configs(context.run_config)
     console = Console(soft_wrap=True)
+    started = time.monotonic()
     for i, cfg in enumerate(configs, start=1):
         if len(configs) > 1:  # one simulation, several runs: Ray and the workers start once
-            console.rule(f"run {i}/{len(configs)}: {cfg.output_dir}")
+            left = eta(i - 1, len(configs), time.monotonic() - started)
+            console.rule(f"run {i}/{len(configs)}: {cfg.output_dir}" + (f" (about {left} left)" if left else ""))
         try:
             run_federated(grid, cfg, console=console, context=context)
         except Interrupted as stop:  # Ctrl-C or SIGTERM: the run kept its checkpoint (fedrec.interrupt)

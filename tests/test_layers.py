@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module belongs to the first layer with a prefix that matches it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("process", ("fedrec.interrupt", "fedrec.provenance")),
+    ("process", ("fedrec.interrupt", "fedrec.provenance", "fedrec.progress")),
     ("config", ("fedrec.config_parse", "fedrec.config_sections", "fedrec.config", "fedrec.config_keys")),
     ("data", ("fedrec.data",)),
     ("model", ("fedrec.model", "fedrec.baselines")),
@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("train", ("fedrec.train",)),
     ("workload", ("fedrec.workload",)),
     ("results", ("fedrec.summary", "fedrec.results", "fedrec.report", "fedrec.figures")),
-    ("run", ("fedrec.checkpoint", "fedrec.port", "fedrec.callbacks", "fedrec.finish", "fedrec.run", "fedrec.assemble",
+    ("run", ("fedrec.checkpoint", "fedrec.port", "fedrec.callbacks", "fedrec.tracking", "fedrec.finish", "fedrec.run",
+             "fedrec.assemble",
              "fedrec.inprocess",
              "fedrec.centralized", "fedrec.local_only", "fedrec.snr")),
     ("entry point", ("fedrec.simulate",)),

@@ -44,6 +44,8 @@ def test_report_of_two_tiny_runs_draws_every_figure_and_tabulates_the_summaries(
     for name in ("report.md", "ndcg_vs_epsilon.png", "valid_vs_rounds.png", "norm_vs_rounds.png",
                  "epsilon_vs_rounds.png", "bytes_vs_rounds.png"):  # fmt: skip
         assert (out / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert (out / name).with_suffix(".pdf").stat().st_size > 0, name  # vector beside it
     groups = json.loads((out / "report.json").read_text())["groups"]
     assert len(groups) == 2
     by_eps = {g["epsilon"] is None: g for g in groups}

