@@ -111,7 +111,12 @@ class Checkpointer(RunCallback):
 
 
 class ConsoleLines(RunCallback):
-    """One line per round on the run's log, with the time left at this run's pace so far."""
+    """A line per round on the run's log, with the time left at this run's pace so far; in a
+    run of more than LINES rounds, a line per hundredth of them (every row is in metrics.jsonl)."""
+
+    LINES = 100
+    _t0: float | None = None
+    _from = 0
 
     def on_begin(self, run: "FederatedRun") -> None:
         self._t0, self._from = time.monotonic(), run.round
@@ -121,11 +126,16 @@ class ConsoleLines(RunCallback):
         if row["round"] == 0:
             run.log(f"round   0/{total} | base model            | val NDCG@10 {row['valid']['ndcg@10']:.4f}")
             return False
+        every = max(1, total // self.LINES)
+        if row["round"] % every and row["round"] not in (1, total):
+            return False
         train = row["train"]
         val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
         eps = f" | ε {train['epsilon']:.3f}" if "epsilon" in train else ""
         eps += f" | silo ε {train['silo-epsilon']:.3f}" if "silo-epsilon" in train else ""
-        left = eta(row["round"] - self._from, total - self._from, time.monotonic() - self._t0)
+        if self._t0 is None:  # rounds run without on_begin (a test driving run_rounds)
+            self.on_begin(run)
+        left = eta(row["round"] - self._from, total - self._from, time.monotonic() - (self._t0 or 0.0))
         run.log(f"round {row['round']:3d}/{total} | users {int(train['users']):4d} "
                 f"| loss {train['loss']:.4f} | {val:<19}{eps} | {row['seconds']:.2f} s"
                 + (f" | {left} left" if left else ""))  # fmt: skip

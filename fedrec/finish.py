@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrec.provenance import provenance
 from fedrec.callbacks import RunResult
 from fedrec.communication import communication_summary
 from fedrec.metrics import metric_means, metric_sums, user_intervals
@@ -97,7 +98,7 @@ def finish(run, port: RoundPort, facts: RunFacts, timing: dict[str, float]) -> R
         adapter_bytes=int(sum(t.numel() * t.element_size() for t in chosen.adapter.values())),
         adapter_parameters=facts.adapter_parameters, private_users=len(run.population),
         test_users=len(run.test_users), public_users=facts.public_users, num_items=facts.num_items,
-        results_dir=str(run.out.path) if run.out else None,
+        results_dir=str(run.out.path) if run.out else None, provenance=provenance(),
         communication=communication_summary(run.adapter, run.sent_keys, run.users_trained, run.rows, cfg.placement,
                                             facts.setup_traffic, facts.once_per_device),
     )  # fmt: skip

@@ -286,6 +286,7 @@ def references(runs: list[Run], notes: list[str] | None = None) -> dict[str, flo
     bases = sorted({r.summary.base_test["ndcg@10"] for r in with_base if r.summary.base_test})
     if bases:
         out["base model" + (f" (mean of {len(bases)})" if len(bases) > 1 else "")] = float(np.mean(bases))
+    found: dict[str, list[float]] = {}  # several seeds of a reference: their mean, as for the base
     for r in runs:
         for key, label in (("most_popular_test", "most popular"), ("local_test", "local only"),
                            ("ceiling_scratch_test", "ceiling: from scratch"), ("ceiling_full_test", "ceiling: full fine-tune"),
@@ -293,7 +294,9 @@ def references(runs: list[Run], notes: list[str] | None = None) -> dict[str, flo
                            ("ceiling_same_test", "ceiling: same parameters")):  # fmt: skip
             metrics, _ci = r.summary.model_metrics(key)
             if metrics:
-                out.setdefault(label, metrics["ndcg@10"])
+                found.setdefault(label, []).append(metrics["ndcg@10"])
+    for label, values in found.items():
+        out[label + (f" (mean of {len(values)})" if len(values) > 1 else "")] = float(np.mean(values))
     return out
 
 
