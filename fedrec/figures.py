@@ -54,12 +54,13 @@ def ndcg_vs_epsilon(groups: list[dict[str, Any]], references: dict[str, float], 
         pts = sorted((g["epsilon"], *g["ndcg_mean_interval"]) for g in private if g["method"] == method)
         if pts:
             eps, mean, lo, hi = (np.array(c) for c in zip(*pts))
-            ax.errorbar(eps, mean, yerr=[mean - lo, hi - mean], capsize=3, label=method, **look)
+            shift = 1 + 0.025 * (i - (len(methods) - 1) / 2)  # side by side on the log axis: bars apart
+            ax.errorbar(eps * shift, mean, yerr=[mean - lo, hi - mean], capsize=3, label=method, **look)
         for g in groups:
             if g["method"] == method and g["epsilon"] is None:  # the run without noise, with its interval
                 mean, lo, hi = g["ndcg_mean_interval"]
                 ax.axhline(mean, color=look["color"], linestyle=":", label=f"{method}, ε = none")
-                ax.axhspan(lo, hi, color=look["color"], alpha=0.12, linewidth=0)
+                ax.axhspan(lo, hi, color=look["color"], alpha=0.07, linewidth=0)
     styles = ["--", "-.", (0, (1, 2)), (0, (5, 2, 1, 2)), "-"]
     for j, (name, value) in enumerate(references.items()):
         ax.axhline(value, color="gray", linestyle=styles[j % len(styles)], linewidth=1, label=name)
@@ -118,11 +119,11 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
                 markevery=max(1, len(x) // 12), markersize=4, label=label + (f", mean of {seeds} seeds" if seeds > 1 else ""))  # fmt: skip
         if seeds > 1:
             ax.fill_between(x, [min(p[1]) for p in pts], [max(p[1]) for p in pts], color=look["color"], alpha=0.15, linewidth=0)
-    for name, members in buckets.items() if target else ():
-        value = target(members[0])
-        if value:
-            ax.axhline(value, color=style(methods.index(name))["color"], linestyle="--", linewidth=0.8,
-                       label=f"{name}: target {value:g}")  # fmt: skip
+    targets = sorted({t for members in buckets.values() if target and (t := target(members[0]))})
+    for value in targets:  # one line per distinct target, whichever methods share it
+        ax.axhline(value, color="gray", linestyle="--", linewidth=0.8)
+        ax.annotate(f"target {value:g}", (1.0, value), xycoords=("axes fraction", "data"), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=7, color="gray")  # fmt: skip
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("round")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -164,13 +165,26 @@ def load_runs(dirs: list[Path], skipped: list[str] | None = None) -> list[Run]:
             skipped.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
             continue
         runs.append(Run(path, summary, config, rows))
-    datasets = [r.summary.dataset for r in runs if r.summary.dataset]
+    datasets = [_dataset(r) for r in runs]
     if len(set(datasets)) > 1:
         main = max(set(datasets), key=datasets.count)
-        for r in [r for r in runs if r.summary.dataset and r.summary.dataset != main]:
-            skipped.append(f"{r.path}: another dataset ({r.summary.dataset}; the report's is {main})")
+        for r in [r for r in runs if _dataset(r) != main]:
+            skipped.append(f"{r.path}: another dataset ({_dataset(r)}; the report's is {main})")
             runs.remove(r)
     return runs
+
+
+# What names a dataset: the seed only draws a split (and synthetic data) of it, so seeds stay together.
+DATASET_KEYS = ("dataset", "data-path", "min-user-interactions", "synthetic-users", "synthetic-items",
+                "synthetic-clusters", "synthetic-mean-length")  # fmt: skip
+
+
+def _dataset(run: Run) -> str:
+    if run.config:
+        kind = run.config.get("dataset", "synthetic")
+        keys = [k for k in DATASET_KEYS if k != "dataset" and (k.startswith("synthetic") == (kind == "synthetic"))]
+        return f"{kind}(" + ", ".join(f"{k}={run.config.get(k)}" for k in keys if run.config.get(k) not in (None, "")) + ")"
+    return re.sub(r", seed=\d+", "", (run.summary.dataset or "").split(":")[0])
 
 
 def _why_incomplete(path: Path) -> str:
@@ -259,8 +273,10 @@ def _last_meter(rows: list[dict[str, Any]], key: str) -> float | None:
 
 def same_users(local: Run, federated: list[Run]) -> bool:
     """Whether a local-only run ranked the users the federated runs were tested on: both
-    covered every private user (a sample of each is drawn differently)."""
-    everyone = local.summary.extra.get("local_users") == local.summary.private_users
+    covered every private user (a sample of each is drawn differently) of the same split
+    (the seed draws the split)."""
+    seeds = {r.config.get("seed", 0) for r in federated}
+    everyone = local.summary.extra.get("local_users") == local.summary.private_users and local.config.get("seed", 0) in seeds
     return everyone and all(r.summary.test_users in (None, r.summary.private_users)
                             and r.summary.private_users == local.summary.private_users for r in federated)  # fmt: skip
 

@@ -84,17 +84,19 @@ def test_report_of_an_empty_folder_is_a_one_line_error(tmp_path, capsys):
 def test_report_names_what_it_skips_and_refuses_a_local_reference_on_other_users(tmp_path, capsys):
     from fedrec.report import write_report
 
-    def run(name: str, summary: dict | None) -> None:
+    def run(name: str, summary: dict | None, config: str = "seed = 0\n") -> None:
         folder = tmp_path / "runs" / name
         (folder / "checkpoint").mkdir(parents=True)
-        (folder / "config.toml").write_text("seed = 0\n")
+        (folder / "config.toml").write_text(config)
         if summary is not None:
             (folder / "summary.json").write_text(json.dumps(summary))
 
     ours = {"dataset": "synthetic(users=120)", "private_users": 100, "test_users": 100,
             "test": {"ndcg@10": 0.25, "hr@10": 0.4}}
     run("fed", _summary(None) | ours)
-    run("other-data", _summary(None) | ours | {"dataset": "movielens(ml-100k)"})
+    run("fed-seed-1", _summary(None) | ours, config="seed = 1\n")  # another seed of the same data: kept
+    run("other-data", _summary(None) | ours | {"dataset": "movielens(ml-100k)"},
+        config='seed = 0\ndataset = "movielens"\ndata-path = "/data/ml-100k"\n')
     run("cut", None)
     (tmp_path / "runs" / "cut" / "checkpoint" / "manifest.json").write_text('{"round": 3, "client_state": {}}')
     run("failed", None)
