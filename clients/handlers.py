@@ -82,7 +82,8 @@ def _node_from(run_config, task, context: Context) -> _Node:
     if is_device(nc):  # a real device: own data, base model received from the server
         fingerprint, users = str(task["base"]), [int(u) for u in task["user-ids"]]
         if len(users) != 1:
-            raise ValueError(f"device {nc['user-id']!r} holds one user, was asked for {len(users)}")
+            raise ValueError(f"device {nc['user-id']!r} holds one user, was asked for {len(users)}: the server runs "
+                             f"placement={cfg.placement}; a federation of devices needs placement=\"device\"")  # fmt: skip
         own = read_own_data(nc, fingerprint, users[0])
         # What never leaves the device (its own B under lora-share=a-only) lives in its state folder.
         cfg = cfg.replace(client_state_dir=str(state_dir(nc) / "client-state"))

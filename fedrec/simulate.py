@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; Ctrl-C and SIGTERM stop it cleanly (fedrec.interrupt)."""
     try:
         return interrupt.guarded(lambda: _main(argv))
+    except BrokenPipeError:  # the reader of the output went away (`--keys | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds a sink
+        return 0
     finally:
         unlock_folders()
 

@@ -107,6 +107,17 @@ def test_a_real_devices_replies_carry_only_adapters_and_scalars(run):
     assert _send(_records(cfg, {"kind": "identify", "base": fp}), "query", nc).content["identity"]["needs-base"] == 0
 
 
+def test_a_device_asked_for_a_cohort_says_the_server_needs_device_placement(run):
+    cfg, work, state, _trained, tmp = run
+    users = [int(u) for u in work.data.private[:2]]
+    (nc,) = device_files(tmp / "data.csv", [work.data.user_ids[users[0]]], tmp / "device-cohort")
+    task = {"round": 1, "clipping-norm": 0.5, "base": work.base_path.stem, "user-ids": users}
+    # Raised in the ClientApp; Flower's runtime sends it to the server as the reply's error.
+    with pytest.raises(ValueError, match='holds one user, was asked for 2: the server runs placement=cohort; '
+                                         'a federation of devices needs placement="device"'):  # fmt: skip
+        _send(_records(cfg.replace(placement="cohort"), task, adapter=ArrayRecord(state)), "train", nc)
+
+
 def test_a_device_with_missing_or_malformed_data_replies_with_an_error(run):
     cfg, work, state, _trained, tmp = run
     user = int(work.data.private[1])
