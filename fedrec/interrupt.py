@@ -145,7 +145,10 @@ def guarded(main: Callable[[], int]) -> int:
     and returns 128 + the signal's number. For drivers: fedrec.simulate, the sweep scripts."""
     with handling():
         try:
-            return main()
+            code = main()
+            if requested():  # the signal came once nothing was left to stop (Flower's and Ray's shutdown)
+                _say("fedrec: the signal came after the work had finished; its results are whole")
+            return code
         except Interrupted as stop:
             _say(f"fedrec: {stop.message}")
             kill_descendants()  # Ray's processes are gone after its shutdown; none may stay

@@ -185,3 +185,10 @@ def test_the_exit_status_is_the_shells():
            "def main():\n    request()\n    check('here')\nsys.exit(guarded(main))\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr.strip() == "fedrec: stopped here"
+
+
+def test_a_signal_after_the_work_is_said_and_keeps_its_status():
+    code = "import sys\nfrom fedrec.interrupt import guarded, request\n" \
+           "def main():\n    request()\n    return 0\nsys.exit(guarded(main))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "after the work had finished" in proc.stderr
