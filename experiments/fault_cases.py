@@ -215,9 +215,9 @@ def cases() -> list[Case]:
         Case("sqlite file as CSV", run("dataset=csv data-path={tmp}/d.csv"), "error", "d.csv", _sqlite("d.csv")),
         # --- signals
         Case("Ctrl-C mid-round", ["--output-dir", "{tmp}/out", *RC, f"{TINY} num-rounds=200 eval-every=1"], "stop",
-             "--resume", signal_after=(r"round +3/200", signal.SIGINT)),  # fmt: skip
+             "--resume", signal_after=(r"round +4/200", signal.SIGINT)),  # fmt: skip
         Case("SIGTERM mid-round", ["--output-dir", "{tmp}/out", *RC, f"{TINY} num-rounds=200 eval-every=1"], "stop",
-             "--resume", signal_after=(r"round +3/200", signal.SIGTERM)),  # fmt: skip
+             "--resume", signal_after=(r"round +4/200", signal.SIGTERM)),  # fmt: skip
         Case("Ctrl-C while pretraining", ["--output-dir", "{tmp}/out", *RC, _merged(TINY, "pretrain-epochs=5000 pretrain-patience=0")],
              "stop", "none of it was kept", signal_after=(r"base model: pretraining on", signal.SIGINT),
              env={"FEDREC_CACHE_DIR": "{tmp}/fresh-cache"}),  # fmt: skip
