@@ -274,3 +274,15 @@ def test_a_run_stopped_early_does_not_wait_for_the_rounds_composed_ahead():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) > 0
+
+
+def test_a_process_exits_cleanly_while_ledgers_are_composed_ahead():
+    """Queued ε compositions are dropped at exit and the one in progress is waited for: a
+    daemon thread inside SciPy's FFT during finalization once aborted a finished run."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom fedrec.privacy import accountant as a\n"
+            "a._AHEAD.submit([(((0.13, 0.8, n),), 1e-3) for n in range(1, 400)])\ntime.sleep(0.3)\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,6 +15,7 @@ uninterrupted run reports. Composition uses well-kept libraries:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
 import math
@@ -207,7 +208,10 @@ class _ComposeAhead:
     """ε of ledgers a run will ask for, composed in order on one daemon thread.
 
     Written here rather than with concurrent.futures: its worker threads are joined at
-    interpreter exit, so a run stopped early would wait for every queued ledger.
+    interpreter exit, so a run stopped early would wait for every queued ledger. At exit the
+    queue is dropped and the one ledger in progress is waited for (`stop`): a daemon thread
+    still inside SciPy's FFT while the interpreter finalizes aborted the process (exit -6,
+    seen once in CI after a run stopped at max-epsilon).
     """
 
     def __init__(self) -> None:
@@ -223,6 +227,12 @@ class _ComposeAhead:
                 self._running = True
                 threading.Thread(target=self._work, name="fedrec-compose-ahead", daemon=True).start()
 
+    def stop(self, timeout: float = 60.0) -> None:
+        """Drop what is queued and wait for the ledger being composed (at interpreter exit)."""
+        with self._cond:
+            del self._queue[1:]
+            self._cond.wait_for(lambda: not self._running, timeout=timeout)
+
     def get(self, key: tuple, compute) -> float:
         with self._cond:
             while key in self._queue:
@@ -236,6 +246,7 @@ class _ComposeAhead:
             with self._cond:
                 if not self._queue:
                     self._running = False
+                    self._cond.notify_all()  # `stop` waits for this
                     return
                 key = self._queue[0]
             try:
@@ -252,6 +263,7 @@ class _ComposeAhead:
 
 
 _AHEAD = _ComposeAhead()
+atexit.register(_AHEAD.stop)
 
 
 def calibrate_noise(
