@@ -65,14 +65,19 @@ def lock_folder(path: str | Path) -> Path:
         except OSError as e:  # os.access can say yes to root where mkdir then fails (/proc, read-only mounts)
             raise ConfigError(f"output-dir: {path} cannot be created ({e.strerror})") from None
         _CREATED.add(path)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    _HELD[path] = _flock(path)
+    return path
+
+
+def _flock(folder: Path) -> int:
+    """An open descriptor holding `folder`'s exclusive lock; ConfigError while another process holds it."""
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ConfigError(f"output-dir: {path} is in use by another run that is still going") from None
-    _HELD[path] = fd
-    return path
+        raise ConfigError(f"output-dir: {folder} is in use by another run that is still going") from None
+    return fd
 
 
 def unlock_folders() -> None:
@@ -95,12 +100,7 @@ class ResultsDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = None
         if self.path not in _HELD:  # the driver's lock (lock_folder) covers this run already
-            self._lock = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(self._lock)
-                raise ConfigError(f"output-dir: {self.path} is in use by another run that is still going") from None
+            self._lock = _flock(self.path)
         self.metrics_path = self.path / "metrics.jsonl"
         if resume_round is None:
             for name in RUN_FILES:  # only with overwrite: check_output_dir refused them otherwise
