@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,11 +48,28 @@ def has_base(node_config: dict, fingerprint: str) -> bool:
     return (state_dir(node_config) / f"{fingerprint}.pt").exists()
 
 
+def device_key(node_config: dict) -> str:
+    """An opaque id this device enrolls with: random, made once and kept in its state folder.
+    It names the device to the server without its user id or anything from its history."""
+    path = state_dir(node_config) / "device-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(secrets.token_hex(16))
+        os.replace(tmp, path)
+    return path.read_text().strip()
+
+
 def identify(msg: Message, context: Context) -> Message:
-    """Who this device is and whether it still needs the base model: no torch needed."""
+    """Who this device is and whether it still needs the base model: no torch needed.
+
+    A server that enrolls its private users (`enroll` in the task) gets only an opaque key;
+    one that holds the list of private users gets the node config's `user-id` to find it in."""
     nc = context.node_config
-    fingerprint = str(msg.content["task"]["base"])
-    identity = {"user-key": str(nc["user-id"]), "needs-base": int(not has_base(nc, fingerprint))}
+    task = msg.content["task"]
+    fingerprint = str(task["base"])
+    who = {"device-key": device_key(nc)} if int(task.get("enroll", 0)) else {"user-key": str(nc["user-id"])}
+    identity = who | {"needs-base": int(not has_base(nc, fingerprint))}
     return Message(RecordDict({"identity": ConfigRecord(identity)}), reply_to=msg)
 
 

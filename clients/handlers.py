@@ -179,10 +179,34 @@ def _train_secagg(msg: Message, context: Context) -> Message:
     node = _node_from(json.loads(str(conf["run-config"])), task, context)
     arrays = parameters_to_ndarrays(fitins.parameters)
     global_state = {k: torch.from_numpy(a.copy()) for k, a in zip(keys, arrays, strict=True)}
-    total = _train_users(node, [int(u) for u in task["user-ids"]], global_state, task)
+    users = [int(u) for u in task["user-ids"]]
+    total = _train_users(node, users, global_state, task)
     update = [total.delta[k].numpy() for k in json.loads(str(conf["update-keys"]))]
+    if "noise-plan" in task:  # distributed DP: this device's share of the noise goes on before the masks
+        update = _encode_with_noise(update, task, users[0], node.cfg.seed, real=is_device(context.node_config))
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), 1, {})
     return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+
+def _encode_with_noise(update: list, task: dict, user: int, seed: int, real: bool) -> list:
+    """The update as the plan's field integers, noised, shifted into [−T/2, T/2): SecAgg+'s
+    quantization (range T/2, T levels) then maps each onto itself (server/secagg.py).
+
+    A real device draws its noise from the OS's entropy: a seed the server knows would let
+    it subtract the noise. A simulated device draws from the run's seed, so runs repeat."""
+    import numpy as np
+
+    from fedrec.privacy.distributed import SkellamPlan
+
+    plan = SkellamPlan.from_record(dict(task["noise-plan"]))
+    rng = np.random.default_rng() if real else np.random.default_rng([seed, int(task["round"]), user, 0xD15C])
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in update])
+    field = plan.encode(flat, rng).astype(np.float64) - plan.field / 2
+    out, at = [], 0
+    for a in update:
+        out.append(field[at : at + a.size].reshape(a.shape))
+        at += a.size
+    return out
 
 
 def _train_users(node: _Node, users: list[int], global_state: dict, task) -> UpdateSum:

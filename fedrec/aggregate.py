@@ -35,6 +35,9 @@ class UpdateSum:
     sq_weight_sum: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)  # users left out of the sum, by reason
     num_dropped: int = 0  # sampled users who never reported (client-dropout)
+    # distributed DP under SecAgg+: `delta` is the devices' field sum, noised on the devices,
+    # for the mechanism to decode (fedrec.privacy.distributed); never a sum without noise
+    encoded: bool = False
 
     def reject(self, reason: str, users: int = 1) -> None:
         if users:

@@ -163,6 +163,9 @@ class FedRecConfig:
     # Toeplitz factorization (DP-FTRL; sampling=all or cyclic, where no sampling amplifies)
     mechanism: str = field(default="gaussian", metadata=_choice("privacy", *MECHANISMS))
     mf_bands: int = field(default=16, metadata=_range("privacy", 1))
+    # who adds the noise: the server to the sum (central DP), or each device its share before
+    # SecAgg+ masks it (distributed Skellam: fedrec.privacy.distributed)
+    noise_placement: str = field(default="server", metadata=_choice("privacy", "server", "devices"))
     # which round's adapter is the run's result: auto = best private validation without DP,
     # the last round under DP (private validation carries no noise)
     model_selection: str = field(default="auto", metadata=_choice("evaluation", *MODEL_SELECTIONS))
@@ -179,8 +182,16 @@ class FedRecConfig:
     secure_aggregation: str = field(default="none", metadata=_choice("secagg", "none", "secagg+"))
     secagg_shares: int = field(default=3, metadata=_range("secagg", 3))
     secagg_threshold: int = field(default=2, metadata=_range("secagg", 2))
+    # noise-placement=devices: the share of the expected cohort that may drop out with the
+    # survivors' noise still meeting the target (each device adds more noise for it)
+    secagg_dropout_margin: float = field(default=0.2, metadata=_range("secagg", 0.0, 0.9))
     # where the clients run
     placement: str = field(default="cohort", metadata=_choice("workers", *PLACEMENTS))
+    # who the private users are: the data file's (its private split), or the devices that
+    # enroll (a deployment whose server holds only public users and the catalogue)
+    private_users: str = field(default="data", metadata=_choice("workers", "data", "enrolled"))
+    # private-users=enrolled: start once this many devices enrolled (0: once none joined for a while)
+    enroll_devices: int = field(default=0, metadata=_range("workers", 0))
     num_workers: int = field(default=2, metadata=_range("workers", 1))
     # an existing Ray cluster (e.g. "127.0.0.1:6379"); "" starts a local one
     ray_address: str = field(default="", metadata=_in("workers"))
@@ -250,6 +261,21 @@ class FedRecConfig:
                 ("no adaptive-clipping (it needs per-user clip counts)", self.adaptive_clipping),
                 ("secagg-shares odd", self.secagg_shares % 2 == 0),
                 ("secagg-threshold <= secagg-shares", self.secagg_threshold > self.secagg_shares)))),
+            (self.noise_placement == "devices", _unmet("noise-placement: devices needs ", "; ", (
+                ("noise (noise-multiplier or target-epsilon)", not dp), ("clipping-norm > 0", no_clip),
+                ("sampling=poisson (its accounting amplifies by Poisson sampling)", sampling != "poisson"),
+                ("mechanism=gaussian", self.mechanism != "gaussian"), ("no adaptive-clipping", self.adaptive_clipping),
+                ("accountant=auto (it is accounted with its own Skellam RDP bound)", self.accountant != "auto"),
+                ("no audit-canaries", self.audit_canaries > 0),
+                ("secure-aggregation=secagg+ in placement=device (a device adds only its share of the noise: "
+                 "without SecAgg+ the server would see each update nearly bare)",
+                 self.placement == "device" and self.secure_aggregation != "secagg+")))),
+            (self.private_users == "enrolled", _unmet("private-users: enrolled needs ", "; ", (
+                ("placement=device (the devices are the private users)", self.placement != "device"),
+                ("mode=federated", self.mode != "federated"),
+                ("no audit-canaries (an audit runs in simulation)", self.audit_canaries > 0)))),
+            (self.enroll_devices > 0 and self.private_users != "enrolled",
+             "enroll-devices: counts devices that enroll; it needs private-users=enrolled"),
             (self.client_dropout > 0 and (self.secure_aggregation != "none" or self.partition == "silo"),
              "client-dropout: simulated for user-level runs without SecAgg+ (SecAgg+ handles real dropouts itself)"),
             (self.audit_canaries > 0, _unmet("audit-canaries: needs ", "; ", (

@@ -63,7 +63,7 @@ def selection(cfg: FedRecConfig) -> str:
     return "last" if cfg.dp_enabled else "private"
 
 
-def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) -> Mechanism:
+def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print, dimension: int = 0) -> Mechanism:
     population, expected = len(sampler.population), sampler.size
     adaptive = None
     if cfg.adaptive_clipping:
@@ -71,6 +71,15 @@ def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print) 
         adaptive = AdaptiveClip(cfg.clip_quantile, cfg.clip_learning_rate, count_stddev)
     if not cfg.dp_enabled:
         return NoPrivacy(cfg.clipping_norm, adaptive)
+    if cfg.noise_placement == "devices":
+        from fedrec.privacy.distributed import distributed_skellam
+
+        return distributed_skellam(
+            noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
+            clipping_norm=cfg.clipping_norm, q=min(1.0, expected / population), expected_users=expected,
+            population=population, delta=run_delta(cfg, population), dimension=dimension,
+            dropout_margin=cfg.secagg_dropout_margin, seed=cfg.seed, log=log,
+        )  # fmt: skip
     if sampler.kind in ("all", "cyclic"):
         return banded_mf(
             noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
@@ -105,7 +114,7 @@ class FederatedRun:
         self.initial: AdapterState = {k: v.detach().clone() for k, v in initial.items()}
         self.sent_keys = list(sent_keys or sorted(initial))
         self._sample(cfg)
-        self.mechanism = make_mechanism(cfg, self.sampler, log)
+        self.mechanism = make_mechanism(cfg, self.sampler, log, dimension)
         self.valid_users = validation_users(self.users, cfg.eval_users, cfg.seed)
         self.selection = selection(cfg)
         self.public_users = validation_users(np.asarray(public if public is not None else [], dtype=np.int64),
@@ -173,7 +182,7 @@ class FederatedRun:
             "update-norm": total.norm_sum / n,
             "clipped-fraction": total.num_clipped / n,
         }
-        if clip > 0:  # the signal-to-noise meter, on the real users' sum (fedrec.privacy.snr)
+        if clip > 0 and not total.encoded:  # the signal-to-noise meter, on the real users' sum (fedrec.privacy.snr)
             metrics |= self.meter.round(total, clip, self.mechanism.noise_on_mean(self.dimension, rnd),
                                         self.mechanism.noise_on_sum(self.dimension, rnd))  # fmt: skip
         if self.canaries is not None:  # after the metrics above: those describe real users only
@@ -236,6 +245,9 @@ class FederatedRun:
         """The whole run from round 0 (or from where a loaded state left off); writes the results
         directory (through the callbacks) and returns its summary."""
         self.mechanism.prepare(range(self.round + 1, self.cfg.num_rounds + 1))
+        plan = getattr(self.mechanism, "plan", None)
+        if plan is not None and hasattr(port, "noise_plan"):  # a port whose devices add the noise themselves
+            port.noise_plan = plan
         for cb in self.callbacks:
             cb.on_begin(self)
         mark_at_risk(lambda: f"fedrec: stopped at once in round {self.round + 1}; {self._resume_hint()}")

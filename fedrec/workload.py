@@ -246,7 +246,7 @@ class Workload:
 
     def cold_subsets(self, users: np.ndarray) -> dict[str, np.ndarray]:
         """With cold items: the users whose test target is cold, and the others (warm)."""
-        if not len(self.data.cold):
+        if not len(self.data.cold) or not len(self.data.private):  # enrolled devices' targets stay on them
             return {}
         cold = self.data.cold_target_users(users)
         return {"cold": cold, "warm": np.setdiff1d(np.asarray(users, dtype=np.int64), cold)}
@@ -340,12 +340,15 @@ def prepare_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: 
 
 
 def _split(cfg: FedRecConfig, log: Callable[[str], None]):
-    key = cfg.fingerprint(*DATA_KEYS)
+    key = cfg.fingerprint(*DATA_KEYS, "private-users")
     if key not in _CACHE:
         interactions = _load_or_generate(cfg)
         log(f"data: {interactions.describe()}")
-        data = split_users(interactions, cfg.public_fraction, cfg.seed, cfg.cold_items)
-        log(f"split: {len(data.public):,} public users (pretraining), {len(data.private):,} private users (federated)"
-            + (f"; {len(data.cold):,} cold items held out of every training prefix" if len(data.cold) else ""))
+        enrolled = cfg.private_users == "enrolled"
+        data = split_users(interactions, cfg.public_fraction, cfg.seed, cfg.cold_items, all_public=enrolled)
+        log(f"split: {len(data.public):,} public users (pretraining), "
+            + ("private users: the devices that enroll (private-users=enrolled)" if enrolled
+               else f"{len(data.private):,} private users (federated)")
+            + (f"; {len(data.cold):,} cold items held out of every training prefix" if len(data.cold) else ""))  # fmt: skip
         _CACHE[key] = (interactions, data)
     return _CACHE[key]

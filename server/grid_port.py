@@ -76,6 +76,8 @@ class GridPort:
         self.failed_users: list[int] = []  # device placement: users whose device failed the last exchange
         self._run_config = ConfigRecord(cfg.to_dict())  # resolved once; travels with every message
         self.setup_traffic: dict[str, float] = {}  # bytes of the messages `connect` exchanged
+        # noise-placement=devices under SecAgg+: the plan the devices encode with (set by the run)
+        self.noise_plan = None
 
     # ------------------------------------------------------------ node routing
     def connect(self, grid: Grid, timeout: float = NODE_WAIT_S) -> None:
@@ -95,7 +97,8 @@ class GridPort:
         self._plain_grid = grid  # evaluation's messages: a simulation's diagnostic, not training traffic
         grid = self._grid = CountingGrid(grid)  # every other message goes through it from now on, counted
         device = self.cfg.placement == "device"
-        need = len(self.population) if device else self.cfg.num_workers
+        enroll = self.cfg.private_users == "enrolled"
+        need = (self.cfg.enroll_devices or 2**31) if enroll else len(self.population) if device else self.cfg.num_workers
         deadline = time.monotonic() + timeout
         seen, last_change = 0, time.monotonic()
         while True:
@@ -107,6 +110,9 @@ class GridPort:
             # Devices come and go: once none has joined for a while, go on with those present.
             settled = device and nodes and time.monotonic() - last_change > DEVICE_SETTLE_S
             if settled or time.monotonic() > deadline:
+                if enroll and nodes:
+                    self.log(f"{len(nodes)} device nodes connected, none for {DEVICE_SETTLE_S:.0f} s: they enroll")
+                    break
                 if device and nodes:
                     self.log(f"{len(nodes)} of {need} device nodes connected; going on with them (a device that "
                              "could not join says why in its own log; server.local_federation reports it)")
@@ -124,10 +130,14 @@ class GridPort:
             return
         to_setup: list[tuple[int, int, bool]] = []  # (node, user, needs the base)
         user_index = {self.base.user_ids[int(u)]: int(u) for u in self.population} if self.base else {}
+        if enroll:
+            replies = self._enroll(replies)
         for reply in replies:
             identity = reply.content["identity"]
             node = reply.metadata.src_node_id
-            if "user-key" in identity:  # a real device: resolve its user id, then set it up
+            if "enrolled" in identity:  # a device that enrolled: the index `_enroll` gave it
+                to_setup.append((node, int(identity["enrolled"]), bool(identity["needs-base"])))
+            elif "user-key" in identity:  # a real device: resolve its user id, then set it up
                 key = str(identity["user-key"])
                 if key not in user_index:
                     self.log(f"device node {node}: user {key!r} is not a private user of this run; left out")
@@ -145,8 +155,26 @@ class GridPort:
             raise RuntimeError("no device node can train: see the messages above")
         self.setup_traffic = grid.take()  # identify, and the base and catalogue where shipped
 
+    def _enroll(self, replies: list[Message]) -> list[Message]:
+        """private-users=enrolled: every device that answered with an opaque key becomes a
+        private user, numbered after the server's own (public) users in the order of the keys,
+        so that the same devices get the same numbers (and the run's seeds) in every run."""
+        keyed = sorted((str(r.content["identity"]["device-key"]), r) for r in replies
+                       if "device-key" in r.content["identity"])  # fmt: skip
+        if len(keyed) < len(replies):
+            self.log(f"{len(replies) - len(keyed)} node(s) answered without a device key (not real devices); left out")
+        first = len(self.base.user_ids) if self.base else 0
+        for k, (_key, reply) in enumerate(keyed):
+            reply.content["identity"]["enrolled"] = first + k
+        self.population = np.arange(first, first + len(keyed), dtype=np.int64)
+        self.log(f"enrollment: {len(keyed)} devices enrolled; the private population is N={len(keyed)} "
+                 "(one device per user assumed: a user with two devices counts twice)")  # fmt: skip
+        return [r for _k, r in keyed]
+
     def _query(self, node: int, kind: str, user: int | None = None, shipment: dict | None = None) -> Message:
         task = {"kind": kind, "base": self.base.fingerprint if self.base else ""}
+        if kind == "identify" and self.cfg.private_users == "enrolled":
+            task["enroll"] = 1
         if user is not None:
             task["user-ids"] = [user]
         content = RecordDict({"task": ConfigRecord(task), "run-config": self._run_config} | (shipment or {}))
@@ -325,8 +353,12 @@ class GridPort:
         task = {"round": server_round, "clipping-norm": float(clipping_norm),
                 "base": self.base.fingerprint if self.base else ""}  # fmt: skip
         routes = [(self.user_node[int(u)], int(u)) for u in cohort]
+        if self.cfg.noise_placement == "devices":
+            if self.noise_plan is None:
+                raise RuntimeError("noise-placement=devices: the run gave the port no noise plan")
+            task["noise-plan"] = self.noise_plan.to_record()
         total, failed = secure_sum(self._grid, self.context, self.cfg, arrays.to_torch_state_dict(), routes, task,
-                                   self.cfg.to_dict(), self.update_keys)  # fmt: skip
+                                   self.cfg.to_dict(), self.update_keys, plan=self.noise_plan)  # fmt: skip
         if failed:
             self.log(f"round {server_round}: {failed} of {len(routes)} devices dropped out of SecAgg+")
         return TrainResult(total)

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from fedrec.aggregate import UpdateSum
 from fedrec.config import FedRecConfig
+from fedrec.privacy.distributed import MODULUS_BITS, TOO_FEW, SkellamPlan
 
 
 class _CohortFit(LegacyStrategy):
@@ -57,6 +58,22 @@ class _CohortFit(LegacyStrategy):
         return None
 
 
+class _GuardedSecAggPlus(SecAggPlusWorkflow):
+    """SecAgg+ that refuses to unmask a sum whose devices' noise falls short (distributed DP):
+    with fewer than `min_survivors` masked vectors, the unmask stage never runs."""
+
+    def __init__(self, *args, min_survivors: int = 0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.min_survivors = min_survivors
+        self.survivors = -1  # devices whose masked vectors arrived (-1: the stage was not reached)
+
+    def unmask_stage(self, grid, context, state) -> bool:
+        self.survivors = len(state.active_node_ids)
+        if self.survivors < self.min_survivors:
+            return False
+        return super().unmask_stage(grid, context, state)
+
+
 def secure_sum(
     grid: Grid,
     context: Context,
@@ -66,6 +83,7 @@ def secure_sum(
     task: dict,
     run_config: dict,
     update_keys: list[str],
+    plan: SkellamPlan | None = None,
 ) -> tuple[UpdateSum, int]:
     """Σ clip(Δ_u) over the devices in `routes` ((node, user) pairs); also the number that failed.
 
@@ -73,6 +91,11 @@ def secure_sum(
 
     Updates are quantized into [-C, C] (every coordinate of a clipped update lies there),
     so the sum is exact up to 2C/2²² per coordinate and user.
+
+    With a distributed-DP `plan` the devices hand SecAgg+ integers in [0, T) already noised
+    (`SkellamPlan.encode`, shifted into [−T/2, T/2) so that SecAgg+'s quantization maps them
+    onto themselves); the result is their sum in the field, `encoded` for the mechanism to
+    decode. Fewer than `plan.min_survivors` masked vectors: nothing is unmasked.
     """
     keys = list(state)
     params = ndarrays_to_parameters([state[k].numpy() for k in keys])
@@ -89,17 +112,28 @@ def secure_sum(
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(task["round"])})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, keep_input=True)
-    workflow = SecAggPlusWorkflow(
+    field = {} if plan is None else {"clipping_range": plan.field / 2, "quantization_range": plan.field,
+                                     "modulus_range": 2**MODULUS_BITS}  # fmt: skip
+    workflow = _GuardedSecAggPlus(
         num_shares=cfg.secagg_shares,
         reconstruction_threshold=cfg.secagg_threshold,
         max_weight=1.0,
-        clipping_range=float(task["clipping-norm"]),
+        **({"clipping_range": float(task["clipping-norm"])} | field),
+        min_survivors=plan.min_survivors if plan is not None else 0,
     )
     workflow(grid, legacy)
     n = len(strategy.results)
+    if plan is not None and 0 <= workflow.survivors < plan.min_survivors:  # refused before unmasking
+        return UpdateSum(rejected={TOO_FEW: workflow.survivors}, encoded=True), len(routes) - workflow.survivors
     if n == 0:
         return UpdateSum(), len(routes)
     mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
+    if plan is not None:
+        # SecAgg+ returns (Σ v − n·T/2)/n for v = the devices' field values: the field sum back, in float64 (exact)
+        summed = {k: torch.from_numpy(np.rint(np.asarray(m, dtype=np.float64) * n + n * plan.field / 2))
+                  for k, m in zip(update_keys, mean, strict=True)}  # fmt: skip
+        return UpdateSum(summed, num_users=n, weight=float(n), loss_sum=math.nan, norm_sum=math.nan,
+                         sq_norm_sum=math.nan, sq_weight_sum=math.nan, encoded=True), len(routes) - n
     delta = {k: torch.from_numpy(np.asarray(m, dtype=np.float32) * n) for k, m in zip(update_keys, mean, strict=True)}
     # Per-user loss and norm never leave the devices under SecAgg+: reported as NaN.
     return UpdateSum(delta, num_users=n, weight=float(n), loss_sum=math.nan, norm_sum=math.nan,

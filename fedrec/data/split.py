@@ -75,8 +75,10 @@ def public_count(users: int, public_fraction: float) -> int:
     return min(max(1, int(round(public_fraction * users))), users - 1)
 
 
-def split_users(data: Interactions, public_fraction: float, seed: int, cold_items: float = 0.0) -> SplitData:
-    """Seeded public/private split; at least one user ends up on each side.
+def split_users(data: Interactions, public_fraction: float, seed: int, cold_items: float = 0.0,
+                all_public: bool = False) -> SplitData:  # fmt: skip
+    """Seeded public/private split; at least one user ends up on each side, unless
+    `all_public` (a server whose private users are the devices that enroll: it holds none).
 
     With `cold_items` = F, a seeded fraction F of the catalogue is held out: removed from
     every training prefix, so those items are only ever validation or test targets (and,
@@ -84,10 +86,10 @@ def split_users(data: Interactions, public_fraction: float, seed: int, cold_item
     (`fedrec.train.pretrain.ensure_base`).
     """
     n = data.num_users
-    if n < 2:
+    if n < 2 and not all_public:
         raise ValueError(f"need at least 2 users for a public/private split, got {n}")
     order = np.random.default_rng([seed, 0xB1C]).permutation(n)
-    n_public = public_count(n, public_fraction)
+    n_public = n if all_public else public_count(n, public_fraction)
     train, valid, test = leave_one_out(data.sequences)
     cold = np.zeros(0, dtype=np.int64)
     if cold_items > 0:

@@ -72,6 +72,8 @@ def base_path(cfg: FedRecConfig) -> Path:
         key += f"-lt{cfg.pretrain_loss_tolerance:g}"
     if cfg.pretrain_label_smoothing:  # only when set, as below
         key += f"-ls{cfg.pretrain_label_smoothing:g}"
+    if cfg.private_users == "enrolled":  # every user of the file is public, so the base differs
+        key += "-enrolled"
     if cfg.pretrain_users:  # only when set, so that every base cached before the key stays valid
         key += f"-p{cfg.pretrain_users}"
     if cfg.cold_items:  # cold items' recipe 2: left out of the training softmax too
