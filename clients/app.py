@@ -30,29 +30,37 @@ def _secagg_when_asked(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
+def _handle(kind: str, msg: Message, context: Context) -> Message:
+    """On a real device, the warm worker handles it (clients/warm.py); otherwise, or if the
+    worker cannot be used, this process does."""
+    from clients import warm
+
+    if warm.enabled(context.node_config):
+        reply = warm.call(kind, msg, context)
+        if reply is not None:
+            return reply
+    from clients import handlers
+
+    return getattr(handlers, kind)(msg, context)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     if "data-path" in context.node_config and msg.content["task"]["kind"] == "identify":
         from clients.device import identify  # a real device answers who it is without loading torch
 
         return identify(msg, context)
-    from clients import handlers
-
-    return handlers.query(msg, context)
+    return _handle("query", msg, context)
 
 
 @app.train(mods=[_secagg_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    from clients import handlers
-
-    return handlers.train(msg, context)
+    return _handle("train", msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from clients import handlers
-
-    return handlers.evaluate(msg, context)
+    return _handle("evaluate", msg, context)
 
 
 # Flower's simulation engine (`flwr run`, run_simulation) imports this module before it

@@ -1,7 +1,8 @@
 """Run fedrec on Flower's deployment runtime on this machine: one SuperLink, one SuperNode per device.
 
     .venv/bin/python -m server.local_federation --data-path DATA.csv [--devices 3] \\
-        [--run-config "num-rounds=2 ..."] [--insecure] [--no-auth]
+        [--run-config "num-rounds=2 ..."] [--insecure] [--no-auth] [--enroll] \\
+        [--source-module myapp.store] [--bad-keys 1]
 
 What a real deployment does, on 127.0.0.1: TLS with a certificate authority made for this
 run, SuperNode authentication (each SuperNode's ECDSA key registered with
@@ -11,7 +12,10 @@ own interactions (CSV, JSON lines or SQLite in turn, the shipped sources). Only 
 processes started here are stopped at the end.
 
 The data file is a CSV with `user,item,timestamp` columns; the server pretrains the base
-on its public users, and the first `--devices` private users become devices.
+on its public users, and the first `--devices` private users become devices. With
+`--enroll` the server is given only the public users' rows (private-users=enrolled): the
+devices enroll with opaque keys. With `--source-module` each device reads its file with
+an app's own reader, written by that module's `write_rows` (docs/plug-in-client.md).
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ def make_node_key(path: Path) -> tuple[Path, Path]:
     pub = path.with_suffix(".pub")
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
     return path, pub
+
+
+def connection_config(name: str, address: str, ca: Path | None) -> str:
+    """The `flwr` CLI's connection config ($FLWR_HOME/config.toml) for one SuperLink."""
+    conf = f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n'
+    return conf + (f'root-certificates = "{ca}"\ninsecure = false\n' if ca is not None else "insecure = true\n")
 
 
 def free_port() -> int:
@@ -160,6 +170,8 @@ class LocalFederation:
             "FLWR_HOME": str(self.workdir / "flwr-home"),
             # Otherwise the SuperLink installs every dependency again, in a fresh env, per run.
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # A SuperNode's SuperExec looks for a new ClientApp task every second by default (1.42).
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05",
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         self.bin = bin_dir
@@ -186,14 +198,12 @@ class LocalFederation:
         (self.workdir / "flwr-home").mkdir(exist_ok=True)
         security: list[str] = ["--insecure"]
         root: list[str] = ["--insecure"]
-        conf = f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{self.port}"\n'
+        ca = None
         if self.tls:
             ca, cert, key = make_certificates(self.workdir / "certs")
             security = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
             root = ["--root-certificates", str(ca)]
-            conf += f'root-certificates = "{ca}"\ninsecure = false\n'
-        else:
-            conf += "insecure = true\n"
+        conf = connection_config(FEDERATION, f"127.0.0.1:{self.port}", ca)
         (self.workdir / "flwr-home" / "config.toml").write_text(conf)
         state = self.workdir / "superlink"
         state.mkdir(exist_ok=True)
@@ -286,20 +296,52 @@ def _stop_session(proc: subprocess.Popen) -> None:
         pass
 
 
-def device_files(data_path: Path, user_ids: Sequence[str], folder: Path) -> list[dict]:
-    """Split a user,item,timestamp CSV into one file per device; return their node configs."""
-    rows: dict[str, list[tuple[str, str, float]]] = {u: [] for u in user_ids}
+def _rows(data_path: Path, keep) -> dict[str, list[tuple[str, str, float]]]:
+    rows: dict[str, list[tuple[str, str, float]]] = {}
     with open(data_path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
-            if row["user"] in rows:
-                rows[row["user"]].append((row["user"], row["item"], float(row["timestamp"])))
+            if keep(row["user"]):
+                rows.setdefault(row["user"], []).append((row["user"], row["item"], float(row["timestamp"])))
+    return rows
+
+
+def device_files(data_path: Path, user_ids: Sequence[str], folder: Path, source_module: str = "") -> list[dict]:
+    """Split a user,item,timestamp CSV into one file per device; return their node configs.
+
+    Without `source_module` the shipped formats take turns (CSV, JSON lines, SQLite); with
+    it, every file is written by the module's `write_rows(rows, path)` under its `SUFFIX`,
+    and the devices import the module to read it."""
+    wanted = set(user_ids)
+    rows = _rows(data_path, wanted.__contains__)
     folder.mkdir(parents=True, exist_ok=True)
+    writer = None
+    if source_module:
+        import importlib
+
+        module = importlib.import_module(source_module)
+        if not (hasattr(module, "write_rows") and hasattr(module, "SUFFIX")):
+            raise SystemExit(f"--source-module {source_module}: needs SUFFIX and write_rows(rows, path) to write the "
+                             "devices' files for this trial (docs/plug-in-client.md)")  # fmt: skip
+        writer = module
     configs = []
     for i, user in enumerate(user_ids):
-        suffix = (".csv", ".jsonl", ".sqlite")[i % 3]  # every shipped source in use
-        path = write_device_file(rows[user], folder / f"device-{i}{suffix}")
-        configs.append({"user-id": user, "data-path": str(path), "state-dir": str(folder / f"state-{i}")})
+        if writer is not None:
+            path = folder / f"device-{i}{writer.SUFFIX}"
+            writer.write_rows(rows.get(user, []), path)
+            extra = {"source-module": source_module}
+        else:
+            suffix = (".csv", ".jsonl", ".sqlite")[i % 3]  # every shipped source in use
+            path, extra = write_device_file(rows.get(user, []), folder / f"device-{i}{suffix}"), {}
+        configs.append({"user-id": user, "data-path": str(path), "state-dir": str(folder / f"state-{i}")} | extra)
     return configs
+
+
+def server_file(data_path: Path, public_ids: Sequence[str], path: Path) -> Path:
+    """What a server that holds no private data is given: the public users' rows only."""
+    keep = set(public_ids)
+    rows = _rows(data_path, keep.__contains__)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_device_file([r for u in sorted(rows) for r in rows[u]], path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, help="where certificates, logs and device files go (default: a temp dir)")
     ap.add_argument("--insecure", action="store_true", help="no TLS (and so no SuperNode authentication)")
     ap.add_argument("--no-auth", action="store_true", help="TLS without SuperNode authentication")
+    ap.add_argument("--enroll", action="store_true",
+                    help="the server gets only the public users' rows; the devices enroll (private-users=enrolled)")
+    ap.add_argument("--source-module", default="",
+                    help="a module with the app's own reader (and SUFFIX, write_rows for this trial's files)")
+    ap.add_argument("--bad-keys", type=int, default=0,
+                    help="this many more devices whose key the SuperLink never registered (they cannot join)")
     args = ap.parse_args(argv)
 
     from fedrec.config import ConfigError, FedRecConfig, parse_run_config
@@ -329,12 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     data = split_users(load_interactions(cfg), cfg.public_fraction, cfg.seed)
-    users = [data.user_ids[int(u)] for u in data.private[: args.devices]]
-    devices = device_files(data_path, users, workdir / "devices")
+    users = [data.user_ids[int(u)] for u in data.private[: args.devices + args.bad_keys]]
+    devices = device_files(data_path, users, workdir / "devices", args.source_module)
     run_config = {k: v for k, v in cfg.to_dict().items() if k in {"dataset", "data-path", "placement", "output-dir"}} | overrides
+    if args.enroll:  # the server never sees a private user's row, nor the list of who they are
+        public = server_file(data_path, [data.user_ids[int(u)] for u in data.public], workdir / "server" / "public.csv")
+        run_config |= {"data-path": str(public), "private-users": "enrolled", "enroll-devices": args.devices}
+        print(f"server: {public} holds the {len(data.public)} public users only", flush=True)
+    faults = {args.devices + k: "unregistered-key" for k in range(args.bad_keys)}
     print(f"{len(devices)} devices ({', '.join(users)}); logs and files in {workdir}", flush=True)
     t0 = time.time()
-    with LocalFederation(workdir, devices, tls=not args.insecure, auth=not (args.insecure or args.no_auth)) as fed:
+    with LocalFederation(workdir, devices, tls=not args.insecure, auth=not (args.insecure or args.no_auth),
+                         faults=faults) as fed:  # fmt: skip
         print(fed.run(run_config))
     print(f"done in {time.time() - t0:.0f} s; results in {workdir / 'results'}")
     if args.workdir is None:

@@ -18,7 +18,10 @@ from flwr.app import Message
 
 from fedrec.interrupt import check, wait
 
-DEFAULT_PULL_S = 3.0  # Flower's deployment grid's own pause between pulls (1.42)
+# Flower's deployment grid pauses 3 s between pulls in its own send_and_receive (1.42,
+# hard-coded); a pull is one small request to the SuperLink, so this loop asks every 0.1 s
+# and a reply is seen when it arrives (experiments/README.md#loopback).
+DEFAULT_PULL_S = 0.1
 
 
 class StoppableGrid:

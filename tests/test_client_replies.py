@@ -6,6 +6,8 @@ device (own data file, base model shipped by the server) and a cohort worker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -39,6 +41,9 @@ def run(tmp_path_factory):
 
 
 def _send(content: dict, kind: str, node_config: dict) -> Message:
+    """Through the ClientApp; a real device's messages go to its warm worker only where the
+    node config asks (`warm`), the others run in this process."""
+    node_config = {"warm": False} | node_config
     msg = Message(RecordDict(content), dst_node_id=NODE, message_type=kind)
     return app(msg, Context(run_id=1, node_id=NODE, node_config=node_config, state=RecordDict(), run_config={}))
 
@@ -63,7 +68,7 @@ def assert_only_adapter_and_scalars(reply: Message, shapes: dict[str, torch.Size
         elif isinstance(record, MetricRecord):
             assert all(isinstance(v, (int, float)) for v in record.values()), f"{name}: non-scalar metric"
         elif isinstance(record, ConfigRecord):  # identity only: who the device is, never what it did
-            assert set(record) <= {"user-key", "needs-base", "user-id"}, f"{name}: {set(record)}"
+            assert set(record) <= {"user-key", "device-key", "needs-base", "user-id"}, f"{name}: {set(record)}"
             assert all(isinstance(v, (int, str)) and "item-" not in str(v) for v in record.values())
         else:
             raise AssertionError(f"{name}: unexpected record {type(record).__name__}")
@@ -85,6 +90,7 @@ def test_a_real_devices_replies_carry_only_adapters_and_scalars(run):
     cfg, work, state, trained, tmp = run
     user = int(work.data.private[0])
     (nc,) = device_files(tmp / "data.csv", [work.data.user_ids[user]], tmp / "device")
+    nc |= {"warm": True, "warm-idle-s": 60}  # as on a device: a warm worker handles every message but identify
     shapes = {k: v.shape for k, v in state.items()}
     seq = work.data.full_sequence(user).tolist()
     fp = work.base_path.stem
@@ -105,6 +111,15 @@ def test_a_real_devices_replies_carry_only_adapters_and_scalars(run):
     for reply in (identify, setup, trained_reply, evaluated):
         assert_only_adapter_and_scalars(reply, shapes, [seq, seq[:-2]])
     assert _send(_records(cfg, {"kind": "identify", "base": fp}), "query", nc).content["identity"]["needs-base"] == 0
+    # One worker answered setup, train and evaluate: started once, then kept warm.
+    log = (Path(nc["state-dir"]) / "warm-worker.log").read_text()
+    assert log.count("listening on") == 1 and "train: " in log and "evaluate: " in log, log
+    # A server that enrolls its devices learns an opaque key, never the user id, and the same one every time.
+    keys = [_send(_records(cfg, {"kind": "identify", "base": fp, "enroll": 1}), "query", nc).content["identity"]
+            for _ in range(2)]  # fmt: skip
+    assert "user-key" not in keys[0] and keys[0]["device-key"] == keys[1]["device-key"] != nc["user-id"]
+    assert_only_adapter_and_scalars(Message(RecordDict({"identity": ConfigRecord(keys[0])}), dst_node_id=NODE,
+                                            message_type="query"), shapes, [seq])  # fmt: skip
 
 
 def test_a_device_asked_for_a_cohort_says_the_server_needs_device_placement(run):
