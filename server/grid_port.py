@@ -108,8 +108,14 @@ class GridPort:
             if len(nodes) >= need:
                 break
             # Devices come and go: once none has joined for a while, go on with those present.
-            settled = device and nodes and time.monotonic() - last_change > DEVICE_SETTLE_S
-            if settled or time.monotonic() > deadline:
+            settled = nodes and time.monotonic() - last_change > DEVICE_SETTLE_S
+            if not device and settled:  # a simulation's SuperNodes all register at its start: no more will come
+                raise RuntimeError(
+                    f"only {len(nodes)} SuperNodes for num-workers={need}, and none joined for {DEVICE_SETTLE_S:.0f} s; "
+                    f"under `flwr run` the federation sets how many (`flwr federation simulation-config "
+                    f"--num-supernodes {need}`), or lower num-workers"
+                )  # fmt: skip
+            if (device and settled) or time.monotonic() > deadline:
                 if enroll and nodes:
                     self.log(f"{len(nodes)} device nodes connected, none for {DEVICE_SETTLE_S:.0f} s: they enroll")
                     break

@@ -269,7 +269,22 @@ class LocalFederation:
         (self.logs / "flwr-run.log").write_text(out.stdout + out.stderr)
         if out.returncode:
             raise RuntimeError(f"flwr run failed (rc {out.returncode}); see {self.logs}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        # `flwr run --stream` exits 0 however the run ended (Flower 1.42): ask the SuperLink.
+        status = self.run_status(out.stdout)
+        if status and "failed" in status:
+            raise RuntimeError(f"the run ended {status}; see {self.logs / 'flwr-run.log'}:\n{out.stdout[-3000:]}")
         return out.stdout
+
+    def run_status(self, output: str) -> str:
+        """The SuperLink's status of the run `flwr run` started (e.g. finished:completed), "" if unknown."""
+        import re
+
+        found = re.search(r"Successfully started run (\d+)", output)
+        if not found:
+            return ""
+        listing = json.loads(self._cli("ls", "--run-id", found.group(1), "--format", "json"))
+        runs = listing.get("runs", [])
+        return str(runs[0].get("status", "")) if runs else ""
 
     def stop(self) -> None:
         self._watching.clear()
