@@ -8,6 +8,9 @@ cohort, which never leaves one process.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -114,3 +117,42 @@ def test_secagg_deployment_gives_the_same_sum(tmp_path, dataset, simulated):
     assert "SecAgg+ (3 shares, threshold 2)" in out
     assert "round   2/2 | users    3 | loss nan" in out  # per-user losses never left the devices
     _assert_same_adapters(deployed, simulated, atol=1e-5)
+
+
+@pytest.mark.evidence
+def test_the_plug_in_guides_one_machine_trial(tmp_path):
+    """docs/plug-in-client.md's first command, as written (tiny model settings added): a
+    server that holds public users only, four devices that enroll and read their files with
+    the guide's own reader, a fifth whose key was never registered, SecAgg+ with the noise
+    added on the devices."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "plug-in-client.md").read_text()
+    command = re.findall(r"```bash\n(.*?)```", guide, flags=re.S)[0].replace("\\\n", " ")
+    (store,) = [b for b in re.findall(r"```python\n(.*?)```", guide, flags=re.S) if b.startswith("# myapp/store.py")]
+    (tmp_path / "myapp").mkdir()
+    (tmp_path / "myapp" / "__init__.py").write_text("")
+    (tmp_path / "myapp" / "store.py").write_text(store)
+    write_csv_dataset(tmp_path / "data.csv")
+    args = shlex.split(command)
+    assert args[:3] == [".venv/bin/python", "-m", "server.local_federation"]
+    at = args.index("--run-config") + 1
+    args[at] += " hidden-size=16 num-blocks=1 max-seq-len=20 pretrain-epochs=5"
+    root = Path(__file__).resolve().parents[2]
+    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{root}"}
+    proc = subprocess.run([sys.executable, *args[1:], "--workdir", str(tmp_path / "fed")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(r"device-4 \(u\d+\) cannot join: the SuperLink refused its authentication key", out)
+    assert "enrollment: 4 devices enrolled" in out and "private users: the devices that enroll" in out
+    assert "round   3/3 | users" in out
+    # The server's file holds no device's row; each device read its own `.events` file.
+    devices = sorted((tmp_path / "fed" / "devices").glob("device-*.events"))
+    assert len(devices) == 5
+    public = (tmp_path / "fed" / "server" / "public.csv").read_text()
+    users = set(re.findall(r"u\d+", " ".join(re.findall(r"\(([^)]*)\); logs", out))))
+    assert len(users) == 5 and not any(f"\n{u}," in public for u in users)
+    privacy = json.loads((tmp_path / "fed" / "results" / "privacy.json").read_text())
+    assert privacy["mechanism"] == "distributed-skellam" and privacy["rounds"][-1]["epsilon"] > 0
+    # One warm worker per device served its messages.
+    logs = [p.read_text() for p in (tmp_path / "fed" / "devices").glob("state-*/warm-worker.log")]
+    assert len(logs) == 4 and all("train: " in log for log in logs)
