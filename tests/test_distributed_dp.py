@@ -130,3 +130,26 @@ def test_enrolled_private_users_need_device_placement():
     with pytest.raises(ConfigError, match="private-users=enrolled"):
         FedRecConfig.from_mapping({"enroll-devices": 3})
     assert FedRecConfig.from_mapping({"private-users": "enrolled", "placement": "device"}).private_users == "enrolled"
+
+
+def test_enrolled_devices_become_the_population_in_the_order_of_their_keys():
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.grid_port import BaseShipment, GridPort
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    cfg = FedRecConfig.from_mapping({"placement": "device", "private-users": "enrolled"})
+    base = BaseShipment("b", None, ["i1"], [f"public-{i}" for i in range(30)])  # the server's own users: public
+    logs: list[str] = []
+    port = GridPort(cfg, np.zeros(0, dtype=np.int64), base=base, log=logs.append)
+
+    def reply(key: str | None) -> Message:
+        identity = {"needs-base": 1} | ({"device-key": key} if key else {"user-id": 3})
+        return Message(RecordDict({"identity": ConfigRecord(identity)}), dst_node_id=0, message_type="query")
+
+    kept = port._enroll([reply("ff"), reply("0a"), reply(None), reply("7c")])
+    assert [str(r.content["identity"]["device-key"]) for r in kept] == ["0a", "7c", "ff"]
+    assert [int(r.content["identity"]["enrolled"]) for r in kept] == [30, 31, 32]  # after the public users
+    assert port.population.tolist() == [30, 31, 32]
+    assert any("N=3" in line for line in logs) and any("without a device key" in line for line in logs)

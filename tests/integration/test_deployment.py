@@ -153,6 +153,7 @@ def test_the_plug_in_guides_one_machine_trial(tmp_path):
     assert len(users) == 5 and not any(f"\n{u}," in public for u in users)
     privacy = json.loads((tmp_path / "fed" / "results" / "privacy.json").read_text())
     assert privacy["mechanism"] == "distributed-skellam" and privacy["rounds"][-1]["epsilon"] > 0
+    assert privacy["population"] == 4 and privacy["delta"] == 0.25  # N and δ = 1/N: the devices that enrolled
     # One warm worker per device served its messages.
     logs = [p.read_text() for p in (tmp_path / "fed" / "devices").glob("state-*/warm-worker.log")]
     assert len(logs) == 4 and all("train: " in log for log in logs)
