@@ -371,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server gets only the public users' rows; the devices enroll (private-users=enrolled)")
     ap.add_argument("--source-module", default="",
                     help="a module with the app's own reader (and SUFFIX, write_rows for this trial's files)")
+    ap.add_argument("--cold", action="store_true",
+                    help="no warm worker on the devices (node config warm=false): every message imports torch again")
     ap.add_argument("--bad-keys", type=int, default=0,
                     help="this many more devices whose key the SuperLink never registered (they cannot join)")
     args = ap.parse_args(argv)
@@ -394,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     data = split_users(load_interactions(cfg), cfg.public_fraction, cfg.seed)
     users = [data.user_ids[int(u)] for u in data.private[: args.devices + args.bad_keys]]
     devices = device_files(data_path, users, workdir / "devices", args.source_module)
+    if args.cold:
+        devices = [d | {"warm": False} for d in devices]
     run_config = {k: v for k, v in cfg.to_dict().items() if k in {"dataset", "data-path", "placement", "output-dir"}} | overrides
     if args.enroll:  # the server never sees a private user's row, nor the list of who they are
         public = server_file(data_path, [data.user_ids[int(u)] for u in data.public], workdir / "server" / "public.csv")
