@@ -263,7 +263,8 @@ class FedRecConfig:
                 ("secagg-threshold <= secagg-shares", self.secagg_threshold > self.secagg_shares)))),
             (self.noise_placement == "devices", _unmet("noise-placement: devices needs ", "; ", (
                 ("noise (noise-multiplier or target-epsilon)", not dp), ("clipping-norm > 0", no_clip),
-                ("sampling=poisson (its accounting amplifies by Poisson sampling)", sampling != "poisson"),
+                ("sampling=poisson or all (its accounting amplifies by Poisson sampling, or every user takes "
+                 "part in every round)", sampling not in ("poisson", "all")),
                 ("mechanism=gaussian", self.mechanism != "gaussian"), ("no adaptive-clipping", self.adaptive_clipping),
                 ("accountant=auto (it is accounted with its own Skellam RDP bound)", self.accountant != "auto"),
                 ("no audit-canaries", self.audit_canaries > 0),

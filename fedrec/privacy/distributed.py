@@ -10,6 +10,13 @@ in the integer field SecAgg+ sums in:
    and reduces the result modulo T (a power of two);
 3. SecAgg+ sums the devices' vectors; the server reduces the sum modulo T, reads it in
    [−T/2, T/2) and divides by s.
+Where the cohort is large, the field is small (T·devices must fit SecAgg+'s 32 bits) and
+the scale that fits every update pointing one way leaves s·C so small that rounding inflates
+Δ2 many times over. Then the devices first rotate their update with a randomized Hadamard
+transform of the run's public signs (as Kairouz et al. do): a coordinate of the rotated sum
+is then of the order of its norm over √D, not its norm, and s can be that much larger. The
+rotation is used where it shrinks the inflation (`SkellamPlan.rotated`); the server rotates
+the decoded sum back.
 A sum of independent Skellams is Skellam, so the unmasked sum carries Skellam noise of
 variance (survivors)·μ_dev. Modular reduction is exact as long as the true sum lies in
 [−T/2, T/2): s and T are chosen so that it does even if every device's update pointed the
@@ -53,6 +60,8 @@ ROUNDING_BETA = math.exp(-0.5)  # conditional rounding: the bound holds with thi
 ORDERS = tuple(range(2, 129)) + (160, 192, 256)
 TOO_FEW = "too-few-devices-for-the-noise"  # the reason a refused round's masked updates are left out
 FIT_STDDEVS = 6.0  # the noise's part of the field: this many standard deviations of the sum's noise
+WRAP_CHANCE = 1e-6  # rotated: the chance that a coordinate of the rotated sum exceeds its bound, per coordinate
+ROTATE_ABOVE = 1.01  # rotate where rounding would inflate the sensitivity by more than this
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,36 @@ class SkellamPlan:
     l2_sensitivity: float  # Δ2 of the rounded, scaled update
     l1_sensitivity: float  # Δ1 ≤ min(√d·Δ2, Δ2²) (an integer vector's ℓ1 is at most its ℓ2²)
     device_variance: float  # μ_dev per coordinate
+    rotated: bool = False  # a randomized Hadamard rotation first, into `padded` coordinates
+    padded: int = 0  # the rotation's length, a power of two ≥ dimension (0: no rotation)
+    rotation_seed: int = 0  # the rotation's public signs
+
+    @property
+    def coordinates(self) -> int:
+        """What the devices send and the noise covers: d, or the rotation's padded length."""
+        return self.padded if self.rotated else self.dimension
 
     @classmethod
     def make(cls, clipping_norm: float, dimension: int, noise_multiplier: float, expected_users: int,
-             dropout_margin: float) -> SkellamPlan:  # fmt: skip
+             dropout_margin: float, rotation_seed: int = 0) -> SkellamPlan:  # fmt: skip
+        """The plan as it is, or rotated where that shrinks the rounding's inflation of Δ2."""
+        plain = cls._fit(clipping_norm, dimension, noise_multiplier, expected_users, dropout_margin, rotate=False)
+        if plain.l2_sensitivity / (plain.scale * clipping_norm) <= ROTATE_ABOVE:
+            return plain
+        rotated = cls._fit(clipping_norm, dimension, noise_multiplier, expected_users, dropout_margin, rotate=True,
+                           rotation_seed=rotation_seed)  # fmt: skip
+        better = rotated.l2_sensitivity / rotated.scale < plain.l2_sensitivity / plain.scale
+        return rotated if better else plain
+
+    @classmethod
+    def _fit(cls, clipping_norm: float, dimension: int, noise_multiplier: float, expected_users: int,
+             dropout_margin: float, rotate: bool, rotation_seed: int = 0) -> SkellamPlan:  # fmt: skip
         if clipping_norm <= 0 or noise_multiplier <= 0:
             raise ValueError("distributed DP needs clipping-norm > 0 and noise (noise-multiplier or target-epsilon)")
+        padded = 1 << max(0, (dimension - 1).bit_length()) if rotate else 0
+        coords = padded or dimension
+        # Rotated, a coordinate of a sum of norm ≤ n·C is ~ N(0, (n·C)²/D): this many of its deviations.
+        spread_of_sum = math.sqrt(2 * math.log(2 * coords / WRAP_CHANCE)) / math.sqrt(coords) if rotate else 1.0
         m = max(1, int(expected_users))
         n_min = max(2, math.floor((1 - dropout_margin) * m))
         n_max = m + math.ceil(FIT_STDDEVS * math.sqrt(m)) + 1  # a Poisson cohort beyond this: ~1e-9
@@ -86,23 +119,42 @@ class SkellamPlan:
         # noise of n_max devices adds FIT_STDDEVS deviations. Δ2 ≥ s·C, so the fit is solved
         # for s with Δ2/(s·C) (the rounding's inflation) taken from the last s.
         inflation = 1.0
-        for _ in range(20):
-            spread = n_max + FIT_STDDEVS * noise_multiplier * inflation * math.sqrt(n_max / (n_min - 1))
+        for _ in range(50):
+            spread = n_max * spread_of_sum + FIT_STDDEVS * noise_multiplier * inflation * math.sqrt(n_max / (n_min - 1))
             scale = (field / 2 - 1) / (clipping_norm * spread)
-            l2 = _rounded_l2(scale * clipping_norm, dimension)
+            l2 = _rounded_l2(scale * clipping_norm, coords)
             if abs(l2 / (scale * clipping_norm) - inflation) < 1e-9:
                 break
             inflation = l2 / (scale * clipping_norm)
-        l1 = min(math.sqrt(dimension) * l2, l2**2)
+        l1 = min(math.sqrt(coords) * l2, l2**2)
         device_variance = (noise_multiplier * l2) ** 2 / (n_min - 1)
-        return cls(clipping_norm, dimension, noise_multiplier, m, n_min, n_max, scale, field, l2, l1, device_variance)
+        return cls(clipping_norm, dimension, noise_multiplier, m, n_min, n_max, scale, field, l2, l1, device_variance,
+                   rotate, padded, rotation_seed)  # fmt: skip
+
+    # ------------------------------------------------------------ rotation
+    def _signs(self) -> np.ndarray:
+        return np.random.default_rng([self.rotation_seed, 0x40AD]).integers(0, 2, self.padded) * 2.0 - 1.0
+
+    def rotate(self, x: np.ndarray) -> np.ndarray:
+        """H·diag(signs)·x/√D on x padded with zeros to D (orthonormal: norms are kept)."""
+        if not self.rotated:
+            return x
+        y = np.zeros(self.padded)
+        y[: x.size] = x
+        return _hadamard(y * self._signs()) / math.sqrt(self.padded)
+
+    def unrotate(self, y: np.ndarray) -> np.ndarray:
+        if not self.rotated:
+            return y
+        return (self._signs() * _hadamard(y) / math.sqrt(self.padded))[: self.dimension]
 
     # ------------------------------------------------------------ device side
     def encode(self, update: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """A device's clipped update (flat) as integers in [0, T): scaled, rounded under Δ2, noised, reduced."""
-        x = np.asarray(update, dtype=np.float64) * self.scale
+        x = np.asarray(update, dtype=np.float64)
         if x.size != self.dimension:
             raise ValueError(f"distributed DP: the update has {x.size} coordinates, the plan {self.dimension}")
+        x = self.rotate(x) * self.scale
         if float(np.linalg.norm(x)) > self.scale * self.clipping_norm * (1 + 1e-6):
             raise ValueError("distributed DP: the update is not clipped to the plan's clipping norm")
         floor = np.floor(x)
@@ -121,14 +173,16 @@ class SkellamPlan:
         """The float sum from the devices' integers summed (in any multiple of T)."""
         centred = np.mod(np.rint(np.asarray(summed, dtype=np.float64)).astype(np.int64), self.field)
         centred = np.where(centred >= self.field // 2, centred - self.field, centred)
-        return centred.astype(np.float64) / self.scale
+        return self.unrotate(centred.astype(np.float64) / self.scale)
 
     def noise_std(self, survivors: int) -> float:
-        """Std of the noise on one coordinate of the decoded sum with `survivors` devices."""
+        """Std of the noise on one coordinate of the decoded sum with `survivors` devices
+        (the rotation back is orthonormal: it keeps the noise's variance per coordinate)."""
         return math.sqrt(survivors * self.device_variance) / self.scale
 
     def rounding_bound(self, survivors: int) -> float:
-        """The most one coordinate of the decoded sum can be off from rounding: 1/s per device."""
+        """The most one coordinate of the (rotated) sum can be off from rounding: 1/s per
+        device; the rotation back keeps the error's norm."""
         return survivors / self.scale
 
     def to_record(self) -> dict[str, float]:
@@ -136,8 +190,20 @@ class SkellamPlan:
 
     @classmethod
     def from_record(cls, record: dict) -> SkellamPlan:
-        ints = ("dimension", "expected_users", "min_survivors", "max_users", "field")
-        return cls(**{k: (int(record[k]) if k in ints else float(record[k])) for k in cls.__dataclass_fields__})
+        ints = ("dimension", "expected_users", "min_survivors", "max_users", "field", "padded", "rotation_seed")
+        kinds = {k: int for k in ints} | {"rotated": lambda v: bool(int(v))}
+        return cls(**{k: kinds.get(k, float)(record[k]) for k in cls.__dataclass_fields__ if k in record})
+
+
+def _hadamard(x: np.ndarray) -> np.ndarray:
+    """The unnormalized Walsh–Hadamard transform of a power-of-two-long vector, O(D log D)."""
+    y = x.copy()
+    h = 1
+    while h < y.size:
+        pairs = y.reshape(-1, 2, h)
+        y = np.concatenate([pairs[:, 0] + pairs[:, 1], pairs[:, 0] - pairs[:, 1]], axis=1).reshape(-1)
+        h *= 2
+    return y
 
 
 def _rounded_l2(norm: float, dimension: int, beta: float = ROUNDING_BETA) -> float:
@@ -172,6 +238,7 @@ class SkellamAccountant(UserLevelAccountant):
     """The ledger of a distributed Skellam run: same rounds, Skellam RDP composition."""
 
     kind = "skellam-rdp"
+    samplings = ("poisson", "all")  # q < 1 amplifies by Poisson sampling; q = 1: every user in every round
 
     def __init__(self, sampling: str, population: int, delta: float, l2: float, l1: float) -> None:
         super().__init__(sampling, population, delta)
@@ -246,13 +313,16 @@ class DistributedSkellam:
 
     def _simulate(self, total: UpdateSum, template: AdapterState, keys: list[str], round_: int, survivors: int) -> np.ndarray:
         summed = total.delta or {k: torch.zeros_like(v) for k, v in template.items()}
-        x = np.concatenate([summed[k].double().numpy().ravel() for k in keys]) * self.plan.scale
+        x = self.plan.rotate(np.concatenate([summed[k].double().numpy().ravel() for k in keys])) * self.plan.scale
         rng = np.random.default_rng(noise_seed(self.seed, round_))
         floor = np.floor(x)
         rounded = (floor + (rng.random(x.shape) < x - floor)).astype(np.int64)
         half = survivors * self.plan.device_variance / 2
         noised = rounded + rng.poisson(half, x.shape) - rng.poisson(half, x.shape)
-        return self.plan.decode(np.mod(noised, self.plan.field))
+        # The other survivors' own roundings: each adds p(1 − p) per coordinate, 1/6 on average
+        # over a uniform fractional part; drawn together, as a rounded Gaussian.
+        others = np.rint(rng.normal(0.0, math.sqrt(max(survivors - 1, 0) / 6), x.shape)).astype(np.int64)
+        return self.plan.decode(np.mod(noised + others, self.plan.field))
 
     def would_exceed(self, round_: int, max_epsilon: float) -> bool:
         return bool(max_epsilon and self.accountant.epsilon([*self.accountant.events, self.event(round_)]) > max_epsilon)
@@ -277,6 +347,9 @@ class DistributedSkellam:
                         "hidden from whoever sees the released model"),  # fmt: skip
             "refused_rounds": self.refused,
             "rounding_bound_per_coordinate": self.max_rounding,
+            # At the expected cohort, in units of the sum: rounding's spread (≤ √(m/4)/s) against the noise's
+            "rounding_std_bound_on_sum": math.sqrt(p.expected_users / 4) / p.scale,
+            "noise_std_on_sum": p.noise_std(p.expected_users),
             "sensitivity_inflation": p.l2_sensitivity / (p.scale * p.clipping_norm),
             "server_view": {
                 "note": "the server draws the cohorts, so no sampling amplifies against it: epsilon after k rounds taken part in",
@@ -310,10 +383,10 @@ def distributed_skellam(
     """The mechanism with z given, or calibrated on the Skellam accountant for `target_epsilon`."""
 
     def plan_for(z: float) -> SkellamPlan:
-        return SkellamPlan.make(clipping_norm, dimension, z, expected_users, dropout_margin)
+        return SkellamPlan.make(clipping_norm, dimension, z, expected_users, dropout_margin, rotation_seed=seed)
 
     def accountant_for(plan: SkellamPlan) -> SkellamAccountant:
-        return SkellamAccountant("poisson", population, delta, plan.l2_sensitivity, plan.l1_sensitivity)
+        return SkellamAccountant("poisson" if q < 1 else "all", population, delta, plan.l2_sensitivity, plan.l1_sensitivity)
 
     if target_epsilon > 0:
         def fits(z: float) -> bool:
@@ -327,9 +400,11 @@ def distributed_skellam(
             f"after {rounds} rounds (distributed Skellam, RDP)")  # fmt: skip
     plan = plan_for(noise_multiplier)
     mech = DistributedSkellam(plan, q, accountant_for(plan), seed, log)
-    log(f"privacy: distributed DP on the devices (Skellam under SecAgg+), Poisson sampling q={q:.4g}, z={noise_multiplier:.4g}, "
+    log(f"privacy: distributed DP on the devices (Skellam under SecAgg+), {'Poisson sampling' if q < 1 else 'every user'} "
+        f"q={q:.4g}, z={noise_multiplier:.4g}, "
         f"C={clipping_norm}, δ={delta:.3g}; field 2^{int(math.log2(plan.field))}, scale {plan.scale:.4g}, "
-        f"sensitivity ×{plan.l2_sensitivity / (plan.scale * clipping_norm):.4f} from rounding; each device adds "
+        + (f"randomized Hadamard rotation to {plan.padded} coordinates, " if plan.rotated else "")
+        + f"sensitivity ×{plan.l2_sensitivity / (plan.scale * clipping_norm):.4f} from rounding; each device adds "
         f"variance {plan.device_variance:.4g} so that {plan.min_survivors - 1} others cover a user "
         f"(at least {plan.min_survivors} of ~{plan.expected_users} must report)")  # fmt: skip
     return mech

@@ -164,6 +164,29 @@ def test_secagg_with_dp_noise_releases_the_same_adapter_as_plain_central_dp(tmp_
         assert secure["communication"]["wire_total"][way] > 1.2 * plain["communication"]["wire_total"][way]
 
 
+@pytest.mark.evidence
+def test_the_sum_secagg_unmasks_under_distributed_dp_carries_the_devices_noise(tmp_path):
+    """noise-placement=devices through Flower's real SecAgg+: the released step minus the
+    same cohort's step without noise is the unmasked sum's noise over m, and its spread is
+    what the plan says the survivors' Skellam shares add up to: the server never held the
+    sum without it."""
+    import numpy as np
+
+    common = ("synthetic-users=40 public-fraction=0.85 placement=device num-rounds=1 cohort-size=5 eval-every=0 "
+              "clipping-norm=0.05 sampling=poisson secure-aggregation=secagg+ server-optimizer=sgd server-learning-rate=1.0")  # fmt: skip
+    clean = simulate(tmp_path, "clean", common)
+    noised = simulate(tmp_path, "noised", f"{common} noise-multiplier=0.8 noise-placement=devices")
+    assert "distributed DP on the devices" in noised["_stdout"] and "round   1/1 | users    5" in noised["_stdout"]
+    plan = json.loads((Path(noised["results_dir"]) / "privacy.json").read_text())["plan"]
+    a = load_file(Path(clean["results_dir"]) / "adapter_last_round.safetensors")
+    b = load_file(Path(noised["results_dir"]) / "adapter_last_round.safetensors")
+    # Without DP the mean divides by the 5 users who reported; under DP by the expected 5.
+    noise = np.concatenate([((b[k] - a[k]).double() * plan["expected_users"]).numpy().ravel() for k in a])
+    expected = (5 * plan["device_variance"]) ** 0.5 / plan["scale"]  # five survivors' shares, back in float units
+    assert noise.std() == pytest.approx(expected, rel=0.05)
+    assert abs(noise.mean()) < 4 * expected / noise.size**0.5
+
+
 # Two simulations: the second step of .ci/run (`pytest -m evidence`). The default suite
 # shares one simulation between runs in test_cli_sweep_runs_the_grid_and_writes_its_table.
 @pytest.mark.evidence
