@@ -139,6 +139,10 @@ def check_resources(cfg: FedRecConfig, log=print) -> None:
     """
     if cfg.mode in ("centralized", "local"):
         return  # no simulation: trains in this process
+    if cfg.private_users == "enrolled":
+        raise ConfigError("private-users: enrolled devices join a deployment (`flwr run` against SuperNodes with "
+                          "data-path, e.g. server.local_federation --enroll); a simulation's devices hold the data "
+                          "file's own private users: use private-users=data")  # fmt: skip
     if cfg.ray_address:
         if cfg.placement != "cohort":
             raise ConfigError("ray-address: a Ray cluster runs placement=cohort (device placement is one node per user)")

@@ -175,3 +175,11 @@ def test_a_large_cohort_rotates_and_the_sum_survives_the_round_trip():
     assert float(err.var()) == pytest.approx(big.noise_std(20) ** 2 + float(rounding.var()), rel=0.06)
     record = SkellamPlan.from_record(big.to_record())
     assert record == big
+
+
+def test_a_simulation_refuses_enrolled_private_users_before_it_starts():
+    from fedrec.simulate import check_resources
+
+    cfg = FedRecConfig.from_mapping({"private-users": "enrolled", "placement": "device"})
+    with pytest.raises(ConfigError, match="local_federation --enroll"):
+        check_resources(cfg)
