@@ -131,7 +131,8 @@ class ConsoleLines(RunCallback):
             return False
         train = row["train"]
         val = f"val NDCG@10 {row['valid']['ndcg@10']:.4f}" if "valid" in row else ""
-        eps = f" | ε {train['epsilon']:.3f}" if "epsilon" in train else ""
+        whatif = getattr(run.mechanism, "whatif", None)
+        eps = f" | ε {train['epsilon']:.3f}" + (f" (what-if N={whatif['population']:,})" if whatif else "") if "epsilon" in train else ""
         eps += f" | silo ε {train['silo-epsilon']:.3f}" if "silo-epsilon" in train else ""
         if self._t0 is None:  # rounds run without on_begin (a test driving run_rounds)
             self.on_begin(run)

@@ -163,6 +163,10 @@ class FedRecConfig:
     # Toeplitz factorization (DP-FTRL; sampling=all or cyclic, where no sampling amplifies)
     mechanism: str = field(default="gaussian", metadata=_choice("privacy", *MECHANISMS))
     mf_bands: int = field(default=16, metadata=_range("privacy", 1))
+    # "what if we deployed to N' users?": noise and ε calibrated for a stated population and
+    # cohort while training on the data at hand (pfl-research's noise_cohort_size); 0 = off
+    whatif_population: int = field(default=0, metadata=_range("privacy", 0))
+    whatif_cohort_size: int = field(default=0, metadata=_range("privacy", 0))
     # who adds the noise: the server to the sum (central DP), or each device its share before
     # SecAgg+ masks it (distributed Skellam: fedrec.privacy.distributed)
     noise_placement: str = field(default="server", metadata=_choice("privacy", "server", "devices"))
@@ -271,6 +275,16 @@ class FedRecConfig:
                 ("secure-aggregation=secagg+ in placement=device (a device adds only its share of the noise: "
                  "without SecAgg+ the server would see each update nearly bare)",
                  self.placement == "device" and self.secure_aggregation != "secagg+")))),
+            (self.whatif_population > 0, _unmet("whatif-population: a what-if run needs ", "; ", (
+                ("noise (target-epsilon or noise-multiplier)", not dp),
+                ("sampling=poisson or fixed", sampling not in ("poisson", "fixed")),
+                ("placement=cohort (a deployment's ε is its own population's)", self.placement != "cohort"),
+                ("mode=federated", self.mode != "federated"),
+                ("no audit-canaries (an audit measures the run's own guarantee)", self.audit_canaries > 0),
+                ("noise-placement=server", self.noise_placement != "server"),
+                ("no adaptive-clipping", self.adaptive_clipping)))),
+            (self.whatif_cohort_size > 0 and self.whatif_population <= 0,
+             "whatif-cohort-size: the cohort of a what-if population; it needs whatif-population"),
             (self.private_users == "enrolled", _unmet("private-users: enrolled needs ", "; ", (
                 ("placement=device (the devices are the private users)", self.placement != "device"),
                 ("mode=federated", self.mode != "federated"),

@@ -19,6 +19,7 @@ from fedrec.communication import communication_summary
 from fedrec.metrics import metric_means, metric_sums, user_intervals
 from fedrec.model.types import AdapterState
 from fedrec.port import RoundPort
+from fedrec.privacy.mechanism import whatif_label
 from fedrec.summary import RunSummary
 
 
@@ -99,6 +100,7 @@ def finish(run, port: RoundPort, facts: RunFacts, timing: dict[str, float]) -> R
         adapter_parameters=facts.adapter_parameters, private_users=len(run.population),
         test_users=len(run.test_users), public_users=facts.public_users, num_items=facts.num_items,
         results_dir=str(run.out.path) if run.out else None, provenance=provenance(),
+        whatif=whatif_label(run.mechanism.whatif) if getattr(run.mechanism, "whatif", None) else None,
         communication=communication_summary(run.adapter, run.sent_keys, run.users_trained, run.rows, cfg.placement,
                                             facts.setup_traffic, facts.once_per_device),
     )  # fmt: skip

@@ -227,6 +227,7 @@ def group_runs(runs: list[Run]) -> list[dict[str, Any]]:
             "method": label,
             "seeds": sorted(m.config.get("seed", 0) for m in members),
             "epsilon": float(np.mean(eps)) if eps else None,
+            "whatif": s[0].whatif,  # a what-if run: its ε is a stated population's (simulated)
             "target_epsilon": _target or None,
             "delta": s[0].delta,
             "z": s[0].noise_multiplier,
@@ -402,7 +403,9 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         if g["audit_lower_bound"]:
             audit = f"{np.mean(g['audit_lower_bound']):.2f} / " + (f"{np.mean(g['audit_estimate']):.2f}"
                                                                      if all(e is not None for e in g["audit_estimate"]) else "–")  # fmt: skip
-        cells = [g["method"], _epsilon(g["epsilon"]), _num(g["delta"]), _num(g["z"]), _num(g["q"]), _num(g["C"]),
+        eps_cell = _epsilon(g["epsilon"]) + (f" (what-if: ε for a population of {g['whatif']['population']:,})"
+                                             if g.get("whatif") else "")  # fmt: skip
+        cells = [g["method"], eps_cell, _num(g["delta"]), _num(g["z"]), _num(g["q"]), _num(g["C"]),
                  str(g["d"]), _num(g["noise_to_signal"]), _spread(g["test_ndcg10"], g["test_ndcg10_ci"]),
                  _spread(g["gain_ndcg10"], g["gain_ndcg10_ci"], signed=True), _spread(g["test_hr10"]),
                  ",".join(str(b) for b in g["best_round"]) + f" ({','.join(sorted(set(g['selection'])))})",

@@ -87,11 +87,16 @@ def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print, 
             participation=sampler.kind, groups=getattr(sampler, "groups", 1), users_per_round=sampler.per_round,
             population=population, delta=run_delta(cfg, population), seed=cfg.seed, log=log,
         )  # fmt: skip
+    whatif = None
+    if cfg.whatif_population:  # noise and ε of a stated population (fedrec.privacy.mechanism.whatif_label)
+        whatif = {"population": cfg.whatif_population, "trained_population": population, "trained_cohort": expected,
+                  "cohort": cfg.whatif_cohort_size or max(1, round(expected * cfg.whatif_population / population))}  # fmt: skip
+        population, expected = cfg.whatif_population, whatif["cohort"]
     return user_level_gaussian(
         noise_multiplier=cfg.noise_multiplier, target_epsilon=cfg.target_epsilon, rounds=cfg.num_rounds,
         clipping_norm=cfg.clipping_norm, q=min(1.0, expected / population), expected_users=expected,
         population=population, sampling=cfg.sampling, accountant=cfg.accountant,
-        delta=run_delta(cfg, population), seed=cfg.seed, adaptive=adaptive, log=log,
+        delta=run_delta(cfg, population), seed=cfg.seed, adaptive=adaptive, log=log, whatif=whatif,
     )  # fmt: skip
 
 

@@ -62,11 +62,13 @@ class RunSummary:
     communication: dict[str, Any] | None = None
     audit: dict[str, Any] | None = None
     provenance: dict[str, Any] | None = None  # fedrec.provenance: commit, packages, machine
+    # A what-if run (whatif-population): its ε is a stated population's, simulated (the label says so)
+    whatif: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other modes' keys
     # The keys of the file it was read from, in order: `to_dict()` gives that file back.
     read_keys: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
-    _OPTIONAL = ("diagnostic_private_best", "audit", "provenance")  # written only when present
+    _OPTIONAL = ("diagnostic_private_best", "audit", "provenance", "whatif")  # written only when present
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -164,9 +164,15 @@ class GaussianUserLevel:
     def __init__(
         self, noise_multiplier: float, clipping_norm: float, q: float, expected_users: int,
         accountant: UserLevelAccountant, seed: int, adaptive: AdaptiveClip | None = None,
+        whatif: dict | None = None,
     ) -> None:  # fmt: skip
+        """`whatif`: {"population": N′, "cohort": m′, "trained_cohort": m} where q, m and the
+        accountant are N′'s, while the sum is over the data at hand's m users: its noise is
+        scaled by m/m′ and it is divided by m, so the mean carries N′'s noise z·C/m′."""
         self.noise_multiplier, self.clipping_norm, self.q = noise_multiplier, clipping_norm, q
         self.expected_users, self.accountant, self.seed, self.adaptive = expected_users, accountant, seed, adaptive
+        self.whatif = whatif
+        self.divisor = int(whatif["trained_cohort"]) if whatif else expected_users
         self.update_noise_multiplier = noise_multiplier
         if adaptive is not None:
             if 2 * adaptive.count_stddev <= noise_multiplier:
@@ -194,12 +200,12 @@ class GaussianUserLevel:
     def privatize(self, total: UpdateSum, template: AdapterState, round_: int) -> AdapterState | None:
         # Noise goes on even when Poisson sampling drew nobody: the output must not reveal the cohort size.
         summed = total.delta or {k: torch.zeros_like(v) for k, v in template.items()}
-        std = self.update_noise_multiplier * self.clipping_norm * _TEST_NOISE_FACTOR
+        std = self.update_noise_multiplier * self.clipping_norm * _TEST_NOISE_FACTOR * self.divisor / self.expected_users
         noised = add_gaussian_noise(summed, std, self.seed, round_)
         self.accountant.record(self.event(round_), self.epsilon_after_next(round_))
         if self.adaptive is not None:
             self.clipping_norm = self.adaptive.next_clip(self.clipping_norm, total, self.expected_users, self.seed, round_)
-        return {k: v / self.expected_users for k, v in noised.items()}
+        return {k: v / self.divisor for k, v in noised.items()}
 
     def would_exceed(self, round_: int, max_epsilon: float) -> bool:
         return bool(max_epsilon and self.epsilon_after_next(round_) > max_epsilon)
@@ -213,7 +219,7 @@ class GaussianUserLevel:
                              self.update_noise_multiplier * dimension**0.5 / self.expected_users)  # fmt: skip
 
     def privacy_record(self) -> dict:
-        return self.accountant.to_dict()
+        return self.accountant.to_dict() | ({"whatif": whatif_label(self.whatif)} if self.whatif else {})
 
     def noise_on_mean(self, dimension: int, round_: int) -> float:
         return self.update_noise_multiplier * dimension**0.5 / self.expected_users
@@ -234,12 +240,21 @@ class GaussianUserLevel:
         self._next = None
 
 
+def whatif_label(whatif: dict) -> dict:
+    """How every output of a what-if run names what its ε is."""
+    n, m = int(whatif["population"]), int(whatif["cohort"])
+    return {"population": n, "cohort_size": m, "trained_population": int(whatif["trained_population"]),
+            "trained_cohort_size": int(whatif["trained_cohort"]),
+            "label": f"simulated: ε for a population of {n:,} with cohorts of {m:,}, not this run's own guarantee"}  # fmt: skip
+
+
 def user_level_gaussian(
     *, noise_multiplier: float, target_epsilon: float, rounds: int, clipping_norm: float, q: float,
     expected_users: int, population: int, sampling: str, accountant: str, delta: float, seed: int,
-    adaptive: AdaptiveClip | None, log: Callable[[str], None] = print,
+    adaptive: AdaptiveClip | None, log: Callable[[str], None] = print, whatif: dict | None = None,
 ) -> GaussianUserLevel:  # fmt: skip
-    """The Gaussian mechanism with z given, or calibrated so `rounds` rounds spend `target_epsilon`."""
+    """The Gaussian mechanism with z given, or calibrated so `rounds` rounds spend `target_epsilon`.
+    With `whatif`, `q`, `expected_users`, `population` and `delta` are the stated population's."""
 
     def new_accountant() -> UserLevelAccountant:
         return make_accountant(accountant, sampling, population, delta)
@@ -248,7 +263,10 @@ def user_level_gaussian(
         noise_multiplier = calibrate_noise(target_epsilon, rounds, new_accountant, q, expected_users)
         log(f"privacy: noise multiplier {noise_multiplier:.4f} calibrated for ε={target_epsilon} "
             f"at δ={delta:.3g} after {rounds} rounds")  # fmt: skip
-    mech = GaussianUserLevel(noise_multiplier, clipping_norm, q, expected_users, new_accountant(), seed, adaptive)
+    mech = GaussianUserLevel(noise_multiplier, clipping_norm, q, expected_users, new_accountant(), seed, adaptive, whatif)
+    if whatif:
+        log(f"privacy: WHAT-IF, {whatif_label(whatif)['label']}: trained on {whatif['trained_population']:,} users, "
+            f"~{whatif['trained_cohort']:,} a round, with the noise on each mean that {expected_users:,} would get")  # fmt: skip
     log(
         f"privacy: user-level DP, {mech.accountant.kind} accountant, {sampling} sampling q={q:.4g}, "
         f"z={noise_multiplier:.4g}, C={clipping_norm}"
