@@ -130,11 +130,10 @@ def secure_sum(
     mean = parameters_to_ndarrays(strategy.results[0][1].parameters)
     if plan is not None:
         # SecAgg+ returns (Σ v − n·T/2)/n for v = the devices' field values: the field sum back, in float64 (exact)
-        summed = {k: torch.from_numpy(np.rint(np.asarray(m, dtype=np.float64) * n + n * plan.field / 2))
-                  for k, m in zip(update_keys, mean, strict=True)}  # fmt: skip
-        return UpdateSum(summed, num_users=n, weight=float(n), loss_sum=math.nan, norm_sum=math.nan,
-                         sq_norm_sum=math.nan, sq_weight_sum=math.nan, encoded=True), len(routes) - n
-    delta = {k: torch.from_numpy(np.asarray(m, dtype=np.float32) * n) for k, m in zip(update_keys, mean, strict=True)}
+        delta = {k: torch.from_numpy(np.rint(np.asarray(m, dtype=np.float64) * n + n * plan.field / 2))
+                 for k, m in zip(update_keys, mean, strict=True)}  # fmt: skip
+    else:
+        delta = {k: torch.from_numpy(np.asarray(m, dtype=np.float32) * n) for k, m in zip(update_keys, mean, strict=True)}
     # Per-user loss and norm never leave the devices under SecAgg+: reported as NaN.
     return UpdateSum(delta, num_users=n, weight=float(n), loss_sum=math.nan, norm_sum=math.nan,
-                     sq_norm_sum=math.nan, sq_weight_sum=math.nan), len(routes) - n
+                     sq_norm_sum=math.nan, sq_weight_sum=math.nan, encoded=plan is not None), len(routes) - n
