@@ -1,6 +1,6 @@
 """Issue-18 benchmark: where the default run's start-up to round 1 goes.
 
-    .venv/bin/python experiments/bench_startup.py [--repeats 3] [--run-config "..."]
+    .venv/bin/python experiments/bench_startup.py [--repeats 3] [--config X.toml] [--run-config "..."]
 
 Runs `python -m fedrec.simulate` on the default config (one round; the base and data
 cached by a first, untimed run) and splits the wall time from launching the process to
@@ -37,27 +37,30 @@ def timed(code: str) -> float:
     return time.time() - t
 
 
-def one_run(out: Path, run_config: str) -> dict:
+def one_run(out: Path, run_config: str, config: str = "") -> dict:
     launched = time.time()
-    proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", "--output-dir", str(out), "--run-config",
-                           merge_run_config("num-rounds=1", run_config)], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", *(["--config", config] if config else []),
+                           "--output-dir", str(out), "--run-config", merge_run_config("num-rounds=1", run_config)],
+                          cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     if proc.returncode:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
     s = json.loads((out / "summary.json").read_text())
     server = s["server_started_at"] - launched
     warm = server + s["ready_seconds"]
     return {"to_server": server, "to_warm": warm, "to_round1": s["round1_at"] - launched,
-            "whole": time.time() - launched}  # fmt: skip
+            "whole": time.time() - launched, "worker_peak_rss_mb": s.get("worker_peak_rss_mb"),
+            }  # fmt: skip
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--config", default="", help="a TOML config under the run-config (e.g. experiments/beauty-dp.toml)")
     ap.add_argument("--run-config", default="")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedrec-startup-") as tmp:
-        one_run(Path(tmp, "warmup"), args.run_config)  # pretrains and caches the base
-        runs = [one_run(Path(tmp, f"r{i}"), args.run_config) for i in range(args.repeats)]
+        one_run(Path(tmp, "warmup"), args.run_config, args.config)  # pretrains and caches the base (and data)
+        runs = [one_run(Path(tmp, f"r{i}"), args.run_config, args.config) for i in range(args.repeats)]
     imports = timed("import server.app, flwr.simulation")
     python = timed("pass")
     ray_init = timed("import ray; ray.init(num_cpus=2, include_dashboard=False, logging_level='ERROR'); ray.shutdown()")
@@ -71,6 +74,7 @@ def main() -> int:
         ("nodes warm -> round 1 (base model evaluated)", med("to_round1") - med("to_warm")),
         ("launch -> round 1", med("to_round1")),
         ("whole run (1 round)", med("whole")),
+        ("a worker's peak RSS, MB (largest)", max(r["worker_peak_rss_mb"] or 0 for r in runs)),
         ("alone: python start", python),
         ("alone: driver imports (server.app, flwr.simulation)", imports),
         ("alone: ray.init + shutdown, 2 CPUs", ray_init),

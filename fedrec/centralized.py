@@ -54,7 +54,7 @@ def run_centralized(cfg: FedRecConfig, console: Console | None = None) -> dict:
     data = work.data
     device = resolve_device(cfg.device)
     users = [int(u) for u in data.private]
-    valid_users = [int(u) for u in validation_users(data.private, cfg.eval_users, cfg.seed)]
+    valid_users = [int(u) for u in validation_users(data.private, cfg.eval_users, cfg.data_seed_value)]
     private_seqs = [data.train[u] for u in users]
     summary: dict = {"mode": "centralized", "dataset": work.interactions.describe(), "private_users": len(users),
                      "public_users": len(data.public), "num_items": data.num_items, "validation_users": len(valid_users)}  # fmt: skip

@@ -81,6 +81,9 @@ class FedRecConfig:
     # what to run
     mode: str = field(default="federated", metadata=_choice("run", *MODES))
     seed: int = field(default=0, metadata=_range("run", 0))
+    # what draws the data, splits it, pretrains the base and picks the evaluation users
+    # (-1 = seed): seeds that vary only training, cohorts and noise share one base
+    data_seed: int = field(default=-1, metadata=_range("run", -1))
     output_dir: str = field(default="", metadata=_in("run"))
     overwrite: bool = field(default=False, metadata=_in("run"))  # replace another run's files in output-dir
     cache_dir: str = field(default="", metadata=_in("run"))
@@ -97,6 +100,13 @@ class FedRecConfig:
     synthetic_items: int = field(default=400, metadata=_range("data", 10))
     synthetic_clusters: int = field(default=8, metadata=_range("data", 1))
     synthetic_mean_length: int = field(default=20, metadata=_range("data", 3))
+    # generated populations (synthetic, teacher): the first P users are public, drawn the
+    # same whatever the population's size, so every size shares one base (0 = public-fraction)
+    public_users: int = field(default=0, metadata=_range("data", 0))
+    # dataset=teacher: users drawn from a trained recommender (fedrec.model.teacher)
+    teacher_path: str = field(default="", metadata=_in("data"))
+    teacher_users: int = field(default=0, metadata=_range("data", 0))  # private users drawn; 0 = the real data's
+    teacher_temperature: float = field(default=1.0, metadata=_range("data", 0.0, lo_open=True))
 
     # model and its centralized pretraining on public users
     max_seq_len: int = field(default=50, metadata=_range("model", 2))
@@ -231,12 +241,22 @@ class FedRecConfig:
         """The checks that span sections, in one place so that their interplay reads at once;
         the first rule that applies and fails names its key."""
         dp, sampling, dataset = self.dp_enabled, self.sampling, self.dataset
-        matrix, text_data = sampling in ("all", "cyclic"), dataset in ("seq-txt", "csv")
+        matrix, text_data = sampling in ("all", "cyclic"), dataset in ("seq-txt", "csv", "teacher")
         no_clip, not_uniform = self.clipping_norm <= 0, self.user_weighting != "uniform"
         rules: Iterable[tuple[bool, str]] = (
             (self.max_epsilon > 0 and not dp,
              "max-epsilon: no noise is added (target-epsilon and noise-multiplier are 0), so there is no ε to cap; "
              "drop max-epsilon or give target-epsilon or noise-multiplier"),
+            (dataset == "teacher" and not self.teacher_path,
+             "teacher-path: dataset=teacher draws its users from a teacher file (python -m fedrec.teacher)"),
+            (dataset == "teacher", _unmet("dataset: teacher does not combine with ", ", ", (
+                ("cold-items", self.cold_items > 0), ("private-users=enrolled", self.private_users == "enrolled"),
+                ("public-users (its public users are the real data's)", self.public_users > 0)))),
+            (self.public_users > 0 and dataset not in ("synthetic", "teacher"),
+             "public-users: applies to generated populations (dataset=synthetic); a data file's split is public-fraction"),
+            (dataset == "synthetic" and self.public_users >= self.synthetic_users,
+             f"public-users: {self.public_users} leaves no private user of synthetic-users={self.synthetic_users}"),
+            (bool(self.teacher_path) and dataset != "teacher", "teacher-path: set dataset=teacher to draw users from it"),
             (bool(self.data_path) and dataset == "synthetic",
              "data-path: dataset=synthetic generates its data and reads no file; set dataset=csv, seq-txt or movielens"),
             (dp and not_uniform, "user-weighting: differential privacy needs uniform user weights"),
@@ -391,10 +411,19 @@ class FedRecConfig:
     def replace(self, **changes: Any) -> FedRecConfig:
         return dataclasses.replace(self, **changes)
 
+    @property
+    def data_seed_value(self) -> int:
+        """The seed of the data, the split, the base and the evaluation users."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
     def fingerprint(self, *keys: str) -> str:
-        """Short stable hash of the named keys (e.g. what determines the base model)."""
+        """Short stable hash of the named keys (e.g. what determines the base model).
+
+        `data-seed` is hashed as its value under the name `seed`, which the data and base
+        keys hashed before it existed: every cached base and population keeps its key."""
         d = self.to_dict()
-        blob = json.dumps({k: d[k] for k in sorted(keys)}, sort_keys=True)
+        d["data-seed"] = self.data_seed_value
+        blob = json.dumps({("seed" if k == "data-seed" else k): d[k] for k in sorted(keys)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- parsing

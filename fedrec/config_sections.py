@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from fedrec.config_parse import ConfigError, _check_value
 
 # The choices of the config's knobs (the fields of `FedRecConfig` name them).
-DATASETS = ("synthetic", "movielens", "seq-txt", "csv")
+DATASETS = ("synthetic", "movielens", "seq-txt", "csv", "teacher")
 MODES = ("federated", "centralized", "local")
 PLACEMENTS = ("cohort", "device")
 SAMPLINGS = ("fixed", "poisson", "all", "cyclic")

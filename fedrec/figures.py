@@ -137,7 +137,7 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
 
 def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path) -> Path:
     """Share of the non-private gain each ε keeps, against the population size (log x), with
-    each run's paired-gain interval (experiments/scale_population.py's rows)."""
+    its interval (experiments/scale_population.py's rows, fedrec.report's population law)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for eps in dict.fromkeys(r["epsilon"] for r in rows if r["epsilon"] != "none"):
@@ -146,7 +146,7 @@ def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path) -> Path:
             continue
         x = [r["users"] for r in mine]
         y = np.array([r["kept"] for r in mine])
-        err = np.abs(np.array([r["kept_ci"] for r in mine]).T - y)
+        err = np.abs(np.array([r["kept_ci"] or [r["kept"], r["kept"]] for r in mine]).T - y)
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"ε = {eps}")
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="non-private")
     ax.axhline(0.0, color="black", lw=0.8, ls=":", label="base")

@@ -174,9 +174,98 @@ def load_runs(dirs: list[Path], skipped: list[str] | None = None) -> list[Run]:
     return runs
 
 
-# What names a dataset: the seed only draws a split (and synthetic data) of it, so seeds stay together.
-DATASET_KEYS = ("dataset", "data-path", "min-user-interactions", "synthetic-users", "synthetic-items",
+# What names a dataset: the seed only draws a split (and synthetic data) of it, so seeds stay
+# together; so do population sizes of one process (synthetic-users, teacher-users), which the
+# population law compares.
+DATASET_KEYS = ("dataset", "data-path", "min-user-interactions", "synthetic-items",
                 "synthetic-clusters", "synthetic-mean-length")  # fmt: skip
+# Population sizes: where one of these varies, the report adds the population law.
+POPULATION_KEYS = ("teacher-users", "synthetic-users")
+_T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 8: 2.365, 10: 2.262}  # Student t, 97.5%, by n
+
+
+def population_law(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per method, population size N and ε: the share of the same N's non-private gain in test
+    NDCG@10 that the private runs keep (mean over seeds, with a 95% t-interval over seeds),
+    beside the non-private run's gain and the meter's agreement (mean agreed/C over its rounds).
+    Empty unless a population key varies."""
+    federated = [r for r in runs if r.mode == "federated"]
+    varying = _method_keys(federated)
+    if not any(k in varying for k in POPULATION_KEYS):
+        return []
+    others = [k for k in varying if k not in POPULATION_KEYS and k != "data-seed"]
+    cells: dict[tuple, list[Run]] = {}
+    for r in federated:
+        method = ", ".join(f"{k}={r.config.get(k)}" for k in others) or "federated"
+        eps = r.config.get("target-epsilon") or None
+        if eps is None and r.config.get("noise-multiplier"):
+            continue  # a fixed noise multiplier is no ε cell
+        cells.setdefault((method, r.summary.private_users, eps), []).append(r)
+    rows = []
+    for (method, n, eps), members in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 1e9)):
+        none = cells.get((method, n, None))
+        gains = [m.summary.test["ndcg@10"] - m.summary.base_test["ndcg@10"] for m in members]
+        row = {"method": method, "users": n, "epsilon": "none" if eps is None else f"{eps:g}", "seeds": len(members),
+               "z": members[0].summary.noise_multiplier, "q": members[0].summary.sampling_rate,
+               "base": float(np.mean([m.summary.base_test["ndcg@10"] for m in members])),
+               "gain": float(np.mean(gains)), "gain_ci": members[0].summary.test_gain_ci.get("ndcg@10") if len(members) == 1 else None,
+               "agreed": _mean_meter(members, "snr-agreed"), "kept": None, "kept_ci": None,
+               "results_dirs": [str(m.path) for m in members]}  # fmt: skip
+        if eps is not None and none:
+            reference = float(np.mean([m.summary.test["ndcg@10"] - m.summary.base_test["ndcg@10"] for m in none]))
+            if reference > 0:
+                shares = np.array(gains) / reference
+                half = _T95.get(len(shares), 2.0) * shares.std(ddof=1) / np.sqrt(len(shares)) if len(shares) > 1 else None
+                row["kept"] = float(shares.mean())
+                row["kept_ci"] = [row["kept"] - half, row["kept"] + half] if half is not None else None
+                row["kept_seeds"] = shares.tolist()
+        rows.append(row)
+    return rows
+
+
+def _mean_meter(members: list[Run], key: str) -> float | None:
+    values = [r["train"][key] for m in members for r in m.rows if key in r.get("train", {})]
+    return float(np.mean(values)) if values else None
+
+
+def half_crossings(rows: list[dict[str, Any]], level: float = 0.5) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per method and ε: the N at which the share kept first reaches `level`, interpolated
+    in log N between the sizes measured, and the same for the interval's two ends (the
+    upper end reaches it at the smaller N). None where a curve never reaches it."""
+    out = {}
+    for key in dict.fromkeys((r["method"], r["epsilon"]) for r in rows if r["kept"] is not None):
+        mine = sorted((r for r in rows if (r["method"], r["epsilon"]) == key and r["kept"] is not None), key=lambda r: r["users"])
+
+        def cross(values: list[float]) -> float | None:
+            for (n0, v0), (n1, v1) in zip(zip([r["users"] for r in mine], values), zip([r["users"] for r in mine][1:], values[1:])):
+                if v0 < level <= v1:
+                    return float(10 ** (np.log10(n0) + (level - v0) / (v1 - v0) * (np.log10(n1) - np.log10(n0))))
+            return float(mine[0]["users"]) if values and values[0] >= level else None
+
+        ci = [r["kept_ci"] or [r["kept"], r["kept"]] for r in mine]
+        out[key] = {"at": cross([r["kept"] for r in mine]), "from": cross([c[1] for c in ci]), "to": cross([c[0] for c in ci]),
+                    "sizes": [mine[0]["users"], mine[-1]["users"]]}  # fmt: skip
+    return out
+
+
+def _law_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## The population law", "",
+             "Share of the same population's non-private gain (test NDCG@10 over the base) that each ε keeps: mean "
+             "over seeds [95% t-interval over seeds]; the non-private run's gain with its paired 95% interval over "
+             "users; agreed/C: the signal-to-noise meter's agreement, the mean over the run's rounds.", "",
+             "| method | N | ε | seeds | z | q | base | gain | share kept | agreed/C |", "|---|---:|---|---:|---:|---:|---:|---|---|---:|"]  # fmt: skip
+    for r in rows:
+        gain = f"{r['gain']:+.4f}" + (f" [{r['gain_ci'][0]:+.4f}, {r['gain_ci'][1]:+.4f}]" if r["gain_ci"] else "")
+        kept = "–" if r["kept"] is None else f"{r['kept']:.0%}" + (f" [{r['kept_ci'][0]:.0%}, {r['kept_ci'][1]:.0%}]" if r["kept_ci"] else "")
+        lines.append(f"| {r['method']} | {r['users']:,} | {r['epsilon']} | {r['seeds']} | {_num(r['z'])} | {_num(r['q'])} | "
+                     f"{r['base']:.4f} | {gain} | {kept} | {_num(r['agreed'])} |")  # fmt: skip
+    lines += ["", "| method | ε | N at which it keeps 50% [interval] |", "|---|---|---|"]
+    for (method, eps), c in half_crossings(rows).items():
+        def n(v):
+            return "–" if v is None else f"{v:,.0f}"
+        at = n(c["at"]) if c["at"] is not None else f"beyond {c['sizes'][1]:,}"
+        lines.append(f"| {method} | {eps} | {at} [{n(c['from'])}, {n(c['to']) if c['to'] is not None else 'beyond ' + format(c['sizes'][1], ',')}] |")
+    return lines
 
 
 def _dataset(run: Run) -> str:
@@ -419,9 +508,17 @@ def write_report(dirs: list[Path], out: Path) -> Path:
     lines += ["", "Skipped:", ""] + [f"- {s}" for s in skipped] if skipped else []
     if not private:
         lines += ["", "No run here is private (ε = none)."]
+    law = population_law(runs)
+    if law:
+        lines += _law_lines(law)
+        for method in dict.fromkeys(r["method"] for r in law):
+            name = "gain_kept_vs_users.png" if method == law[0]["method"] else f"gain_kept_vs_users_{len(made)}.png"
+            made[f"Share of the non-private gain kept against N ({method})"] = figures.gain_kept_vs_users(
+                [r for r in law if r["method"] == method and r["epsilon"] != "none"], out / name)
     for title, path in made.items():
         lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
     (out / "report.json").write_text(json.dumps({"groups": groups, "references": refs, "not_references": notes,
+                                                 "population_law": law,
                                                  "skipped": skipped, "provenance": provenance()}, indent=2) + "\n")  # fmt: skip
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -120,14 +120,14 @@ class FederatedRun:
         self.sent_keys = list(sent_keys or sorted(initial))
         self._sample(cfg)
         self.mechanism = make_mechanism(cfg, self.sampler, log, dimension)
-        self.valid_users = validation_users(self.users, cfg.eval_users, cfg.seed)
+        self.valid_users = validation_users(self.users, cfg.eval_users, cfg.data_seed_value)
         self.selection = selection(cfg)
         self.public_users = validation_users(np.asarray(public if public is not None else [], dtype=np.int64),
-                                             cfg.eval_users, cfg.seed)  # fmt: skip
+                                             cfg.eval_users, cfg.data_seed_value)  # fmt: skip
         if self.selection == "public" and not len(self.public_users):
             raise ValueError("model-selection=public: the run was given no public users")
         self.meter = Meter()
-        self.test_users = test_users(self.users, cfg.test_users, cfg.seed)
+        self.test_users = test_users(self.users, cfg.test_users, cfg.data_seed_value)
         if len(self.test_users) < len(self.users):
             log(f"evaluation: test on a seeded sample of {len(self.test_users):,} of the {len(self.users):,} users "
                 "(test-users); the summary's intervals include the sampling")  # fmt: skip

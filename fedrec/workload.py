@@ -6,9 +6,11 @@ data and the base weights once, not per message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,8 @@ from peft import PeftModel
 
 from fedrec.config import FedRecConfig
 from fedrec.data import SplitData, load_interactions, split_users
-from fedrec.data.interactions import Interactions
-from fedrec.data.ragged import IndexIds, Ragged
+from fedrec.data.interactions import DataError, Interactions
+from fedrec.data.ragged import IndexIds, LeadingIds, Ragged
 from fedrec.train.pretrain import ensure_base
 from fedrec.model.base import BASE_KEYS, base_path, cache_dir, load_base
 from fedrec.data.item_features import (
@@ -32,9 +34,12 @@ from fedrec.model.item_adapters import make_item_adapter
 from fedrec.model.lora import adapter_bytes, adapter_parameters, adapter_state, attach_lora, freeze_lora, freeze_random_factors
 from fedrec.model.types import ITEM_DELTA, AdapterState, is_local
 
-DATA_KEYS = ("dataset", "data-path", "seed", "min-user-interactions", "public-fraction", "cold-items") + tuple(
+DATA_KEYS = ("dataset", "data-path", "data-seed", "min-user-interactions", "public-fraction", "cold-items",
+             "public-users", "teacher-path", "teacher-users", "teacher-temperature") + tuple(
     k for k in BASE_KEYS if k.startswith("synthetic-")
-)
+)  # fmt: skip
+# What a teacher population's draw depends on besides the teacher file's content.
+TEACHER_KEYS = ("data-seed", "min-user-interactions", "public-fraction", "teacher-users", "teacher-temperature")
 # What build_model's adapter depends on (besides the base): a model cached by a worker is
 # reused only for configs that agree on these.
 ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text", "item-basis",
@@ -201,7 +206,7 @@ def _item_features(cfg: FedRecConfig, data: SplitData) -> ItemFeatures:
     if cfg.item_features:
         return load_item_features(Path(cfg.item_features), data.item_ids)
     if cfg.dataset == "synthetic":
-        return cluster_features(synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.seed))
+        return cluster_features(synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.data_seed_value))
     if cfg.dataset == "movielens":
         return load_movielens_genres(movielens_item_file(Path(cfg.data_path)), data.item_ids)
     raise ValueError(f"item-adapter=features: no item features for dataset={cfg.dataset}; set item-features")
@@ -215,8 +220,8 @@ def item_text_embeddings(cfg: FedRecConfig, data: SplitData, log: Callable[[str]
     if cfg.item_text:
         by_id, source = read_item_text(Path(cfg.item_text)), cfg.item_text
     elif cfg.dataset == "synthetic":
-        clusters = synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.seed)
-        by_id, source = synthetic_texts(clusters, cfg.seed), "synthetic clusters"
+        clusters = synthetic_item_clusters(cfg.synthetic_items, cfg.synthetic_clusters, cfg.data_seed_value)
+        by_id, source = synthetic_texts(clusters, cfg.data_seed_value), "synthetic clusters"
     elif cfg.dataset == "movielens":
         path = movielens_item_file(Path(cfg.data_path))
         by_id, source = movielens_texts(path), str(path)
@@ -285,7 +290,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _load_or_generate(cfg: FedRecConfig) -> Interactions:
+def _load_or_generate(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None) -> Interactions:
     """Real data from its file; synthetic data from the cache dir once generated.
 
     Synthetic data is deterministic in the config, so the first process writes it beside
@@ -293,29 +298,117 @@ def _load_or_generate(cfg: FedRecConfig) -> Interactions:
     memory-maps them: the workers share one copy in the page cache instead of generating
     and holding their own (experiments/README.md#populations).
     """
+    if cfg.dataset == "teacher":
+        return _teacher_population(cfg, log)
     if cfg.dataset != "synthetic":
         return load_interactions(cfg)
     from fedrec.data.synthetic import GENERATOR_VERSION
 
-    keys = [k for k in DATA_KEYS if k.startswith("synthetic-")] + ["seed"]
+    keys = [k for k in DATA_KEYS if k.startswith("synthetic-")] + ["data-seed"] + (["public-users"] if cfg.public_users else [])
     folder = cache_dir(cfg) / f"synthetic-{cfg.fingerprint(*keys)}-g{GENERATOR_VERSION}"
     if not (folder / "meta.json").exists():
         interactions = load_interactions(cfg)
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        seqs = interactions.sequences
-        np.save(tmp / "items.npy", seqs.flat)
-        np.save(tmp / "ends.npy", seqs.ends)
-        (tmp / "meta.json").write_text(json.dumps({"num_items": interactions.num_items, "source": interactions.source}))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process wrote it first: the same content
-            shutil.rmtree(tmp, ignore_errors=True)
+        _store(folder, interactions, {})
         return interactions
+    return _stored(folder)
+
+
+def _store(folder: Path, interactions: Interactions, meta: dict) -> None:
+    """A population as flat arrays in the cache, written under a temporary name and renamed."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    seqs = interactions.sequences
+    np.save(tmp / "items.npy", seqs.flat)
+    np.save(tmp / "ends.npy", seqs.ends)
+    meta = {"num_items": interactions.num_items, "source": interactions.source,
+            "leading_public": interactions.leading_public, "item_ids": interactions.item_ids} | meta  # fmt: skip
+    if isinstance(interactions.user_ids, LeadingIds):
+        meta["public_ids"] = interactions.user_ids.leading
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another process wrote it first: the same content
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stored(folder: Path) -> Interactions:
+    """A cached population, memory-mapped: every worker shares the page cache's one copy."""
     meta = json.loads((folder / "meta.json").read_text())
     flat = np.load(folder / "items.npy", mmap_mode="r")
     ends = np.load(folder / "ends.npy")
-    return Interactions(Ragged.from_ends(flat, ends), IndexIds(len(ends)), int(meta["num_items"]), str(meta["source"]))
+    lead = int(meta.get("leading_public", 0))
+    ids = IndexIds(len(ends)) if "public_ids" not in meta else LeadingIds(meta["public_ids"], len(ends) - lead, "drawn-")
+    return Interactions(Ragged.from_ends(flat, ends), ids, int(meta["num_items"]), str(meta["source"]),
+                        item_ids=list(meta.get("item_ids") or []), leading_public=lead)  # fmt: skip
+
+
+def _teacher_population(cfg: FedRecConfig, log: Callable[[str], None]) -> Interactions:
+    """The real data's public users (its split's, in order), then `teacher-users` users drawn
+    from the teacher (fedrec.model.teacher).
+
+    The cache holds one growing pool per teacher, temperature and data seed: the public
+    users, then whole blocks of drawn users. A population of N is the pool's first N drawn
+    users, so every size of a study is a prefix of the largest, drawn once; a size beyond
+    the pool draws only the blocks it lacks."""
+    from fedrec.model.teacher import BLOCK, SAMPLER_VERSION, cached_teacher, draw_blocks
+
+    teacher = cached_teacher(cfg.teacher_path)
+    folder = cache_dir(cfg) / f"teacher-{teacher.digest}-{cfg.fingerprint(*TEACHER_KEYS)}-s{SAMPLER_VERSION}"
+    pool = _teacher_pool(folder)
+    if pool is None:
+        pool = _stored(_new_teacher_pool(cfg, teacher, folder, log))
+    lead = pool.leading_public
+    n = cfg.teacher_users or int(json.loads((folder / "real.json").read_text())["private_users"])
+    have = len(pool.sequences) - lead
+    if n > have:
+        blocks = range(have // BLOCK, -(-n // BLOCK))
+        log(f"data: drawing {len(blocks) * BLOCK:,} more users from the teacher {cfg.teacher_path} at temperature "
+            f"{cfg.teacher_temperature:g} (the cached pool has {have:,}; {folder})")  # fmt: skip
+        started = time.time()
+        more = draw_blocks(teacher, blocks, cfg.teacher_temperature, cfg.data_seed_value, log)
+        flat = np.concatenate([np.asarray(pool.sequences.flat), more.flat])
+        ends = np.concatenate([pool.sequences.ends, more.ends + pool.sequences.ends[-1]])
+        grown = dataclasses.replace(pool, sequences=Ragged.from_ends(flat, ends))
+        _store(folder / f"pool-{len(ends) - lead}", grown, {"draw_seconds": round(time.time() - started, 1)})
+        pool = _teacher_pool(folder)
+    seqs = pool.sequences
+    return dataclasses.replace(
+        pool, sequences=Ragged(seqs.flat, seqs.starts[: lead + n], seqs.ends[: lead + n]),
+        user_ids=LeadingIds(pool.user_ids.leading, n, "drawn-"),
+        source=f"teacher({cfg.teacher_path}: {n:,} users drawn at temperature {cfg.teacher_temperature:g}; {pool.source})",
+    )  # fmt: skip
+
+
+def _teacher_pool(folder: Path) -> Interactions | None:
+    """The largest pool drawn so far (pool-K: K drawn users), memory-mapped; None if none."""
+    pools = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("pool-*") if (p / "meta.json").exists()) \
+        if folder.exists() else []  # fmt: skip
+    return _stored(pools[-1][1]) if pools else None
+
+
+def _new_teacher_pool(cfg: FedRecConfig, teacher, folder: Path, log: Callable[[str], None]) -> Path:
+    """The pool with no drawn user yet: the real data's public users, checked against the
+    file the teacher was trained on."""
+    from fedrec.data.load import source_file
+    from fedrec.model.base import _content_digest
+
+    kind, trained_on = teacher.meta["dataset"], teacher.meta["data_digest"]
+    if _content_digest(source_file(kind, Path(cfg.data_path).expanduser().resolve())) != trained_on:
+        raise DataError(f"data-path: '{cfg.data_path}' is not the file the teacher {cfg.teacher_path} was trained on "
+                        f"({teacher.meta.get('source', '?')})")  # fmt: skip
+    real = load_interactions(cfg.replace(dataset=kind, teacher_path=""))
+    if real.num_items != teacher.num_items:
+        raise DataError(f"teacher-path: the teacher has {teacher.num_items:,} items, {cfg.data_path} {real.num_items:,}")
+    split = split_users(real, cfg.public_fraction, cfg.data_seed_value)
+    public = [np.asarray(real.sequences[int(u)], dtype=np.int32) for u in split.public]
+    ends = np.cumsum([len(x) for x in public], dtype=np.int64)
+    base = Interactions(Ragged.from_ends(np.concatenate(public), ends), [real.user_ids[int(u)] for u in split.public],
+                        real.num_items, f"the {len(public):,} public users of {real.source}", item_ids=real.item_ids,
+                        leading_public=len(public))  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "real.json").write_text(json.dumps({"private_users": len(split.private), "source": real.source}))
+    _store(folder / "pool-0", base, {"public_ids": list(base.user_ids), "item_ids": real.item_ids})
+    return folder / "pool-0"
 
 
 def load_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: None) -> Workload:
@@ -342,10 +435,10 @@ def prepare_workload(cfg: FedRecConfig, log: Callable[[str], None] = lambda _m: 
 def _split(cfg: FedRecConfig, log: Callable[[str], None]):
     key = cfg.fingerprint(*DATA_KEYS, "private-users")
     if key not in _CACHE:
-        interactions = _load_or_generate(cfg)
+        interactions = _load_or_generate(cfg, log)
         log(f"data: {interactions.describe()}")
         enrolled = cfg.private_users == "enrolled"
-        data = split_users(interactions, cfg.public_fraction, cfg.seed, cfg.cold_items, all_public=enrolled)
+        data = split_users(interactions, cfg.public_fraction, cfg.data_seed_value, cfg.cold_items, all_public=enrolled)
         log(f"split: {len(data.public):,} public users (pretraining), "
             + ("private users: the devices that enroll (private-users=enrolled)" if enrolled
                else f"{len(data.private):,} private users (federated)")

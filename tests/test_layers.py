@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run", ("fedrec.checkpoint", "fedrec.port", "fedrec.callbacks", "fedrec.tracking", "fedrec.finish", "fedrec.run",
              "fedrec.assemble",
              "fedrec.inprocess",
-             "fedrec.centralized", "fedrec.local_only", "fedrec.snr")),
+             "fedrec.centralized", "fedrec.local_only", "fedrec.snr", "fedrec.teacher")),
     ("entry point", ("fedrec.simulate",)),
 ]
 ENTRY_POINT = "fedrec.simulate"  # the one core module that starts the Flower apps

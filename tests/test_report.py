@@ -4,7 +4,7 @@ import pytest
 
 from fedrec.inprocess import run_in_process
 from fedrec.report import main as report_main
-from fedrec.report import write_sweep_table
+from fedrec.report import write_report, write_sweep_table
 
 
 def _summary(epsilon, z=None, ndcg=0.25):
@@ -115,3 +115,38 @@ def test_report_names_what_it_skips_and_refuses_a_local_reference_on_other_users
     assert "local only" not in record["references"]  # 40 of 100 users: not the federated runs' test users
     assert "ranked 40 of 100 private users" in record["not_references"][0] and "0.2800" in record["not_references"][0]
     assert "Not a reference: local only" in report.read_text()
+
+
+def test_the_population_law_takes_each_sizes_own_non_private_gain_and_finds_where_half_is_kept(tmp_path):
+    """Runs of several population sizes (synthetic-users varies): the share each ε keeps is
+    against the same N's non-private gain, averaged over seeds; the N that keeps 50% is
+    interpolated in log N."""
+    from fedrec.report import half_crossings
+
+    def run(name: str, users: int, eps: float | None, seed: int, test: float) -> None:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        s = _summary(eps, z=None if eps is None else 1.0, ndcg=test) | {"private_users": users - 20}
+        s["test"]["hr@10"] = s["test"]["ndcg@10"] * 2
+        (d / "summary.json").write_text(json.dumps(s))
+        (d / "config.toml").write_text(f"seed = {seed}\nsynthetic-users = {users}\n"
+                                       + (f"target-epsilon = {eps}\n" if eps else "noise-multiplier = 0.0\n"))
+        (d / "metrics.jsonl").write_text(json.dumps({"round": 1, "train": {"snr-agreed": 0.01 * users / 1000}}) + "\n")
+
+    # base 0.2; non-private gains 0.04 (N=1000) and 0.02 (N=10000); ε=8 keeps 25% and 75%
+    run("a", 1020, None, 0, 0.24)
+    run("b", 10020, None, 0, 0.22)
+    for seed, jitter in ((0, -0.001), (1, 0.0), (2, 0.001)):
+        run(f"a8-{seed}", 1020, 8.0, seed, 0.21 + jitter)
+        run(f"b8-{seed}", 10020, 8.0, seed, 0.215 + jitter)
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    law = json.loads((tmp_path / "report" / "report.json").read_text())["population_law"]
+    cells = {(r["users"], r["epsilon"]): r for r in law}
+    assert cells[(1000, "8")]["kept"] == pytest.approx(0.25) and cells[(10000, "8")]["kept"] == pytest.approx(0.75)
+    assert cells[(1000, "8")]["seeds"] == 3 and cells[(1000, "8")]["kept_ci"][0] < 0.25 < cells[(1000, "8")]["kept_ci"][1]
+    assert cells[(1000, "none")]["agreed"] == pytest.approx(0.0102)
+    half = half_crossings(law)[("federated", "8")]
+    assert half["at"] == pytest.approx(10**3.5, rel=1e-6)  # halfway in log N
+    assert half["from"] < half["at"] < half["to"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## The population law" in text and (tmp_path / "report" / "gain_kept_vs_users.png").stat().st_size > 0

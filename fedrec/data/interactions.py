@@ -23,6 +23,8 @@ class Interactions:
     dropped_users: int = 0
     notes: list[str] = field(default_factory=list)
     item_ids: list[str] = field(default_factory=list)  # raw id of item 1..N (the catalogue)
+    # generated populations: the first k users are the public ones (fedrec.data.split)
+    leading_public: int = 0
 
     def __post_init__(self) -> None:
         if not self.item_ids:  # ids that are already 1..N

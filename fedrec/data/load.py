@@ -12,8 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedrec.config import ConfigError
 from fedrec.data.interactions import DataError, Interactions, build_interactions
+from fedrec.data.ragged import IndexIds, Ragged
 from fedrec.data.parse import Record, open_text, order_events, read_interaction_csv
 from fedrec.data.synthetic import generate_synthetic
 
@@ -31,6 +34,8 @@ def check_inputs(cfg: FedRecConfig) -> None:
     valid without the server's files."""
     if cfg.data_path and cfg.dataset != "synthetic" and not Path(cfg.data_path).exists():
         raise ConfigError(f"data-path: '{cfg.data_path}' does not exist")
+    if cfg.teacher_path and not Path(cfg.teacher_path).exists():
+        raise ConfigError(f"teacher-path: '{cfg.teacher_path}' does not exist (make one with python -m fedrec.teacher)")
     if cfg.item_features and not Path(cfg.item_features).exists():
         raise ConfigError(f"item-features: '{cfg.item_features}' does not exist")
     if cfg.item_encoder != "id" and importlib.util.find_spec(TEXT_ENCODER) is None:
@@ -57,15 +62,23 @@ def check_item_files(cfg: FedRecConfig, item_ids: list[str]) -> None:
 
 
 def load_interactions(cfg: FedRecConfig) -> Interactions:
-    """The interactions a config names."""
+    """The interactions a config names (`dataset=teacher`: the real data file its teacher
+    was trained on; the drawn population is fedrec.workload's, which has the model layer)."""
     if cfg.dataset == "synthetic":
-        return generate_synthetic(
-            num_users=cfg.synthetic_users,
-            num_items=cfg.synthetic_items,
-            num_clusters=cfg.synthetic_clusters,
-            mean_length=cfg.synthetic_mean_length,
-            seed=cfg.seed,
-        )
+        shape = dict(num_items=cfg.synthetic_items, num_clusters=cfg.synthetic_clusters,
+                     mean_length=cfg.synthetic_mean_length, seed=cfg.data_seed_value)  # fmt: skip
+        if not cfg.public_users:
+            return generate_synthetic(num_users=cfg.synthetic_users, **shape)
+        # Public and private users from two streams of one process: the public ones, and so the
+        # base, are the same for every synthetic-users.
+        public = generate_synthetic(num_users=cfg.public_users, stream=1, **shape)
+        private = generate_synthetic(num_users=cfg.synthetic_users - cfg.public_users, stream=2, **shape)
+        flat = np.concatenate([public.sequences.flat, private.sequences.flat])
+        ends = np.concatenate([public.sequences.ends, private.sequences.ends + public.sequences.ends[-1]])
+        return Interactions(Ragged.from_ends(flat, ends), IndexIds(cfg.synthetic_users), cfg.synthetic_items,
+                            f"synthetic(users={cfg.synthetic_users} of which {cfg.public_users} public, "
+                            f"items={cfg.synthetic_items}, clusters={cfg.synthetic_clusters}, seed={cfg.data_seed_value})",
+                            leading_public=cfg.public_users)  # fmt: skip
     path = Path(cfg.data_path)
     try:
         stat = source_file(cfg.dataset, path).stat()
@@ -79,7 +92,9 @@ def _read(dataset: str, path: str, min_user_interactions: int, _mtime_ns: int, _
     """Parsed once per process and file version: `fedrec.simulate` parses the file before
     Ray starts (a malformed file is one line at once), the run then takes the same parse.
     Interactions are read-only once built."""
-    loader = {"movielens": load_movielens, "seq-txt": load_seq_txt, "csv": load_csv}[dataset]
+    if dataset not in LOADERS:
+        raise DataError(f"dataset={dataset} reads no file of its own here")
+    loader = LOADERS[dataset]
     try:
         return loader(Path(path), min_user_interactions)
     except UnicodeDecodeError as e:
@@ -149,3 +164,6 @@ def load_csv(path: Path, min_user_interactions: int = 3) -> Interactions:
     ties keep file order.
     """
     return build_interactions(read_interaction_csv(path), f"csv({path})", min_user_interactions)
+
+
+LOADERS = {"movielens": load_movielens, "seq-txt": load_seq_txt, "csv": load_csv}

@@ -78,3 +78,22 @@ class IndexIds(Sequence):
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Sequence) and len(other) == self.n and all(a == b for a, b in zip(self, other))
+
+
+class LeadingIds(Sequence):
+    """Raw user ids of a generated population: the real ids of its leading users (the real
+    data's public users), then `prefix`0, `prefix`1, ... for the drawn ones."""
+
+    def __init__(self, leading: Sequence[str], drawn: int, prefix: str) -> None:
+        self.leading, self.drawn, self.prefix = list(leading), int(drawn), prefix
+
+    def __len__(self) -> int:
+        return len(self.leading) + self.drawn
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.leading[i] if i < len(self.leading) else f"{self.prefix}{i - len(self.leading)}"

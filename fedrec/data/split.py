@@ -79,6 +79,7 @@ def split_users(data: Interactions, public_fraction: float, seed: int, cold_item
                 all_public: bool = False) -> SplitData:  # fmt: skip
     """Seeded public/private split; at least one user ends up on each side, unless
     `all_public` (a server whose private users are the devices that enroll: it holds none).
+    A generated population with `leading_public` = k has its first k users public.
 
     With `cold_items` = F, a seeded fraction F of the catalogue is held out: removed from
     every training prefix, so those items are only ever validation or test targets (and,
@@ -90,6 +91,8 @@ def split_users(data: Interactions, public_fraction: float, seed: int, cold_item
         raise ValueError(f"need at least 2 users for a public/private split, got {n}")
     order = np.random.default_rng([seed, 0xB1C]).permutation(n)
     n_public = n if all_public else public_count(n, public_fraction)
+    if data.leading_public and not all_public:  # a generated population says which users are public
+        order, n_public = np.arange(n), data.leading_public
     train, valid, test = leave_one_out(data.sequences)
     cold = np.zeros(0, dtype=np.int64)
     if cold_items > 0:

@@ -65,8 +65,13 @@ def generate_synthetic(
     mean_length: int,
     seed: int,
     min_length: int = 5,
+    stream: int | None = None,
 ) -> Interactions:
     """`num_users` sequences drawn by the process in the module docstring.
+
+    With `stream`, the users come from their own generator, seeded by (seed, stream), over
+    the same catalogue: two streams are two independent populations of one process (the
+    public and the private users of `public-users`, fedrec.workload).
 
     Users are drawn together, one time step at a time over blocks of users, with numpy:
     a Python loop per user and step took minutes at a million users
@@ -75,6 +80,8 @@ def generate_synthetic(
     """
     rng = _rng(seed)
     cluster_of, members, popularity, successors = catalogue(rng, num_items, num_clusters)
+    if stream is not None:
+        rng = np.random.default_rng([seed, 0x5EED, stream])
     num_clusters = len(members)
     picker = _ClusterPicker(members, popularity)
 

@@ -18,7 +18,7 @@ from fedrec.data.load import source_file
 from fedrec.model.sasrec import SASRec
 
 BASE_KEYS = (
-    "dataset", "data-path", "seed", "min-user-interactions", "public-fraction",
+    "dataset", "data-path", "data-seed", "min-user-interactions", "public-fraction",
     "synthetic-users", "synthetic-items", "synthetic-clusters", "synthetic-mean-length",
     "max-seq-len", "hidden-size", "num-blocks", "num-heads", "dropout",
     "pretrain-epochs", "pretrain-patience", "pretrain-learning-rate", "batch-size", "item-encoder", "cold-items",
@@ -51,10 +51,19 @@ PRETRAIN_RECIPE = 2
 
 
 def base_path(cfg: FedRecConfig) -> Path:
+    if cfg.dataset == "teacher":
+        # A teacher population's public users are the real data's, in the real split's order:
+        # its base is the real data's base, one file for every population size and temperature.
+        from fedrec.model.teacher import cached_teacher
+
+        cfg = cfg.replace(dataset=cached_teacher(cfg.teacher_path).meta["dataset"], teacher_path="")
     if cfg.dataset == "synthetic":
         from fedrec.data.synthetic import GENERATOR_VERSION
 
-        key = f"{cfg.fingerprint(*BASE_KEYS)}-r{PRETRAIN_RECIPE}-g{GENERATOR_VERSION}"
+        keys = BASE_KEYS if not cfg.public_users else [k for k in BASE_KEYS if k != "synthetic-users"]
+        key = f"{cfg.fingerprint(*keys)}-r{PRETRAIN_RECIPE}-g{GENERATOR_VERSION}"
+        if cfg.public_users:  # the public users are their own stream: the base is the same for every size
+            key += f"-pu{cfg.public_users}"
     else:
         # Keyed by the file's content, not its path or mtime: a copy, a re-sync or a touch
         # keeps the base (pretraining it is the longest step of a run's start:

@@ -46,7 +46,7 @@ class Fitting:
         """The base's pretraining on public users (on the CPU)."""
         return cls(
             epochs=cfg.pretrain_epochs, lr=cfg.pretrain_learning_rate, batch_size=cfg.batch_size,
-            max_seq_len=cfg.max_seq_len, seed=cfg.seed, device=torch.device("cpu"), patience=cfg.pretrain_patience,
+            max_seq_len=cfg.max_seq_len, seed=cfg.data_seed_value, device=torch.device("cpu"), patience=cfg.pretrain_patience,
             # A small public set's validation is noisy on the early plateau, where patience alone
             # stopped the default synthetic base far below what it reaches.
             # Nor does a falling loss: validation on few public users is noisy enough that five
@@ -140,7 +140,7 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     if path.exists():
         log(f"base model: cached {path}")
         return path
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.data_seed_value)
     model = new_model(cfg, data.num_items)
     # Public users train on all but their last item, which picks the stopping epoch:
     # an over-trained base is over-confident on new users, and LoRA on the projections
@@ -148,7 +148,7 @@ def ensure_base(cfg: FedRecConfig, data: SplitData, log: Callable[[str], None] =
     hook = None
     if text is not None:
         hook = attach_text_items(model, text, with_ids=cfg.item_encoder == "id+text", id_dropout=cfg.id_dropout)
-    public = pretraining_users(data.public, cfg.pretrain_users, cfg.seed)
+    public = pretraining_users(data.public, cfg.pretrain_users, cfg.data_seed_value)
     seqs = data.public_sequences(public)
     model.set_absent(data.cold)  # cold items never train: not as an input, a target or a softmax negative
     capped = f" (a seeded sample of the {len(data.public):,}: pretrain-users)" if len(public) < len(data.public) else ""
