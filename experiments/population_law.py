@@ -33,10 +33,14 @@ sys.path.insert(0, str(ROOT))
 
 from fedrec.config import merge_run_config  # noqa: E402
 
-# Beauty's private recipe (beauty-dp.toml: projection LoRA on the label-smoothed base) with
-# the Poisson plan measured there: 1,000 users a round for 100 rounds.
-PLAN = ("sampling=poisson mechanism=gaussian cohort-size={m} num-rounds={rounds} server-learning-rate=0.0003 "
-        "eval-every=10 checkpoint-every=0 bootstrap-samples=500 data-seed=0")  # fmt: skip
+# The plan at every N: Poisson sampling of m users a round, T rounds, the base validated on
+# public users (model-selection=public, beauty-dp.toml's), one data seed.
+PLAN = ("sampling=poisson mechanism=gaussian cohort-size={m} num-rounds={rounds} eval-every={every} "
+        "checkpoint-every=0 bootstrap-samples=500 data-seed=0")  # fmt: skip
+# Beauty's private recipe (beauty-dp.toml: projection LoRA on the label-smoothed base); its
+# Poisson plan was 1,000 users × 100 rounds at server learning rate 3e-4, here half the
+# rounds at twice the rate.
+BEAUTY = "server-learning-rate={lr}"
 TEACHER = "dataset=teacher teacher-path={teacher} teacher-users={n} teacher-temperature={t} test-users={test}"
 # Synthetic users: the default process and catalogue, 120 public users (as the default run has)
 # pretraining the one base, stopped by patience alone (scale_population.py's recipe).
@@ -51,17 +55,17 @@ def _argv(out: Path, run_config: str, config: str | None) -> list[str]:
 
 
 def _dp(eps: str) -> str:
-    return "noise-multiplier=0" if eps == "none" else f"target-epsilon={eps}"
+    return "target-epsilon=0 noise-multiplier=0" if eps == "none" else f"target-epsilon={eps}"
 
 
 def calibrate(args) -> int:
     from fedrec.simulate import build_config, run_many
 
-    plan = PLAN.format(m=args.cohort, rounds=args.rounds)
+    plan = PLAN.format(m=args.cohort, rounds=args.rounds, every=args.eval_every) + " " + BEAUTY.format(lr=args.beauty_lr)
     runs = [("real", build_config(_argv(args.out / "calibration" / "real", merge_run_config(
-        f"{plan} test-users=0 noise-multiplier=0", args.run_config), str(ROOT / "experiments" / "beauty-dp.toml"))))]
+        f"{plan} test-users=0 {_dp('none')}", args.run_config), str(ROOT / "experiments" / "beauty-dp.toml"))))]
     for t in args.temperatures.split(","):
-        rc = f"{plan} {TEACHER.format(teacher=args.teacher, n=0, t=t, test=0)} noise-multiplier=0"
+        rc = f"{plan} {TEACHER.format(teacher=args.teacher, n=0, t=t, test=0)} {_dp('none')}"
         runs.append((f"teacher τ={t}", build_config(_argv(args.out / "calibration" / f"teacher-t{t}",
                                                            merge_run_config(rc, args.run_config),
                                                            str(ROOT / "experiments" / "beauty-dp.toml")))))  # fmt: skip
@@ -108,14 +112,15 @@ def law(args) -> int:
     from fedrec.report import write_report
     from fedrec.simulate import build_config, run_many
 
-    sizes = [int(n) for n in args.users.split(",")]
-    plan = PLAN.format(m=args.cohort, rounds=args.rounds)
+    # the largest first: its population is drawn once, and every smaller one is its prefix
+    sizes = sorted((int(n) for n in args.users.split(",")), reverse=True)
+    plan = PLAN.format(m=args.cohort, rounds=args.rounds, every=args.eval_every)
     out = args.out / args.kind
     runs = []
     for n in sizes:
         if args.kind == "teacher":
-            data, config = TEACHER.format(teacher=args.teacher, n=n, t=args.temperature, test=args.test_users), \
-                str(ROOT / "experiments" / "beauty-dp.toml")  # fmt: skip
+            data = TEACHER.format(teacher=args.teacher, n=n, t=args.temperature, test=args.test_users)
+            data, config = f"{data} {BEAUTY.format(lr=args.beauty_lr)}", str(ROOT / "experiments" / "beauty-dp.toml")
         else:
             data, config = SYNTHETIC.format(total=n + 120, test=args.test_users), None
         for eps in args.epsilons.split(","):
@@ -140,7 +145,9 @@ def main() -> int:
     ap.add_argument("--epsilons", default="none,8,4,1")
     ap.add_argument("--seeds", default="0,1,2", help="seeds of every DP cell (the non-private cell runs seed 0)")
     ap.add_argument("--cohort", type=int, default=1000, help="expected users per round m, the same at every N")
-    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=10, help="validation on public users every this many rounds")
+    ap.add_argument("--beauty-lr", type=float, default=0.0006, help="the teacher runs' server learning rate")
     ap.add_argument("--test-users", type=int, default=BEAUTY_PRIVATE, help="a seeded sample of this many, at every N")
     ap.add_argument("--run-config", default="", help="applied to every run")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "population-law")

@@ -185,3 +185,14 @@ def test_generated_public_users_and_base_are_the_same_for_every_size(tmp_path):
     assert base_path(small) != base_path(small.replace(data_seed=5))
     # without data-seed, the seed is the data's
     assert base_path(small.replace(data_seed=-1, seed=4)) == base_path(small)
+
+
+def test_the_samplers_fast_forward_equals_the_models(teacher_file):
+    from fedrec.model.teacher import last_hidden
+
+    teacher = load_teacher(teacher_file[0])
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 4, 10):
+        seqs = torch.randint(1, teacher.num_items + 1, (64, n), generator=gen)
+        with torch.no_grad():
+            assert torch.allclose(last_hidden(teacher.model, seqs), teacher.model(seqs)[:, -1], atol=1e-5)
