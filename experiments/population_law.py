@@ -62,24 +62,35 @@ def calibrate(args) -> int:
     from fedrec.simulate import build_config, run_many
 
     plan = PLAN.format(m=args.cohort, rounds=args.rounds, every=args.eval_every) + " " + BEAUTY.format(lr=args.beauty_lr)
-    runs = [("real", build_config(_argv(args.out / "calibration" / "real", merge_run_config(
-        f"{plan} test-users=0 {_dp('none')}", args.run_config), str(ROOT / "experiments" / "beauty-dp.toml"))))]
-    for t in args.temperatures.split(","):
+    real = build_config(_argv(args.out / "calibration" / "real", merge_run_config(
+        f"{plan} test-users=0 {_dp('none')}", args.run_config), str(ROOT / "experiments" / "beauty-dp.toml")))
+    done = (args.out / "calibration" / "real" / "summary.json").exists() and not args.rerun_real
+    runs = [] if done else [("real", real)]  # real Beauty once per OUT: every temperature is read against it
+    for t in [t for t in args.temperatures.split(",") if not (args.out / "calibration" / f"teacher-t{t}" / "summary.json").exists()]:
         rc = f"{plan} {TEACHER.format(teacher=args.teacher, n=0, t=t, test=0)} {_dp('none')}"
         runs.append((f"teacher τ={t}", build_config(_argv(args.out / "calibration" / f"teacher-t{t}",
                                                            merge_run_config(rc, args.run_config),
                                                            str(ROOT / "experiments" / "beauty-dp.toml")))))  # fmt: skip
     started = time.time()
-    summaries = run_many([c for _n, c in runs])
-    print(f"{len(runs)} runs in {time.time() - started:.0f} s")
+    if runs:
+        run_many([c for _n, c in runs])
+        print(f"{len(runs)} runs in {time.time() - started:.0f} s")
+    # Every population measured under OUT (runs of earlier calls too, same plan): real first.
+    from fedrec.summary import RunSummary
+
+    folders = [args.out / "calibration" / "real"] + sorted((args.out / "calibration").glob("teacher-t*"))
     rows = []
-    for (name, cfg), s in zip(runs, summaries):
-        metrics = [json.loads(line) for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for folder in folders:
+        if not (folder / "summary.json").exists():
+            continue
+        s = RunSummary.from_dict(json.loads((folder / "summary.json").read_text()))
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
         agreed = [r["train"]["snr-agreed"] for r in metrics if "snr-agreed" in r.get("train", {})]
+        name = "real Beauty" if folder.name == "real" else f"teacher τ={folder.name.removeprefix('teacher-t')}"
         rows.append({"population": name, "private_users": s.private_users, "base": s.base_test["ndcg@10"],
                      "test": s.test["ndcg@10"], "gain": s.test["ndcg@10"] - s.base_test["ndcg@10"],
                      "gain_ci": s.test_gain_ci.get("ndcg@10"), "agreed": sum(agreed) / len(agreed) if agreed else None,
-                     "wall_s": s.wall_seconds})  # fmt: skip
+                     "agreed_first3": sum(agreed[:3]) / 3 if len(agreed) >= 3 else None, "wall_s": s.wall_seconds})  # fmt: skip
     (args.out / "calibration.json").write_text(json.dumps(rows, indent=1))
     text = calibration_table(rows)
     (args.out / "calibration.md").write_text(text)
@@ -112,8 +123,9 @@ def law(args) -> int:
     from fedrec.report import write_report
     from fedrec.simulate import build_config, run_many
 
-    # the largest first: its population is drawn once, and every smaller one is its prefix
-    sizes = sorted((int(n) for n in args.users.split(",")), reverse=True)
+    # the smallest first: a study cut short keeps its smallest sizes whole; each larger one
+    # grows the cached pool, of which every smaller population is a prefix
+    sizes = sorted(int(n) for n in args.users.split(","))
     plan = PLAN.format(m=args.cohort, rounds=args.rounds, every=args.eval_every)
     out = args.out / args.kind
     runs = []
@@ -140,6 +152,7 @@ def main() -> int:
     ap.add_argument("--kind", choices=("teacher", "synthetic"), default="teacher")
     ap.add_argument("--teacher", default=str(ROOT / "teachers" / "beauty.pt"), help="the teacher file (fedrec.teacher)")
     ap.add_argument("--temperatures", default="1.0", help="calibrate: the teacher temperatures to compare")
+    ap.add_argument("--rerun-real", action="store_true", help="calibrate: run real Beauty again even if OUT has it")
     ap.add_argument("--temperature", type=float, default=1.0, help="law: the calibrated temperature")
     ap.add_argument("--users", default=f"{BEAUTY_PRIVATE},56000,180000,560000,1800000", help="private users N")
     ap.add_argument("--epsilons", default="none,8,4,1")
