@@ -138,7 +138,15 @@ def law(args) -> int:
         for eps in args.epsilons.split(","):
             for seed in ([0] if eps == "none" else [int(s) for s in args.seeds.split(",")]):
                 rc = merge_run_config(f"{plan} {data} {_dp(eps)} seed={seed}", args.run_config)
-                runs.append(build_config(_argv(out / f"users={n}" / f"eps{eps}" / f"seed={seed}", rc, config)))
+                runs.append((eps, build_config(_argv(out / f"users={n}" / f"eps{eps}" / f"seed={seed}", rc, config))))
+    # The cells the question needs first: every size's non-private, ε = 8 and ε = 4 cells, then
+    # the rest; a study cut short has the 50% points' cells.
+    first = [c for eps, c in runs if eps in ("none", "8", "4")]
+    runs = first + [c for eps, c in runs if eps not in ("none", "8", "4")]
+    if args.keep_done:
+        done = [c for c in runs if (Path(c.output_dir) / "summary.json").exists()]
+        print(f"{len(done)} of {len(runs)} runs already done (--keep-done): left as they are")
+        runs = [c for c in runs if c not in done]
     started = time.time()
     run_many(runs)
     print(f"{len(runs)} runs in {time.time() - started:.0f} s")
@@ -163,6 +171,7 @@ def main() -> int:
     ap.add_argument("--beauty-lr", type=float, default=0.0006, help="the teacher runs' server learning rate")
     ap.add_argument("--test-users", type=int, default=BEAUTY_PRIVATE, help="a seeded sample of this many, at every N")
     ap.add_argument("--run-config", default="", help="applied to every run")
+    ap.add_argument("--keep-done", action="store_true", help="law: skip runs whose folder has a summary")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "population-law")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,8 @@ DATA_KEYS = ("dataset", "data-path", "data-seed", "min-user-interactions", "publ
     k for k in BASE_KEYS if k.startswith("synthetic-")
 )  # fmt: skip
 # What a teacher population's draw depends on besides the teacher file's content.
-TEACHER_KEYS = ("data-seed", "min-user-interactions", "public-fraction", "teacher-users", "teacher-temperature")
+# Not teacher-users: every population size is a prefix of one pool (_teacher_population).
+TEACHER_KEYS = ("data-seed", "min-user-interactions", "public-fraction", "teacher-temperature")
 # What build_model's adapter depends on (besides the base): a model cached by a worker is
 # reused only for configs that agree on these.
 ITEM_KEYS = ("item-adapter", "item-rank", "item-rows", "item-features", "item-encoder", "item-text", "item-basis",

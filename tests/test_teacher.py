@@ -144,6 +144,8 @@ def test_a_teacher_population_keeps_the_real_public_users_and_base(teacher_file,
     larger, _ = _split(cfg.replace(teacher_users=2500), lambda _m: None)
     assert larger.num_users == len(real.public) + 2500
     assert all(np.array_equal(a, b) for a, b in zip(interactions.sequences, larger.sequences))
+    folders = list(Path(cfg.cache_dir).glob("teacher-*"))  # one pool, grown: not a second draw
+    assert len(folders) == 1 and max(int(p.name.split("-")[1]) for p in folders[0].glob("pool-*")) >= 2500
 
 
 def test_a_teacher_refuses_another_data_file(teacher_file, tmp_path):
