@@ -244,7 +244,9 @@ def half_crossings(rows: list[dict[str, Any]], level: float = 0.5) -> dict[tuple
 
         ci = [r["kept_ci"] or [r["kept"], r["kept"]] for r in mine]
         out[key] = {"at": cross([r["kept"] for r in mine]), "from": cross([c[1] for c in ci]), "to": cross([c[0] for c in ci]),
-                    "sizes": [mine[0]["users"], mine[-1]["users"]]}  # fmt: skip
+                    "sizes": [mine[0]["users"], mine[-1]["users"]],
+                    # already at the smallest size: the point is there or below it
+                    "at_or_below": mine[0]["kept"] >= level, "from_or_below": ci[0][1] >= level}  # fmt: skip
     return out
 
 
@@ -261,10 +263,11 @@ def _law_lines(rows: list[dict[str, Any]]) -> list[str]:
                      f"{r['base']:.4f} | {gain} | {kept} | {_num(r['agreed'])} |")  # fmt: skip
     lines += ["", "| method | ε | N at which it keeps 50% [interval] |", "|---|---|---|"]
     for (method, eps), c in half_crossings(rows).items():
-        def n(v):
-            return "–" if v is None else f"{v:,.0f}"
-        at = n(c["at"]) if c["at"] is not None else f"beyond {c['sizes'][1]:,}"
-        lines.append(f"| {method} | {eps} | {at} [{n(c['from'])}, {n(c['to']) if c['to'] is not None else 'beyond ' + format(c['sizes'][1], ',')}] |")
+        def n(v: float | None, below: bool = False) -> str:
+            return f"beyond {c['sizes'][1]:,}" if v is None else ("≤ " if below else "") + f"{v:,.0f}"
+
+        lines.append(f"| {method} | {eps} | {n(c['at'], c['at_or_below'])} "
+                     f"[{n(c['from'], c['from_or_below'])}, {n(c['to'])}] |")  # fmt: skip
     return lines
 
 
