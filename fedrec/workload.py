@@ -367,10 +367,8 @@ def _teacher_population(cfg: FedRecConfig, log: Callable[[str], None]) -> Intera
             f"{cfg.teacher_temperature:g} (the cached pool has {have:,}; {folder})")  # fmt: skip
         started = time.time()
         more = draw_blocks(teacher, blocks, cfg.teacher_temperature, cfg.data_seed_value, log)
-        flat = np.concatenate([np.asarray(pool.sequences.flat), more.flat])
-        ends = np.concatenate([pool.sequences.ends, more.ends + pool.sequences.ends[-1]])
-        grown = dataclasses.replace(pool, sequences=Ragged.from_ends(flat, ends))
-        _store(folder / f"pool-{len(ends) - lead}", grown, {"draw_seconds": round(time.time() - started, 1)})
+        grown = dataclasses.replace(pool, sequences=pool.sequences.followed_by(more))
+        _store(folder / f"pool-{len(grown.sequences) - lead}", grown, {"draw_seconds": round(time.time() - started, 1)})
         pool = _teacher_pool(folder)
     seqs = pool.sequences
     return dataclasses.replace(

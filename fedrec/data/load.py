@@ -12,11 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fedrec.config import ConfigError
 from fedrec.data.interactions import DataError, Interactions, build_interactions
-from fedrec.data.ragged import IndexIds, Ragged
+from fedrec.data.ragged import IndexIds
 from fedrec.data.parse import Record, open_text, order_events, read_interaction_csv
 from fedrec.data.synthetic import generate_synthetic
 
@@ -73,9 +71,7 @@ def load_interactions(cfg: FedRecConfig) -> Interactions:
         # base, are the same for every synthetic-users.
         public = generate_synthetic(num_users=cfg.public_users, stream=1, **shape)
         private = generate_synthetic(num_users=cfg.synthetic_users - cfg.public_users, stream=2, **shape)
-        flat = np.concatenate([public.sequences.flat, private.sequences.flat])
-        ends = np.concatenate([public.sequences.ends, private.sequences.ends + public.sequences.ends[-1]])
-        return Interactions(Ragged.from_ends(flat, ends), IndexIds(cfg.synthetic_users), cfg.synthetic_items,
+        return Interactions(public.sequences.followed_by(private.sequences), IndexIds(cfg.synthetic_users), cfg.synthetic_items,
                             f"synthetic(users={cfg.synthetic_users} of which {cfg.public_users} public, "
                             f"items={cfg.synthetic_items}, clusters={cfg.synthetic_clusters}, seed={cfg.data_seed_value})",
                             leading_public=cfg.public_users)  # fmt: skip

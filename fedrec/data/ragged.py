@@ -35,6 +35,12 @@ class Ragged(Sequence):
         flat = np.concatenate([np.asarray(s) for s in seqs]) if len(seqs) else np.zeros(0, dtype=np.int64)
         return cls.from_ends(flat, ends)
 
+    def followed_by(self, other: Ragged) -> Ragged:
+        """Both sets of back-to-back sequences, `other`'s after this one's (a new flat array)."""
+        shift = self.ends[-1] if len(self.ends) else 0
+        return Ragged.from_ends(np.concatenate([np.asarray(self.flat), np.asarray(other.flat)]),
+                                np.concatenate([self.ends, other.ends + shift]))
+
     def __len__(self) -> int:
         return len(self.starts)
 
