@@ -233,6 +233,10 @@ class FedRecConfig:
     bootstrap_samples: int = field(default=1000, metadata=_range("evaluation", 0))
 
     def __post_init__(self) -> None:
+        if self.teacher_path:
+            # One spelling of one teacher file in every run's config.toml, whatever the working
+            # directory: the report tells runs of one teacher from another by this key.
+            object.__setattr__(self, "teacher_path", str(Path(self.teacher_path).expanduser().resolve()))
         for name in SECTIONS:
             getattr(self, name)  # builds, checks and keeps the section
         self._check_combinations()

@@ -129,6 +129,22 @@ def check_population(cfg: FedRecConfig, users: int) -> None:
                           f"a run needs at least {MIN_PRIVATE_USERS} private users and 1 public user to pretrain on")
 
 
+def check_data(cfg: FedRecConfig) -> None:
+    """Parse the data files before Ray starts (the run takes the same parse): a malformed
+    file, too few users or a bad item file is one line here. A teacher population is
+    checked on the real file its teacher was trained on (its public users and catalogue)."""
+    if cfg.dataset == "teacher":
+        from fedrec.model.teacher import real_data_config  # torch: only where a teacher is named
+
+        real = real_data_config(cfg)
+    else:
+        real = cfg
+    interactions = load_interactions(real) if real.dataset != "synthetic" or cfg.item_features else None
+    check_population(cfg, cfg.synthetic_users if interactions is None else interactions.num_users)
+    if interactions is not None or cfg.item_text:
+        check_item_files(cfg, (interactions or load_interactions(real)).item_ids)
+
+
 def check_resources(cfg: FedRecConfig, log=print) -> None:
     """Refuse, before anything loads, the worker resources Ray could not place here.
 
@@ -391,10 +407,7 @@ def _main(argv: list[str] | None) -> int:
             check_inputs(c)  # the files and packages it names, here, before anything starts
             check_resources(c, log=lambda _m: None)  # launch() says the note once, beside the run
             # Data files are parsed before Ray starts (the run takes the same parse).
-            interactions = load_interactions(c) if c.dataset != "synthetic" or c.item_features else None
-            check_population(c, c.synthetic_users if interactions is None else interactions.num_users)
-            if interactions is not None or c.item_text:
-                check_item_files(c, (interactions or load_interactions(c)).item_ids)
+            check_data(c)
         for c in [c for _, c in points] or [cfg]:
             # Held from here to the end, and checked again under the lock: a run started at the
             # same moment is refused here in one line, before Ray or Flower start.

@@ -161,6 +161,21 @@ def test_a_teacher_refuses_another_data_file(teacher_file, tmp_path):
         _split(cfg, lambda _m: None)
 
 
+def test_a_teacher_config_passes_the_checks_before_start(teacher_file, monkeypatch):
+    """`python -m fedrec.simulate` parses a run's data before Ray starts: for a teacher
+    population that is the real file its teacher was trained on. The teacher's path is
+    written one way (absolute) whatever the working directory."""
+    from fedrec.simulate import check_data
+
+    path, real_cfg = teacher_file
+    monkeypatch.chdir(path.parent)
+    cfg = real_cfg.replace(dataset="teacher", teacher_path=path.name, teacher_users=700)
+    assert cfg.teacher_path == str(path.resolve())
+    check_data(cfg)  # raised "dataset=teacher reads no file of its own here" before
+    with pytest.raises(ConfigError, match="private user"):
+        check_data(cfg.replace(public_fraction=0.999))
+
+
 def test_teacher_and_public_users_keys_are_checked():
     with pytest.raises(ConfigError, match="teacher-path"):
         FedRecConfig(dataset="teacher", data_path="x.txt")

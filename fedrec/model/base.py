@@ -54,9 +54,9 @@ def base_path(cfg: FedRecConfig) -> Path:
     if cfg.dataset == "teacher":
         # A teacher population's public users are the real data's, in the real split's order:
         # its base is the real data's base, one file for every population size and temperature.
-        from fedrec.model.teacher import cached_teacher
+        from fedrec.model.teacher import real_data_config
 
-        cfg = cfg.replace(dataset=cached_teacher(cfg.teacher_path).meta["dataset"], teacher_path="")
+        cfg = real_data_config(cfg)
     if cfg.dataset == "synthetic":
         from fedrec.data.synthetic import GENERATOR_VERSION
 

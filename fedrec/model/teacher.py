@@ -93,6 +93,12 @@ def _cached(path: str, _mtime_ns: int, _size: int) -> Teacher:
     return load_teacher(Path(path))
 
 
+def real_data_config(cfg: Any) -> Any:
+    """A `dataset=teacher` config's real data: the file kind its teacher was trained on, read
+    from `data-path` (its public users, catalogue and base are the teacher population's)."""
+    return cfg.replace(dataset=cached_teacher(cfg.teacher_path).meta["dataset"], teacher_path="")
+
+
 def load_teacher(path: Path) -> Teacher:
     path = Path(path)
     try:
