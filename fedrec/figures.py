@@ -135,26 +135,30 @@ def per_round(runs: list[Any], path: Path, title: str, series: dict[str, Any], y
     return _save(fig, path, layout=False)
 
 
-def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path) -> Path:
+def gain_kept_vs_users(rows: list[dict[str, Any]], path: Path, last_round: bool = False) -> Path:
     """Share of the non-private gain each ε keeps, against the population size (log x), with
-    its interval (experiments/scale_population.py's rows, fedrec.report's population law)."""
+    its interval (experiments/scale_population.py's rows, fedrec.report's population law);
+    `last_round`: also the share at every run's last round (dashed, the same colour)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for eps in dict.fromkeys(r["epsilon"] for r in rows if r["epsilon"] != "none"):
-        mine = sorted((r for r in rows if r["epsilon"] == eps and r["kept"] is not None), key=lambda r: r["users"])
-        if not mine:
-            continue
-        x = [r["users"] for r in mine]
-        y = np.array([r["kept"] for r in mine])
-        err = np.abs(np.array([r["kept_ci"] or [r["kept"], r["kept"]] for r in mine]).T - y)
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"ε = {eps}")
+        colour = None
+        for key, style, name in (("kept", "-", ""), ("kept_last", "--", ", last round"))[: 2 if last_round else 1]:
+            mine = sorted((r for r in rows if r["epsilon"] == eps and r.get(key) is not None), key=lambda r: r["users"])
+            if not mine:
+                continue
+            x = [r["users"] for r in mine]
+            y = np.array([r[key] for r in mine])
+            err = np.abs(np.array([r[f"{key}_ci"] or [r[key], r[key]] for r in mine]).T - y)
+            line = ax.errorbar(x, y, yerr=err, marker="o", capsize=3, ls=style, color=colour, label=f"ε = {eps}{name}")
+            colour = line[0].get_color()
     ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="non-private")
     ax.axhline(0.0, color="black", lw=0.8, ls=":", label="base")
     ax.set_xscale("log")
     ax.set_xlabel("users in the population (N)")
     ax.set_ylabel("share of the non-private gain kept")
     ax.set_title("test NDCG@10 gain over the base: private vs non-private", fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 

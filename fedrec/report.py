@@ -204,23 +204,33 @@ def population_law(runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     for (method, n, eps), members in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 1e9)):
         none = cells.get((method, n, None))
-        gains = [m.summary.test["ndcg@10"] - m.summary.base_test["ndcg@10"] for m in members]
+        gains, last = _gains(members, "test"), _gains(members, "last_round_test")
         row = {"method": method, "users": n, "epsilon": "none" if eps is None else f"{eps:g}", "seeds": len(members),
                "z": members[0].summary.noise_multiplier, "q": members[0].summary.sampling_rate,
                "base": float(np.mean([m.summary.base_test["ndcg@10"] for m in members])),
                "gain": float(np.mean(gains)), "gain_ci": members[0].summary.test_gain_ci.get("ndcg@10") if len(members) == 1 else None,
+               "gain_last": float(np.mean(last)), "best_rounds": [m.summary.best_round for m in members],
                "agreed": _mean_meter(members, "snr-agreed"), "kept": None, "kept_ci": None,
-               "results_dirs": [str(m.path) for m in members]}  # fmt: skip
+               "kept_last": None, "kept_last_ci": None, "results_dirs": [str(m.path) for m in members]}  # fmt: skip
         if eps is not None and none:
-            reference = float(np.mean([m.summary.test["ndcg@10"] - m.summary.base_test["ndcg@10"] for m in none]))
-            if reference > 0:
-                shares = np.array(gains) / reference
-                half = _T95.get(len(shares), 2.0) * shares.std(ddof=1) / np.sqrt(len(shares)) if len(shares) > 1 else None
-                row["kept"] = float(shares.mean())
-                row["kept_ci"] = [row["kept"] - half, row["kept"] + half] if half is not None else None
-                row["kept_seeds"] = shares.tolist()
+            # The headline rounds (picked by the runs' model selection) and the last round (the
+            # plan's T, no selection): a selection whose noise is larger than the differences
+            # between rounds moves the non-private reference, and with it every share.
+            for key, mine, reference in (("kept", gains, _gains(none, "test")), ("kept_last", last, _gains(none, "last_round_test"))):
+                if np.mean(reference) > 0:
+                    shares = np.array(mine) / float(np.mean(reference))
+                    half = _T95.get(len(shares), 2.0) * shares.std(ddof=1) / np.sqrt(len(shares)) if len(shares) > 1 else None
+                    row[key] = float(shares.mean())
+                    row[f"{key}_ci"] = [row[key] - half, row[key] + half] if half is not None else None
+                    row[f"{key}_seeds"] = shares.tolist()
         rows.append(row)
     return rows
+
+
+def _gains(members: list[Run], which: str) -> list[float]:
+    """Test NDCG@10 over the base, at the headline round (`test`) or the last (`last_round_test`,
+    the headline's where a run kept no other)."""
+    return [(getattr(m.summary, which) or m.summary.test)["ndcg@10"] - m.summary.base_test["ndcg@10"] for m in members]
 
 
 def _mean_meter(members: list[Run], key: str) -> float | None:
@@ -228,13 +238,14 @@ def _mean_meter(members: list[Run], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def half_crossings(rows: list[dict[str, Any]], level: float = 0.5) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per method and ε: the N at which the share kept first reaches `level`, interpolated
-    in log N between the sizes measured, and the same for the interval's two ends (the
-    upper end reaches it at the smaller N). None where a curve never reaches it."""
+def half_crossings(rows: list[dict[str, Any]], level: float = 0.5, kept: str = "kept") -> dict[tuple[str, str], dict[str, Any]]:
+    """Per method and ε: the N at which the share kept (`kept`: at the headline rounds;
+    `kept_last`: at the last) first reaches `level`, interpolated in log N between the sizes
+    measured, and the same for the interval's two ends (the upper end reaches it at the
+    smaller N). None where a curve never reaches it."""
     out = {}
-    for key in dict.fromkeys((r["method"], r["epsilon"]) for r in rows if r["kept"] is not None):
-        mine = sorted((r for r in rows if (r["method"], r["epsilon"]) == key and r["kept"] is not None), key=lambda r: r["users"])
+    for key in dict.fromkeys((r["method"], r["epsilon"]) for r in rows if r.get(kept) is not None):
+        mine = sorted((r for r in rows if (r["method"], r["epsilon"]) == key and r.get(kept) is not None), key=lambda r: r["users"])
 
         def cross(values: list[float]) -> float | None:
             for (n0, v0), (n1, v1) in zip(zip([r["users"] for r in mine], values), zip([r["users"] for r in mine][1:], values[1:])):
@@ -242,32 +253,49 @@ def half_crossings(rows: list[dict[str, Any]], level: float = 0.5) -> dict[tuple
                     return float(10 ** (np.log10(n0) + (level - v0) / (v1 - v0) * (np.log10(n1) - np.log10(n0))))
             return float(mine[0]["users"]) if values and values[0] >= level else None
 
-        ci = [r["kept_ci"] or [r["kept"], r["kept"]] for r in mine]
-        out[key] = {"at": cross([r["kept"] for r in mine]), "from": cross([c[1] for c in ci]), "to": cross([c[0] for c in ci]),
+        ci = [r[f"{kept}_ci"] or [r[kept], r[kept]] for r in mine]
+        out[key] = {"at": cross([r[kept] for r in mine]), "from": cross([c[1] for c in ci]), "to": cross([c[0] for c in ci]),
                     "sizes": [mine[0]["users"], mine[-1]["users"]],
                     # already at the smallest size: the point is there or below it
-                    "at_or_below": mine[0]["kept"] >= level, "from_or_below": ci[0][1] >= level}  # fmt: skip
+                    "at_or_below": mine[0][kept] >= level, "from_or_below": ci[0][1] >= level}  # fmt: skip
     return out
 
 
 def _law_lines(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## The population law", "",
              "Share of the same population's non-private gain (test NDCG@10 over the base) that each ε keeps: mean "
-             "over seeds [95% t-interval over seeds]; the non-private run's gain with its paired 95% interval over "
+             "over seeds [95% t-interval over seeds], at the runs' headline rounds (their model selection) and at "
+             "their last round (no selection); the non-private run's gain with its paired 95% interval over "
              "users; agreed/C: the signal-to-noise meter's agreement, the mean over the run's rounds.", "",
-             "| method | N | ε | seeds | z | q | base | gain | share kept | agreed/C |", "|---|---:|---|---:|---:|---:|---:|---|---|---:|"]  # fmt: skip
+             "| method | N | ε | seeds | z | q | base | gain | share kept | headline rounds | gain, last round | "
+             "share kept, last round | agreed/C |",
+             "|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---|---:|"]  # fmt: skip
+
+    def share(r: dict[str, Any], key: str) -> str:
+        if r.get(key) is None:
+            return "–"
+        ci = r.get(f"{key}_ci")
+        return f"{r[key]:.0%}" + (f" [{ci[0]:.0%}, {ci[1]:.0%}]" if ci else "")
+
     for r in rows:
         gain = f"{r['gain']:+.4f}" + (f" [{r['gain_ci'][0]:+.4f}, {r['gain_ci'][1]:+.4f}]" if r["gain_ci"] else "")
-        kept = "–" if r["kept"] is None else f"{r['kept']:.0%}" + (f" [{r['kept_ci'][0]:.0%}, {r['kept_ci'][1]:.0%}]" if r["kept_ci"] else "")
         lines.append(f"| {r['method']} | {r['users']:,} | {r['epsilon']} | {r['seeds']} | {_num(r['z'])} | {_num(r['q'])} | "
-                     f"{r['base']:.4f} | {gain} | {kept} | {_num(r['agreed'])} |")  # fmt: skip
-    lines += ["", "| method | ε | N at which it keeps 50% [interval] |", "|---|---|---|"]
-    for (method, eps), c in half_crossings(rows).items():
-        def n(v: float | None, below: bool = False) -> str:
+                     f"{r['base']:.4f} | {gain} | {share(r, 'kept')} | {', '.join(str(b) for b in r['best_rounds'])} | "
+                     f"{r['gain_last']:+.4f} | {share(r, 'kept_last')} | {_num(r['agreed'])} |")  # fmt: skip
+    lines += ["", "| method | ε | N at which it keeps 50% [interval], headline rounds | at the last round |", "|---|---|---|---|"]
+    last = half_crossings(rows, kept="kept_last")
+
+    def n(c: dict[str, Any] | None) -> str:
+        if c is None:
+            return "–"
+
+        def one(v: float | None, below: bool = False) -> str:
             return f"beyond {c['sizes'][1]:,}" if v is None else ("≤ " if below else "") + f"{v:,.0f}"
 
-        lines.append(f"| {method} | {eps} | {n(c['at'], c['at_or_below'])} "
-                     f"[{n(c['from'], c['from_or_below'])}, {n(c['to'])}] |")  # fmt: skip
+        return f"{one(c['at'], c['at_or_below'])} [{one(c['from'], c['from_or_below'])}, {one(c['to'])}]"
+
+    for (method, eps), c in half_crossings(rows).items():
+        lines.append(f"| {method} | {eps} | {n(c)} | {n(last.get((method, eps)))} |")
     return lines
 
 
@@ -517,7 +545,7 @@ def write_report(dirs: list[Path], out: Path) -> Path:
         for method in dict.fromkeys(r["method"] for r in law):
             name = "gain_kept_vs_users.png" if method == law[0]["method"] else f"gain_kept_vs_users_{len(made)}.png"
             made[f"Share of the non-private gain kept against N ({method})"] = figures.gain_kept_vs_users(
-                [r for r in law if r["method"] == method and r["epsilon"] != "none"], out / name)
+                [r for r in law if r["method"] == method and r["epsilon"] != "none"], out / name, last_round=True)
     for title, path in made.items():
         lines += ["", f"## {title}", "", f"![{title}]({path.name})"]
     (out / "report.json").write_text(json.dumps({"groups": groups, "references": refs, "not_references": notes,

@@ -128,6 +128,8 @@ def test_the_population_law_takes_each_sizes_own_non_private_gain_and_finds_wher
         d.mkdir(parents=True)
         s = _summary(eps, z=None if eps is None else 1.0, ndcg=test) | {"private_users": users - 20}
         s["test"]["hr@10"] = s["test"]["ndcg@10"] * 2
+        # the last round: the non-private runs' 0.02 better than their headline, the private ones' the same
+        s["last_round_test"] = {"ndcg@10": test + (0.02 if eps is None else 0.0)}
         (d / "summary.json").write_text(json.dumps(s))
         (d / "config.toml").write_text(f"seed = {seed}\nsynthetic-users = {users}\n"
                                        + (f"target-epsilon = {eps}\n" if eps else "noise-multiplier = 0.0\n"))
@@ -148,5 +150,8 @@ def test_the_population_law_takes_each_sizes_own_non_private_gain_and_finds_wher
     half = half_crossings(law)[("federated", "8")]
     assert half["at"] == pytest.approx(10**3.5, rel=1e-6)  # halfway in log N
     assert half["from"] < half["at"] < half["to"]
+    # at the last round the references are 0.06 and 0.04: ε=8 keeps 1/6 and 3/8, never half
+    assert cells[(1000, "8")]["kept_last"] == pytest.approx(1 / 6) and cells[(10000, "8")]["kept_last"] == pytest.approx(0.375)
+    assert half_crossings(law, kept="kept_last")[("federated", "8")]["at"] is None
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## The population law" in text and (tmp_path / "report" / "gain_kept_vs_users.png").stat().st_size > 0
