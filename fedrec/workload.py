@@ -390,12 +390,13 @@ def _new_teacher_pool(cfg: FedRecConfig, teacher, folder: Path, log: Callable[[s
     file the teacher was trained on."""
     from fedrec.data.load import source_file
     from fedrec.model.base import _content_digest
+    from fedrec.model.teacher import real_data_config
 
     kind, trained_on = teacher.meta["dataset"], teacher.meta["data_digest"]
     if _content_digest(source_file(kind, Path(cfg.data_path).expanduser().resolve())) != trained_on:
         raise DataError(f"data-path: '{cfg.data_path}' is not the file the teacher {cfg.teacher_path} was trained on "
                         f"({teacher.meta.get('source', '?')})")  # fmt: skip
-    real = load_interactions(cfg.replace(dataset=kind, teacher_path=""))
+    real = load_interactions(real_data_config(cfg))
     if real.num_items != teacher.num_items:
         raise DataError(f"teacher-path: the teacher has {teacher.num_items:,} items, {cfg.data_path} {real.num_items:,}")
     split = split_users(real, cfg.public_fraction, cfg.data_seed_value)
