@@ -19,6 +19,8 @@ import atexit
 import functools
 import itertools
 import math
+import os
+import sys
 import threading
 from dataclasses import asdict, dataclass
 
@@ -242,6 +244,14 @@ class _ComposeAhead:
         return compute()
 
     def _work(self) -> None:
+        # Lowest priority for this thread alone (Linux sets a nice value per thread): it runs
+        # while the workers train or evaluate on the same cores, and a ledger is only needed
+        # when a round ends, when they are idle (experiments/README.md#population-1p8m).
+        if sys.platform == "linux":
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except OSError:
+                pass
         while True:
             with self._cond:
                 if not self._queue:
@@ -280,13 +290,26 @@ def calibrate_noise(
     threshold outside the final bracket); if it fails, the exact bisection runs.
     """
 
+    accountant = make_accountant()
+    key = (accountant.kind, accountant.sampling, accountant.population, accountant.delta, target_epsilon, rounds,
+           q, sample_size, lo, hi, _PREDICT_INTERVAL, _PLD_INTERVAL)  # fmt: skip
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi)
+    return _CALIBRATED[key]
+
+
+# z by its calibration's inputs: a sweep's seeds (one process for all its runs) share a
+# calibration that costs up to ~20 s at a small q (experiments/README.md#population-1p8m).
+_CALIBRATED: dict[tuple, float] = {}
+
+
+def _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi) -> float:
     def eps(z: float) -> float:
         acc = make_accountant()
         return acc.epsilon([RoundEvent(1, q, z, 1.0, sample_size)] * rounds)
 
     if eps(hi) > target_epsilon:
         raise ValueError(f"target-epsilon {target_epsilon} is out of reach within noise multiplier {hi}")
-    accountant = make_accountant()
     if accountant.kind == "pld" and q > 0:
         delta = accountant.delta
         p_lo, p_hi = _bisect(lambda z: _coarse_pld_epsilon(q, z, rounds, delta) <= target_epsilon, lo, hi)
