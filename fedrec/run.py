@@ -31,6 +31,7 @@ from fedrec.cohort import CohortSampler, test_users, validation_users
 from fedrec.config import FedRecConfig
 from fedrec.finish import RunFacts, finish
 from fedrec.local_state import client_state_dir
+from fedrec.model.base import cache_dir
 from fedrec.model.types import AdapterState
 from fedrec.port import EvalResult, RoundPort, TrainResult
 from fedrec.privacy.audit import CanarySet
@@ -97,6 +98,7 @@ def make_mechanism(cfg: FedRecConfig, sampler: CohortSampler, log: Log = print, 
         clipping_norm=cfg.clipping_norm, q=min(1.0, expected / population), expected_users=expected,
         population=population, sampling=cfg.sampling, accountant=cfg.accountant,
         delta=run_delta(cfg, population), seed=cfg.seed, adaptive=adaptive, log=log, whatif=whatif,
+        calibrations=cache_dir(cfg) / "noise-calibrations.json",
     )  # fmt: skip
 
 

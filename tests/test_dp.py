@@ -286,3 +286,28 @@ def test_a_process_exits_cleanly_while_ledgers_are_composed_ahead():
             "a._AHEAD.submit([(((0.13, 0.8, n),), 1e-3) for n in range(1, 400)])\ntime.sleep(0.3)\n")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_stored_calibration_is_taken_by_a_later_process_and_only_for_the_same_inputs(monkeypatch, tmp_path):
+    """The file stands in for a later process (the memory is cleared); other inputs, or an
+    unreadable file, calibrate again."""
+    from fedrec.privacy import accountant
+
+    store = tmp_path / "noise-calibrations.json"
+
+    def new():
+        return make_accountant("pld", "poisson", 5000, 1e-5)
+
+    z = calibrate_noise(1.0, 20, new, 0.04, 200, store=store)
+    assert accountant.stored_calibration(store, 1.0, 20, new, 0.04, 200)
+    monkeypatch.setattr(accountant, "_CALIBRATED", {})
+    calls = []
+    real = accountant._calibrate
+    monkeypatch.setattr(accountant, "_calibrate", lambda *a: calls.append(a) or real(*a))
+    assert calibrate_noise(1.0, 20, new, 0.04, 200, store=store) == z and not calls
+    assert not accountant.stored_calibration(store, 2.0, 20, new, 0.04, 200)
+    z2 = calibrate_noise(2.0, 20, new, 0.04, 200, store=store)
+    assert len(calls) == 1 and z2 < z
+    monkeypatch.setattr(accountant, "_CALIBRATED", {})
+    store.write_text("{not json")
+    assert calibrate_noise(1.0, 20, new, 0.04, 200, store=store) == z and len(calls) == 2

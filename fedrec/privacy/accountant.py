@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib.metadata
 import itertools
+import json
 import math
 import os
 import sys
 import threading
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import dp_accounting as dpa
 from dp_accounting import pld, rdp
@@ -277,7 +280,8 @@ atexit.register(_AHEAD.stop)
 
 
 def calibrate_noise(
-    target_epsilon: float, rounds: int, make_accountant, q: float, sample_size: int, lo: float = 0.05, hi: float = 500.0
+    target_epsilon: float, rounds: int, make_accountant, q: float, sample_size: int, lo: float = 0.05, hi: float = 500.0,
+    store: Path | None = None,
 ) -> float:
     """Smallest noise multiplier (to 0.1%) whose `rounds` rounds stay within target ε.
 
@@ -288,19 +292,59 @@ def calibrate_noise(
     with the accountant itself. Both bisections halve the same brackets and ε falls as z grows, so if the check passes
     the answer is the one the exact bisection gives (a wrong step would leave the true
     threshold outside the final bracket); if it fails, the exact bisection runs.
+
+    `store`: a JSON file of earlier calibrations by their inputs (and dp-accounting's
+    version), read before and written after calibrating.
     """
 
     accountant = make_accountant()
-    key = (accountant.kind, accountant.sampling, accountant.population, accountant.delta, target_epsilon, rounds,
-           q, sample_size, lo, hi, _PREDICT_INTERVAL, _PLD_INTERVAL)  # fmt: skip
+    key = _calibration_key(accountant, target_epsilon, rounds, q, sample_size, lo, hi)
+    if key not in _CALIBRATED and store is not None:
+        _CALIBRATED.update(_read_store(store))
     if key not in _CALIBRATED:
         _CALIBRATED[key] = _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi)
+        if store is not None:
+            _write_store(store, key, _CALIBRATED[key])
     return _CALIBRATED[key]
 
 
-# z by its calibration's inputs: a sweep's seeds (one process for all its runs) share a
-# calibration that costs up to ~20 s at a small q (experiments/README.md#population-1p8m).
-_CALIBRATED: dict[tuple, float] = {}
+# z by its calibration's inputs, in memory for a sweep's seeds (one process runs them all),
+# on disk for later processes: at a small q a calibration costs ~10–20 s, each of its PLDs
+# built point by point in Python (experiments/README.md#population-1p8m).
+_CALIBRATED: dict[str, float] = {}
+_STORE_FORMAT = 1
+_DPA_VERSION = importlib.metadata.version("dp-accounting")
+
+
+def _read_store(store: Path) -> dict[str, float]:
+    try:
+        return {k: float(v) for k, v in json.loads(store.read_text()).items()}
+    except (OSError, ValueError, AttributeError):  # absent, or unreadable: calibrated again, and rewritten
+        return {}
+
+
+def _write_store(store: Path, key: str, z: float) -> None:
+    """Atomic (a temporary file renamed), so a reader never sees half a file; two runs
+    writing at once may lose one entry, which is calibrated again when next asked for."""
+    entries = _read_store(store) | {key: z}
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=0))
+        os.replace(tmp, store)
+    except OSError:  # a read-only cache: the run goes on with the z it calibrated
+        pass
+
+
+def _calibration_key(acc: UserLevelAccountant, target_epsilon, rounds, q, sample_size, lo=0.05, hi=500.0) -> str:
+    return repr((_STORE_FORMAT, _DPA_VERSION, acc.kind, acc.sampling, acc.population, acc.delta, target_epsilon,
+                 rounds, q, sample_size, lo, hi, _PREDICT_INTERVAL, _PLD_INTERVAL))  # fmt: skip
+
+
+def stored_calibration(store: Path, target_epsilon: float, rounds: int, make_accountant, q: float, sample_size: int) -> bool:
+    """Whether `calibrate_noise` would take this z from memory or `store`, not calibrate it (for the log)."""
+    key = _calibration_key(make_accountant(), target_epsilon, rounds, q, sample_size)
+    return key in _CALIBRATED or key in _read_store(store)
 
 
 def _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi) -> float:

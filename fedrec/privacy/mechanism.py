@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from fedrec.aggregate import UpdateSum, mean_update
 from fedrec.model.types import AdapterState
-from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant, calibrate_noise, make_accountant
+from fedrec.privacy.accountant import RoundEvent, UserLevelAccountant, calibrate_noise, make_accountant, stored_calibration
 
 
 # A deliberately broken mechanism for the audit's detection tests only: the noise is scaled by
@@ -252,17 +253,21 @@ def user_level_gaussian(
     *, noise_multiplier: float, target_epsilon: float, rounds: int, clipping_norm: float, q: float,
     expected_users: int, population: int, sampling: str, accountant: str, delta: float, seed: int,
     adaptive: AdaptiveClip | None, log: Callable[[str], None] = print, whatif: dict | None = None,
+    calibrations: Path | None = None,
 ) -> GaussianUserLevel:  # fmt: skip
     """The Gaussian mechanism with z given, or calibrated so `rounds` rounds spend `target_epsilon`.
-    With `whatif`, `q`, `expected_users`, `population` and `delta` are the stated population's."""
+    With `whatif`, `q`, `expected_users`, `population` and `delta` are the stated population's;
+    `calibrations`: the file of earlier calibrations (`fedrec.privacy.accountant.calibrate_noise`)."""
 
     def new_accountant() -> UserLevelAccountant:
         return make_accountant(accountant, sampling, population, delta)
 
     if target_epsilon > 0:
-        noise_multiplier = calibrate_noise(target_epsilon, rounds, new_accountant, q, expected_users)
+        stored = calibrations is not None and stored_calibration(calibrations, target_epsilon, rounds, new_accountant,
+                                                                 q, expected_users)  # fmt: skip
+        noise_multiplier = calibrate_noise(target_epsilon, rounds, new_accountant, q, expected_users, store=calibrations)
         log(f"privacy: noise multiplier {noise_multiplier:.4f} calibrated for ε={target_epsilon} "
-            f"at δ={delta:.3g} after {rounds} rounds")  # fmt: skip
+            f"at δ={delta:.3g} after {rounds} rounds" + (f" (the same inputs' stored calibration, {calibrations})" if stored else ""))  # fmt: skip
     mech = GaussianUserLevel(noise_multiplier, clipping_norm, q, expected_users, new_accountant(), seed, adaptive, whatif)
     if whatif:
         log(f"privacy: WHAT-IF, {whatif_label(whatif)['label']}: trained on {whatif['trained_population']:,} users, "
