@@ -369,7 +369,7 @@ def _teacher_population(cfg: FedRecConfig, log: Callable[[str], None]) -> Intera
         more = draw_blocks(teacher, blocks, cfg.teacher_temperature, cfg.data_seed_value, log)
         grown = dataclasses.replace(pool, sequences=pool.sequences.followed_by(more))
         _store(folder / f"pool-{len(grown.sequences) - lead}", grown, {"draw_seconds": round(time.time() - started, 1)})
-        pool = _teacher_pool(folder)
+        pool = _teacher_pool(folder, drop_smaller=True)
     seqs = pool.sequences
     return dataclasses.replace(
         pool, sequences=Ragged(seqs.flat, seqs.starts[: lead + n], seqs.ends[: lead + n]),
@@ -378,10 +378,17 @@ def _teacher_population(cfg: FedRecConfig, log: Callable[[str], None]) -> Intera
     )  # fmt: skip
 
 
-def _teacher_pool(folder: Path) -> Interactions | None:
-    """The largest pool drawn so far (pool-K: K drawn users), memory-mapped; None if none."""
+def _teacher_pool(folder: Path, drop_smaller: bool = False) -> Interactions | None:
+    """The largest pool drawn so far (pool-K: K drawn users), memory-mapped; None if none.
+
+    `drop_smaller`: the pools it grew from are deleted (each is a prefix of it, and they
+    summed to as much disk again). A process that still maps one keeps reading it: an
+    unlinked file stays whole until its last mapping closes."""
     pools = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("pool-*") if (p / "meta.json").exists()) \
         if folder.exists() else []  # fmt: skip
+    if drop_smaller:
+        for _k, smaller in pools[:-1]:
+            shutil.rmtree(smaller, ignore_errors=True)
     return _stored(pools[-1][1]) if pools else None
 
 

@@ -146,6 +146,8 @@ def test_a_teacher_population_keeps_the_real_public_users_and_base(teacher_file,
     assert all(np.array_equal(a, b) for a, b in zip(interactions.sequences, larger.sequences))
     folders = list(Path(cfg.cache_dir).glob("teacher-*"))  # one pool, grown: not a second draw
     assert len(folders) == 1 and max(int(p.name.split("-")[1]) for p in folders[0].glob("pool-*")) >= 2500
+    assert len(list(folders[0].glob("pool-*"))) == 1  # the pools it grew from are gone
+    assert all(np.array_equal(a, b) for a, b in zip(interactions.sequences, larger.sequences))  # still mapped, still whole
 
 
 def test_a_teacher_refuses_another_data_file(teacher_file, tmp_path):
