@@ -141,6 +141,9 @@ def check_data(cfg: FedRecConfig) -> None:
         real = cfg
     interactions = load_interactions(real) if real.dataset != "synthetic" or cfg.item_features else None
     check_population(cfg, cfg.synthetic_users if interactions is None else interactions.num_users)
+    if cfg.dataset == "teacher" and 0 < cfg.teacher_users < MIN_PRIVATE_USERS:  # 0: as many as the real file has
+        raise ConfigError(f"teacher-users: {cfg.teacher_users} drawn user(s) would be the run's private users; "
+                          f"a run needs at least {MIN_PRIVATE_USERS} (0 draws as many as {real.data_path} has)")  # fmt: skip
     if interactions is not None or cfg.item_text:
         check_item_files(cfg, (interactions or load_interactions(real)).item_ids)
 

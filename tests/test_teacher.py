@@ -176,6 +176,8 @@ def test_a_teacher_config_passes_the_checks_before_start(teacher_file, monkeypat
     check_data(cfg)  # raised "dataset=teacher reads no file of its own here" before
     with pytest.raises(ConfigError, match="private user"):
         check_data(cfg.replace(public_fraction=0.999))
+    with pytest.raises(ConfigError, match="teacher-users: 1 drawn user"):  # the drawn users are the private ones
+        check_data(cfg.replace(teacher_users=1))
 
 
 def test_teacher_and_public_users_keys_are_checked():
