@@ -16,6 +16,7 @@ row (`fedrec.callbacks`: best rounds, the ε stop, checkpoints, rows, console). 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,29 @@ def make_sampler(cfg: FedRecConfig, population: np.ndarray) -> CohortSampler:
     """Cross-silo runs train every silo each round; their privacy is their own (DP-SGD)."""
     kind = "all" if cfg.partition == "silo" else cfg.sampling
     return CohortSampler(kind, population, cfg.cohort_size, cfg.seed)
+
+
+def calibrate_ahead(cfg: FedRecConfig, population: int) -> threading.Thread | None:
+    """Start the noise calibration that `make_mechanism` will ask for, on a thread, while the
+    server waits for its workers to start; `make_mechanism` then takes its z, or waits for it.
+
+    Only for the Gaussian mechanism calibrated to an ε over a population known before the
+    nodes answer (cohort placement, no canaries); its PLDs are built point by point in Python
+    and at a small q that took ~10–20 s before round 1 (experiments/README.md#population-1p8m).
+    A failure here is left for `make_mechanism` to raise."""
+    if not (cfg.dp_enabled and cfg.target_epsilon > 0 and cfg.placement == "cohort" and not cfg.audit_canaries
+            and cfg.noise_placement != "devices" and cfg.partition != "silo" and cfg.sampling not in ("all", "cyclic")):
+        return None  # fmt: skip
+
+    def calibrate() -> None:
+        try:
+            make_mechanism(cfg, make_sampler(cfg, np.arange(population, dtype=np.int64)), log=lambda _m: None)
+        except Exception:  # noqa: BLE001 - make_mechanism raises it again, in the run's own thread
+            pass
+
+    thread = threading.Thread(target=calibrate, name="fedrec-calibrate-ahead", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_delta(cfg: FedRecConfig, population: int) -> float:

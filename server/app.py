@@ -20,6 +20,7 @@ from fedrec.data.load import check_inputs
 from fedrec.interrupt import Interrupted, hand_over
 from fedrec.progress import eta
 from fedrec.report import print_comparison
+from fedrec.run import calibrate_ahead
 from fedrec.summary import RunSummary
 from fedrec.workload import describe_adapter, prepare_workload, update_keys
 from server.grid_port import BaseShipment, GridPort
@@ -67,6 +68,8 @@ def run_federated(grid: Grid, cfg: FedRecConfig, console: Console | None = None,
     base = BaseShipment(work.base_path.stem, work.base_path, work.data.item_ids, work.data.user_ids, work.item_side)
     port = GridPort(cfg, work.data.private, base=base, log=console.print, context=context,
                     update_keys=update_keys(cfg, model))  # fmt: skip
+    if state is None:  # a resumed run keeps the z it ran with
+        calibrate_ahead(cfg, len(work.data.private))  # while the nodes start (build_run takes its z)
     port.connect(grid)  # in device placement the population becomes the users whose devices answered
     ready_seconds = time.time() - started
     nodes = len(port.workers) or len(port.user_node)

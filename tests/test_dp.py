@@ -298,9 +298,11 @@ def test_a_stored_calibration_is_taken_by_a_later_process_and_only_for_the_same_
     def new():
         return make_accountant("pld", "poisson", 5000, 1e-5)
 
+    monkeypatch.setattr(accountant, "_FROM_STORE", set())
     z = calibrate_noise(1.0, 20, new, 0.04, 200, store=store)
-    assert accountant.stored_calibration(store, 1.0, 20, new, 0.04, 200)
+    assert not accountant.stored_calibration(store, 1.0, 20, new, 0.04, 200)  # this process calibrated it
     monkeypatch.setattr(accountant, "_CALIBRATED", {})
+    assert accountant.stored_calibration(store, 1.0, 20, new, 0.04, 200)  # a later process reads it
     calls = []
     real = accountant._calibrate
     monkeypatch.setattr(accountant, "_calibrate", lambda *a: calls.append(a) or real(*a))
@@ -311,3 +313,36 @@ def test_a_stored_calibration_is_taken_by_a_later_process_and_only_for_the_same_
     monkeypatch.setattr(accountant, "_CALIBRATED", {})
     store.write_text("{not json")
     assert calibrate_noise(1.0, 20, new, 0.04, 200, store=store) == z and len(calls) == 2
+
+
+def test_a_calibration_started_ahead_is_the_one_the_mechanism_takes(monkeypatch, tmp_path):
+    """The server starts the calibration while its nodes start; the mechanism built after
+    waits for it (forced here: the thread is held inside its calibration) and does not
+    calibrate a second time."""
+    import threading
+
+    from fedrec.privacy import accountant
+    from fedrec.run import calibrate_ahead
+
+    monkeypatch.setattr(accountant, "_CALIBRATED", {})
+    entered, release, calls = threading.Event(), threading.Event(), []
+    real = accountant._calibrate
+
+    def held(*a):
+        calls.append(threading.current_thread().name)
+        entered.set()
+        release.wait(30)
+        return real(*a)
+
+    monkeypatch.setattr(accountant, "_calibrate", held)
+    cfg = FedRecConfig(sampling="poisson", target_epsilon=2.0, clipping_norm=1.0, cohort_size=200, num_rounds=20,
+                       cache_dir=str(tmp_path))  # fmt: skip
+    thread = calibrate_ahead(cfg, 5000)
+    assert thread is not None and entered.wait(30)
+    threading.Timer(0.2, release.set).start()
+    mech = _mechanism(cfg, 5000)  # waits for the thread's z
+    thread.join(30)
+    assert calls == ["fedrec-calibrate-ahead"]
+    assert mech.noise_multiplier == calibrate_noise(2.0, 20, lambda: make_accountant("pld", "poisson", 5000, 1 / 5000),
+                                                    200 / 5000, 200)  # fmt: skip
+    assert calibrate_ahead(cfg.replace(target_epsilon=0.0, noise_multiplier=1.0), 5000) is None  # nothing to calibrate

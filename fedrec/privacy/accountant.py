@@ -300,11 +300,27 @@ def calibrate_noise(
     accountant = make_accountant()
     key = _calibration_key(accountant, target_epsilon, rounds, q, sample_size, lo, hi)
     if key not in _CALIBRATED and store is not None:
-        _CALIBRATED.update(_read_store(store))
-    if key not in _CALIBRATED:
+        stored = {k: v for k, v in _read_store(store).items() if k not in _CALIBRATED}
+        _CALIBRATED.update(stored)
+        _FROM_STORE.update(stored)
+    with _LOCK:  # the same calibration already under way (started ahead: fedrec.run.calibrate_ahead)? wait for it
+        running = _RUNNING.get(key)
+        if running is None and key not in _CALIBRATED:
+            _RUNNING[key] = threading.Event()
+    if running is not None:
+        running.wait()
+        if key in _CALIBRATED:
+            return _CALIBRATED[key]
+        return calibrate_noise(target_epsilon, rounds, make_accountant, q, sample_size, lo, hi, store)  # it failed
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    try:
         _CALIBRATED[key] = _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi)
         if store is not None:
             _write_store(store, key, _CALIBRATED[key])
+    finally:
+        with _LOCK:
+            _RUNNING.pop(key).set()
     return _CALIBRATED[key]
 
 
@@ -312,6 +328,9 @@ def calibrate_noise(
 # on disk for later processes: at a small q a calibration costs ~10–20 s, each of its PLDs
 # built point by point in Python (experiments/README.md#population-1p8m).
 _CALIBRATED: dict[str, float] = {}
+_RUNNING: dict[str, threading.Event] = {}
+_FROM_STORE: set[str] = set()  # the keys read from a store, not calibrated by this process
+_LOCK = threading.Lock()
 _STORE_FORMAT = 1
 _DPA_VERSION = importlib.metadata.version("dp-accounting")
 
@@ -342,9 +361,14 @@ def _calibration_key(acc: UserLevelAccountant, target_epsilon, rounds, q, sample
 
 
 def stored_calibration(store: Path, target_epsilon: float, rounds: int, make_accountant, q: float, sample_size: int) -> bool:
-    """Whether `calibrate_noise` would take this z from memory or `store`, not calibrate it (for the log)."""
+    """Whether this process takes this z from `store`, calibrated by an earlier process (for the log)."""
     key = _calibration_key(make_accountant(), target_epsilon, rounds, q, sample_size)
-    return key in _CALIBRATED or key in _read_store(store)
+    with _LOCK:
+        if key in _FROM_STORE:
+            return True
+        if key in _CALIBRATED or key in _RUNNING:
+            return False
+    return key in _read_store(store)
 
 
 def _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi) -> float:

@@ -267,7 +267,7 @@ def user_level_gaussian(
                                                                  q, expected_users)  # fmt: skip
         noise_multiplier = calibrate_noise(target_epsilon, rounds, new_accountant, q, expected_users, store=calibrations)
         log(f"privacy: noise multiplier {noise_multiplier:.4f} calibrated for ε={target_epsilon} "
-            f"at δ={delta:.3g} after {rounds} rounds" + (f" (the same inputs' stored calibration, {calibrations})" if stored else ""))  # fmt: skip
+            f"at δ={delta:.3g} after {rounds} rounds" + (f" (read from {calibrations}: an earlier run's, same inputs)" if stored else ""))  # fmt: skip
     mech = GaussianUserLevel(noise_multiplier, clipping_norm, q, expected_users, new_accountant(), seed, adaptive, whatif)
     if whatif:
         log(f"privacy: WHAT-IF, {whatif_label(whatif)['label']}: trained on {whatif['trained_population']:,} users, "
