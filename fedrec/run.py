@@ -58,7 +58,7 @@ def calibrate_ahead(cfg: FedRecConfig, population: int) -> threading.Thread | No
 
     Only for the Gaussian mechanism calibrated to an ε over a population known before the
     nodes answer (cohort placement, no canaries); its PLDs are built point by point in Python
-    and at a small q that took ~10–20 s before round 1 (experiments/README.md#population-1p8m).
+    and at a small q that was most of the time before round 1 (experiments/README.md#population-1p8m).
     A failure here is left for `make_mechanism` to raise."""
     if not (cfg.dp_enabled and cfg.target_epsilon > 0 and cfg.placement == "cohort" and not cfg.audit_canaries
             and cfg.noise_placement != "devices" and cfg.partition != "silo" and cfg.sampling not in ("all", "cyclic")):

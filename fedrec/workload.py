@@ -381,8 +381,8 @@ def _teacher_population(cfg: FedRecConfig, log: Callable[[str], None]) -> Intera
 def _teacher_pool(folder: Path, drop_smaller: bool = False) -> Interactions | None:
     """The largest pool drawn so far (pool-K: K drawn users), memory-mapped; None if none.
 
-    `drop_smaller`: the pools it grew from are deleted (each is a prefix of it: 32 MB beside
-    the 75 MB of 1.8M users, experiments/README.md#population-1p8m). A process that still maps one keeps reading it: an
+    `drop_smaller`: the pools it grew from are deleted (each is a prefix of it, and together
+    they took a good part of its size again: experiments/README.md#population-1p8m). A process that still maps one keeps reading it: an
     unlinked file stays whole until its last mapping closes."""
     pools = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("pool-*") if (p / "meta.json").exists()) \
         if folder.exists() else []  # fmt: skip

@@ -325,8 +325,8 @@ def calibrate_noise(
 
 
 # z by its calibration's inputs, in memory for a sweep's seeds (one process runs them all),
-# on disk for later processes: at a small q a calibration costs ~10–20 s, each of its PLDs
-# built point by point in Python (experiments/README.md#population-1p8m).
+# on disk for later processes: at a small q a calibration costs seconds to tens of seconds,
+# each of its PLDs built point by point in Python (experiments/README.md#population-1p8m).
 _CALIBRATED: dict[str, float] = {}
 _RUNNING: dict[str, threading.Event] = {}
 _FROM_STORE: set[str] = set()  # the keys read from a store, not calibrated by this process
