@@ -257,7 +257,8 @@ def half_crossings(rows: list[dict[str, Any]], level: float = 0.5, kept: str = "
         out[key] = {"at": cross([r[kept] for r in mine]), "from": cross([c[1] for c in ci]), "to": cross([c[0] for c in ci]),
                     "sizes": [mine[0]["users"], mine[-1]["users"]],
                     # already at the smallest size: the point is there or below it
-                    "at_or_below": mine[0][kept] >= level, "from_or_below": ci[0][1] >= level}  # fmt: skip
+                    "at_or_below": mine[0][kept] >= level, "from_or_below": ci[0][1] >= level,
+                    "to_or_below": ci[0][0] >= level}  # fmt: skip
     return out
 
 
@@ -292,7 +293,7 @@ def _law_lines(rows: list[dict[str, Any]]) -> list[str]:
         def one(v: float | None, below: bool = False) -> str:
             return f"beyond {c['sizes'][1]:,}" if v is None else ("≤ " if below else "") + f"{v:,.0f}"
 
-        return f"{one(c['at'], c['at_or_below'])} [{one(c['from'], c['from_or_below'])}, {one(c['to'])}]"
+        return f"{one(c['at'], c['at_or_below'])} [{one(c['from'], c['from_or_below'])}, {one(c['to'], c['to_or_below'])}]"
 
     for (method, eps), c in half_crossings(rows).items():
         lines.append(f"| {method} | {eps} | {n(c)} | {n(last.get((method, eps)))} |")

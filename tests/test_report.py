@@ -155,3 +155,14 @@ def test_the_population_law_takes_each_sizes_own_non_private_gain_and_finds_wher
     assert half_crossings(law, kept="kept_last")[("federated", "8")]["at"] is None
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## The population law" in text and (tmp_path / "report" / "gain_kept_vs_users.png").stat().st_size > 0
+
+
+def test_a_law_above_half_at_every_size_puts_the_whole_interval_at_or_below_the_smallest():
+    from fedrec.report import _law_lines
+
+    rows = [{"method": "federated", "users": n, "epsilon": "8", "seeds": 3, "z": 0.5, "q": 0.01, "base": 0.2,
+             "gain": 0.05, "gain_ci": None, "kept": 0.9, "kept_ci": [0.8, 1.0], "best_rounds": [50, 50, 50],
+             "gain_last": 0.05, "kept_last": 0.9, "kept_last_ci": [0.6, 1.2], "agreed": 0.04} for n in (1000, 10000)]  # fmt: skip
+    assert "| federated | 8 | ≤ 1,000 [≤ 1,000, ≤ 1,000] | ≤ 1,000 [≤ 1,000, ≤ 1,000] |" in _law_lines(rows)
+    rows[0]["kept_ci"] = [0.4, 1.4]  # the lower end reaches half between the sizes (log-interpolated)
+    assert "| federated | 8 | ≤ 1,000 [≤ 1,000, 1,778] |" in "\n".join(_law_lines(rows))
