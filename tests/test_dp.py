@@ -300,16 +300,16 @@ def test_a_stored_calibration_is_taken_by_a_later_process_and_only_for_the_same_
 
     monkeypatch.setattr(accountant, "_FROM_STORE", set())
     z = calibrate_noise(1.0, 20, new, 0.04, 200, store=store)
-    assert not accountant.stored_calibration(store, 1.0, 20, new, 0.04, 200)  # this process calibrated it
+    assert not accountant.stored_calibration(1.0, 20, new, 0.04, 200)  # this process calibrated it
     monkeypatch.setattr(accountant, "_CALIBRATED", {})
-    assert accountant.stored_calibration(store, 1.0, 20, new, 0.04, 200)  # a later process reads it
     calls = []
     real = accountant._calibrate
     monkeypatch.setattr(accountant, "_calibrate", lambda *a: calls.append(a) or real(*a))
     assert calibrate_noise(1.0, 20, new, 0.04, 200, store=store) == z and not calls
-    assert not accountant.stored_calibration(store, 2.0, 20, new, 0.04, 200)
+    assert accountant.stored_calibration(1.0, 20, new, 0.04, 200)  # a later process read it
     z2 = calibrate_noise(2.0, 20, new, 0.04, 200, store=store)
     assert len(calls) == 1 and z2 < z
+    assert not accountant.stored_calibration(2.0, 20, new, 0.04, 200)
     monkeypatch.setattr(accountant, "_CALIBRATED", {})
     store.write_text("{not json")
     assert calibrate_noise(1.0, 20, new, 0.04, 200, store=store) == z and len(calls) == 2

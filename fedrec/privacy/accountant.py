@@ -360,15 +360,10 @@ def _calibration_key(acc: UserLevelAccountant, target_epsilon, rounds, q, sample
                  rounds, q, sample_size, lo, hi, _PREDICT_INTERVAL, _PLD_INTERVAL))  # fmt: skip
 
 
-def stored_calibration(store: Path, target_epsilon: float, rounds: int, make_accountant, q: float, sample_size: int) -> bool:
-    """Whether this process takes this z from `store`, calibrated by an earlier process (for the log)."""
-    key = _calibration_key(make_accountant(), target_epsilon, rounds, q, sample_size)
-    with _LOCK:
-        if key in _FROM_STORE:
-            return True
-        if key in _CALIBRATED or key in _RUNNING:
-            return False
-    return key in _read_store(store)
+def stored_calibration(target_epsilon: float, rounds: int, make_accountant, q: float, sample_size: int) -> bool:
+    """Whether `calibrate_noise` took this z from a store, calibrated by an earlier process
+    (asked after it, for the log)."""
+    return _calibration_key(make_accountant(), target_epsilon, rounds, q, sample_size) in _FROM_STORE
 
 
 def _calibrate(target_epsilon, rounds, make_accountant, accountant, q, sample_size, lo, hi) -> float:

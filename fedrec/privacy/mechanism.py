@@ -263,9 +263,8 @@ def user_level_gaussian(
         return make_accountant(accountant, sampling, population, delta)
 
     if target_epsilon > 0:
-        stored = calibrations is not None and stored_calibration(calibrations, target_epsilon, rounds, new_accountant,
-                                                                 q, expected_users)  # fmt: skip
         noise_multiplier = calibrate_noise(target_epsilon, rounds, new_accountant, q, expected_users, store=calibrations)
+        stored = stored_calibration(target_epsilon, rounds, new_accountant, q, expected_users)
         log(f"privacy: noise multiplier {noise_multiplier:.4f} calibrated for ε={target_epsilon} "
             f"at δ={delta:.3g} after {rounds} rounds" + (f" (read from {calibrations}: an earlier run's, same inputs)" if stored else ""))  # fmt: skip
     mech = GaussianUserLevel(noise_multiplier, clipping_norm, q, expected_users, new_accountant(), seed, adaptive, whatif)
