@@ -43,16 +43,17 @@ def timed(code: str) -> float:
 
 def one_run(out: Path, run_config: str, config: str = "", aside: Path | None = None) -> dict:
     """`aside`: the stored calibrations, moved away for this run and put back after it."""
-    if aside is not None and aside.exists():
-        aside.rename(aside.with_name(aside.name + ".bench-aside"))
+    moved = aside.with_name(aside.name + ".bench-aside") if aside is not None else None
+    if moved is not None and aside.exists():
+        aside.rename(moved)
     launched = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "fedrec.simulate", *(["--config", config] if config else []),
                                "--output-dir", str(out), "--run-config", merge_run_config("num-rounds=1", run_config)],
                               cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     finally:
-        if aside is not None and aside.with_name(aside.name + ".bench-aside").exists():
-            aside.with_name(aside.name + ".bench-aside").replace(aside)
+        if moved is not None and moved.exists():
+            moved.replace(aside)
     if proc.returncode:
         raise RuntimeError(proc.stdout[-2000:] + proc.stderr[-2000:])
     s = json.loads((out / "summary.json").read_text())

@@ -61,12 +61,15 @@ def calibrate_ahead(cfg: FedRecConfig, population: int) -> threading.Thread | No
     and at a small q that was most of the time before round 1 (experiments/README.md#population-1p8m).
     A failure here is left for `make_mechanism` to raise."""
     if not (cfg.dp_enabled and cfg.target_epsilon > 0 and cfg.placement == "cohort" and not cfg.audit_canaries
-            and cfg.noise_placement != "devices" and cfg.partition != "silo" and cfg.sampling not in ("all", "cyclic")):
+            and cfg.noise_placement != "devices"):
         return None  # fmt: skip
+    sampler = make_sampler(cfg, np.arange(population, dtype=np.int64))
+    if sampler.kind in ("all", "cyclic"):  # make_mechanism's matrix mechanism, not the calibrated Gaussian
+        return None
 
     def calibrate() -> None:
         try:
-            make_mechanism(cfg, make_sampler(cfg, np.arange(population, dtype=np.int64)), log=lambda _m: None)
+            make_mechanism(cfg, sampler, log=lambda _m: None)
         except Exception:  # noqa: BLE001 - make_mechanism raises it again, in the run's own thread
             pass
 
